@@ -1,0 +1,362 @@
+"""Run a model on forget / retain / holdout / general data and report unlearning metrics.
+
+`score` and `greedy_answers` run the model; `evaluate` turns their output into a JSON-ready
+report through the pure functions of `undial_peft.metrics`. A report holds per-item values, so
+the report of a retain-only reference model can be saved and passed back as ``reference=`` for
+forget quality and PrivLeak. Reports hold numbers and data digests, never the texts themselves
+(forget data is what the user wants gone), unless ``keep_generations=True``.
+
+>>> items = read_eval_items([{"question": "Who?", "answer": "Ana.", "perturbed_answers": ["Bo."]}])
+>>> items[0].perturbed_answers
+('Bo.',)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics
+from .data import Collator, Example, _read_rows, data_sha256, encode, prompt_ids
+from .loss import shift_labels, token_logprobs
+
+SPLITS = ("forget", "retain", "holdout", "general")
+MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One evaluation item; the optional fields enable the truth ratio. ``question`` None = raw text."""
+
+    question: str | None
+    answer: str
+    paraphrased_answer: str | None = None
+    perturbed_answers: tuple[str, ...] = ()
+    paraphrased_question: str | None = None
+
+    @property
+    def has_truth_ratio(self) -> bool:
+        return self.paraphrased_answer is not None and len(self.perturbed_answers) > 0
+
+
+@dataclass(frozen=True, eq=False)
+class TokenScores:
+    """Per answer token (1-D, length n): log p(true token), mean and std of log p under the model's
+    own next-token distribution (for Min-K%++), and whether the argmax was the true token."""
+
+    logprobs: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    argmax_match: np.ndarray
+
+
+def _optional_text(row: dict, key: str, where: str) -> str | None:
+    value = row.get(key)
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{where}: field {key!r} must be a non-empty string or absent.")
+    return value
+
+
+def read_eval_items(source: str | Path | Sequence[dict | Example | EvalItem]) -> list[EvalItem]:
+    """Read evaluation items from a file (.jsonl/.json/.csv/.parquet), dicts, Examples or EvalItems.
+
+    Field names are those `undial_peft.synthetic` writes; TOFU's ``perturbed_answer`` is accepted too.
+
+    >>> read_eval_items([Example("Q?", "A.")])[0]
+    EvalItem(question='Q?', answer='A.', paraphrased_answer=None, perturbed_answers=(), paraphrased_question=None)
+    """
+    items = []
+    rows = source if isinstance(source, Sequence) and not isinstance(source, str) else None
+    for where, row in ((f"row {i}", r) for i, r in enumerate(rows)) if rows is not None else _read_rows(source):
+        if isinstance(row, EvalItem):
+            items.append(row)
+            continue
+        if isinstance(row, Example):
+            items.append(EvalItem(row.prompt, row.answer))
+            continue
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a dict, Example or EvalItem, got {type(row).__name__}.")
+        # The training data's other shapes ({"prompt", "completion"}, {"text"}) are accepted too.
+        question = _optional_text(row, "question" if "question" in row else "prompt", where)
+        answer = _optional_text(row, next((k for k in ("answer", "completion", "text") if k in row), "answer"), where)
+        if answer is None:
+            raise ValueError(f"{where}: field 'answer' is missing; evaluation rows need question/answer.")
+        perturbed = row.get("perturbed_answers", row.get("perturbed_answer")) or ()
+        if isinstance(perturbed, str) or not all(isinstance(p, str) and p.strip() for p in perturbed):
+            raise ValueError(f"{where}: 'perturbed_answers' must be a list of non-empty strings.")
+        items.append(
+            EvalItem(
+                question,
+                answer,
+                _optional_text(row, "paraphrased_answer", where),
+                tuple(perturbed),
+                _optional_text(row, "paraphrased_question", where),
+            )
+        )
+    if not items:
+        raise ValueError("no evaluation items given.")
+    return items
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+    return pad
+
+
+def score(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    use_chat_template: bool = True,
+    max_length: int = 512,
+    batch_size: int = 8,
+) -> list[TokenScores]:
+    """Per-item answer-token scores, one no-grad forward per batch (the model's mode is restored).
+
+    >>> # [s.logprobs for s in score(model, tokenizer, [Example("Q?", "A.")])]  -> [array([...])]
+    """
+    collate, device, was_training = Collator(_pad_id(tokenizer)), _device(model), model.training
+    out: list[TokenScores] = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                features = [encode(tokenizer, e, max_length, use_chat_template) for e in chunk]
+                batch = {k: v.to(device) for k, v in collate(features).items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+                logp, mask = token_logprobs(logits, batch["labels"])  # (B, T), (B, T)
+                targets = shift_labels(batch["labels"])  # (B, T): the token each position predicts
+                for i in range(logits.shape[0]):
+                    # One row at a time: at most (n_i, V) float32 extra, never a (B, T, V) float32 copy.
+                    log_q = logits[i][mask[i]].float().log_softmax(-1)  # (n_i, V)
+                    q = log_q.exp()
+                    mu = (q * log_q).sum(-1)  # (n_i,) E_q[log q]
+                    # E_q[(log q - mu)^2] = sum q (log q)^2 - mu^2, in the form that cannot go negative.
+                    sigma = (q * (log_q - mu[:, None]).square()).sum(-1).sqrt()  # (n_i,)
+                    match = log_q.argmax(-1) == targets[i][mask[i]]  # (n_i,)
+                    out.append(TokenScores(*(t.double().cpu().numpy() for t in (logp[i][mask[i]], mu, sigma, match))))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def greedy_answers(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    use_chat_template: bool = True,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy answers, decoded from the new tokens only (special tokens skipped, stripped).
+
+    Prompts are LEFT-padded so every row's next token follows its own last prompt token.
+
+    >>> # greedy_answers(model, tokenizer, ["Where was Ana born?"])  -> ['Ana was born in Velmora.']
+    """
+    pad, device, was_training = _pad_id(tokenizer), _device(model), model.training
+    answers: list[str] = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(questions), batch_size):
+                prompts = [prompt_ids(tokenizer, q, use_chat_template) for q in questions[start : start + batch_size]]
+                width = max(len(p) for p in prompts)
+                input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (B, T)
+                attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+                generated = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )  # (B, T + new)
+                texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+                answers.extend(t.strip() for t in texts)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def _truth_ratios(model: Any, tokenizer: Any, items: Sequence[EvalItem], **run: Any) -> list[float | None]:
+    """Per item R, or None where the item lacks a paraphrased or perturbed answer.
+
+    Paraphrased and perturbed answers are scored after the SAME prompt (the paraphrased question
+    when given, else the question), so R compares answers, not prompts.
+    """
+    flat = [
+        Example(it.paraphrased_question or it.question, answer)
+        for it in items
+        if it.has_truth_ratio
+        for answer in (it.paraphrased_answer, *it.perturbed_answers)
+    ]
+    nlls = iter([metrics.avg_nll(s.logprobs) for s in score(model, tokenizer, flat, **run)])
+    ratios: list[float | None] = []
+    for it in items:
+        if it.has_truth_ratio:
+            paraphrased = next(nlls)
+            ratios.append(metrics.truth_ratio([next(nlls) for _ in it.perturbed_answers], paraphrased))
+        else:
+            ratios.append(None)
+    return ratios
+
+
+def _split_report(
+    model: Any, tokenizer: Any, items: list[EvalItem], split: str, run: dict, k: float, gen: dict | None, keep: bool
+) -> dict[str, Any]:
+    """One split's per-item values and summary; ``gen`` None skips generation (and ROUGE)."""
+    scores = score(model, tokenizer, [Example(it.question, it.answer) for it in items], **run)
+    per_item: dict[str, Any] = {
+        "avg_nll": [metrics.avg_nll(s.logprobs) for s in scores],
+        "probability": [metrics.answer_probability(s.logprobs) for s in scores],
+        "exact_memorization": [metrics.exact_memorization(s.argmax_match) for s in scores],
+        "mia": {
+            "loss": [metrics.loss_score(s.logprobs) for s in scores],
+            "zlib": [metrics.zlib_score(s.logprobs, it.answer) for s, it in zip(scores, items)],
+            "min_k": [metrics.min_k_score(s.logprobs, k) for s in scores],
+            "min_k_plus_plus": [metrics.min_k_plus_plus_score(s.logprobs, s.mu, s.sigma, k) for s in scores],
+        },
+    }
+    summary = {key: float(np.mean(per_item[key])) for key in ("avg_nll", "probability", "exact_memorization")}
+    summary["perplexity"] = metrics.perplexity([s.logprobs for s in scores])
+    ratios = _truth_ratios(model, tokenizer, items, **run)
+    present = [r for r in ratios if r is not None]
+    if present:
+        per_item["truth_ratio"] = ratios
+        # TOFU: forget-like splits score closeness to 1, retain-like ones a clear preference for the truth.
+        forget_like = split in ("forget", "holdout")
+        summarise = metrics.truth_ratio_forget_score if forget_like else metrics.truth_ratio_retain_score
+        summary["truth_ratio"] = summarise(present)
+    asked = [i for i, it in enumerate(items) if it.question is not None]  # raw-text rows have no question
+    if gen is not None and asked:
+        texts = dict(zip(asked, greedy_answers(model, tokenizer, [items[i].question for i in asked], **gen)))
+        for name, fn in (("rouge_l_recall", metrics.rouge_l_recall), ("rouge_l_f1", metrics.rouge_l_f1)):
+            per_item[name] = [fn(texts[i], it.answer) if i in texts else None for i, it in enumerate(items)]
+            summary[name] = float(np.mean([fn(texts[i], items[i].answer) for i in asked]))
+        if keep:
+            per_item["generations"] = [texts.get(i) for i in range(len(items))]
+    digest = data_sha256([Example(it.question, it.answer) for it in items])
+    return {"n_items": len(items), "sha256": digest, "summary": summary, "items": per_item}
+
+
+def _check_same_data(report: dict, reference: dict, split: str) -> None:
+    if split not in reference.get("splits", {}):
+        raise ValueError(f"reference report has no {split!r} split; evaluate the reference with the same splits.")
+    mine, theirs = report["splits"][split]["sha256"], reference["splits"][split]["sha256"]
+    if mine != theirs:
+        raise ValueError(
+            f"reference report was computed on different {split} data (sha256 {theirs[:12]} vs {mine[:12]});"
+            f" evaluate the reference on the same {split} set."
+        )
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    forget: Any,
+    retain: Any = None,
+    holdout: Any = None,
+    general: Any = None,
+    reference: dict | None = None,
+    *,
+    use_chat_template: bool = True,
+    max_length: int = 512,
+    batch_size: int = 8,
+    generate: bool = True,
+    max_new_tokens: int = 48,
+    k: float = metrics.MIN_K_FRACTION,
+    keep_generations: bool = False,
+) -> dict[str, Any]:
+    """A JSON-ready report: ``splits[name]`` = {n_items, sha256, summary, items}, plus a top-level ``summary``.
+
+    Splits accept whatever `read_eval_items` does. Top-level metrics appear only when their inputs
+    exist: ``mia_auc`` (forget + holdout), ``forget_quality`` and ``privleak`` (a ``reference``
+    report on the same data), ``model_utility`` (retain and/or general), ``fluency_perplexity`` (retain).
+
+    >>> # report = evaluate(model, tok, "forget.jsonl", retain="retain.jsonl", holdout="holdout.jsonl")
+    >>> # print(format_table(report)); save_report(report, "reference.json")
+    """
+    run = {"use_chat_template": use_chat_template, "max_length": max_length, "batch_size": batch_size}
+    gen = {"max_new_tokens": max_new_tokens, "use_chat_template": use_chat_template, "batch_size": batch_size}
+    sources = dict(zip(SPLITS, (forget, retain, holdout, general)))
+    gen_or_none = gen if generate else None
+    splits = {
+        name: _split_report(model, tokenizer, read_eval_items(src), name, run, k, gen_or_none, keep_generations)
+        for name, src in sources.items()
+        if src is not None
+    }
+    top: dict[str, Any] = {}
+    if "holdout" in splits:
+        members, others = splits["forget"]["items"]["mia"], splits["holdout"]["items"]["mia"]
+        top["mia_auc"] = {a: metrics.mia_auc(members[a], others[a]) for a in MIA_ATTACKS}
+    if "retain" in splits:
+        top["fluency_perplexity"] = splits["retain"]["summary"]["perplexity"]
+    components = {
+        f"{s}/{m}": splits[s]["summary"][m]
+        for s in ("retain", "general")
+        if s in splits
+        for m in ("probability", "rouge_l_recall", "truth_ratio")
+        if m in splits[s]["summary"]
+    }
+    if components:
+        top["model_utility"] = metrics.model_utility(list(components.values()))
+        top["model_utility_components"] = components
+    report = {"splits": splits, "summary": top}
+    if reference is not None:
+        _check_same_data(report, reference, "forget")
+        ours = [r for r in splits["forget"]["items"].get("truth_ratio", []) if r is not None]
+        theirs = [r for r in reference["splits"]["forget"]["items"].get("truth_ratio", []) if r is not None]
+        if ours and theirs:
+            top["forget_quality"] = metrics.forget_quality(ours, theirs)
+        ref_auc = reference.get("summary", {}).get("mia_auc")
+        if "mia_auc" in top and ref_auc:
+            _check_same_data(report, reference, "holdout")
+            top["privleak"] = {a: metrics.priv_leak(top["mia_auc"][a], ref_auc[a]) for a in MIA_ATTACKS}
+    return report
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The summary numbers as an aligned plain-text table (per-split block, then model-level lines).
+
+    >>> print(format_table({"splits": {"forget": {"n_items": 2, "summary": {"probability": 0.5}}}, "summary": {}}))
+    metric      forget
+    n_items          2
+    probability    0.5
+    """
+    splits = report["splits"]
+    names = list(splits)
+    rows = [["metric", *names], ["n_items", *(_fmt(splits[s]["n_items"]) for s in names)]]
+    for m in sorted({m for s in splits.values() for m in s["summary"]}):
+        rows.append([m, *(_fmt(splits[s]["summary"].get(m)) for s in names)])
+    for key, value in report.get("summary", {}).items():
+        if isinstance(value, dict):
+            rows.extend([f"{key}/{sub}", _fmt(v)] for sub, v in value.items())
+        else:
+            rows.append([key, _fmt(value)])
+    widths = [max(len(r[c]) for r in rows if c < len(r)) for c in range(len(rows[0]))]
+    lines = [" ".join([r[0].ljust(widths[0]), *(cell.rjust(widths[c]) for c, cell in enumerate(r) if c)]) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def save_report(report: dict[str, Any], path: str | Path) -> None:
+    """Write a report as JSON, e.g. a reference run to pass back later as ``reference=``."""
+    Path(path).write_text(json.dumps(report, indent=1), encoding="utf-8")
