@@ -20,12 +20,11 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from .adapters import NEW, build_trainable, default_lora_config, stack_name
-from .card import model_card
 from .config import UndialConfig
 from .data import Collator, DataSource, Example, build_dataset, data_sha256, read_examples
 from .evaluate import score
+from .manifest import FORMAT, save_adapter, verify_stack
 from .metrics import answer_probability
-from .manifest import CONFIG, FORMAT, MANIFEST, WEIGHTS, atomic_directory, file_sha256, verify_stack, write_json
 from .models import fingerprint, load_model
 from .trainer import UndialTrainer
 
@@ -91,45 +90,41 @@ def forget(
     dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, config.use_chat_template)
     peft_model = build_trainable(base, lora or default_lora_config(), stack, config.gradient_checkpointing)
 
-    checkpoints = Path(config.output_dir) if config.output_dir else output_dir.parent / f".{output_dir.name}.checkpoints"
-    args = dataclasses.replace(config, output_dir=str(checkpoints), gradient_checkpointing=False)
-    qa_rows = [row for row in forget_rows if row.prompt is not None]
-    before = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
-    trainer = UndialTrainer(
-        model=peft_model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=Collator(tokenizer.pad_token_id),
-        stack=[stack_name(i) for i in range(len(stack))],
-    )
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
-    after = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
-    logger.info("forget-set answer probability: %s -> %s", before, after)
+    try:
+        checkpoints = Path(config.output_dir) if config.output_dir else output_dir.parent / f".{output_dir.name}.checkpoints"
+        args = dataclasses.replace(config, output_dir=str(checkpoints), gradient_checkpointing=False)
+        qa_rows = [row for row in forget_rows if row.prompt is not None]
+        before = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
+        trainer = UndialTrainer(
+            model=peft_model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=Collator(tokenizer.pad_token_id),
+            stack=[stack_name(i) for i in range(len(stack))],
+        )
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        after = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
+        logger.info("forget-set answer probability: %s -> %s", before, after)
 
-    manifest = {
-        "format": FORMAT,
-        "id": output_dir.name,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "method": config.method,
-        "hyperparameters": _hyperparameters(config, peft_model.peft_config[NEW]),
-        "base": {"fingerprint": base_print, "source": str(model) if not isinstance(model, PreTrainedModel) else None},
-        "parents": parents,
-        "data": {"sha256": data_sha256(forget_rows), "examples": len(forget_rows),
-                 "retain_sha256": data_sha256(retain_rows) if retain_rows else None},
-        "metrics": {"forget_probability_before": before, "forget_probability_after": after,
-                    "train_loss": result.training_loss, "steps": result.global_step},
-        "versions": _versions(),
-        "description": description,
-    }
-    with atomic_directory(output_dir, overwrite=overwrite) as staging:
-        peft_model.save_pretrained(str(staging), selected_adapters=[NEW], safe_serialization=True)
-        saved = staging / NEW  # peft writes a non-default adapter into a sub-folder named after it
-        for name in (WEIGHTS, CONFIG):
-            (saved / name).rename(staging / name)
-        shutil.rmtree(saved)
-        manifest["weights_sha256"] = file_sha256(staging / WEIGHTS)
-        write_json(staging / MANIFEST, manifest)
-        (staging / "README.md").write_text(model_card(manifest), encoding="utf-8")
+        manifest = {
+            "format": FORMAT,
+            "id": output_dir.name,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "method": config.method,
+            "hyperparameters": _hyperparameters(config, peft_model.peft_config[NEW]),
+            "base": {"fingerprint": base_print, "source": None if isinstance(model, PreTrainedModel) else str(model)},
+            "parents": parents,
+            "data": {"sha256": data_sha256(forget_rows), "examples": len(forget_rows),
+                     "retain_sha256": data_sha256(retain_rows) if retain_rows else None},
+            "metrics": {"forget_probability_before": before, "forget_probability_after": after,
+                        "train_loss": result.training_loss, "steps": result.global_step},
+            "versions": _versions(),
+            "description": description,
+        }
+        save_adapter(peft_model, NEW, output_dir, manifest, overwrite=overwrite)
+    finally:
+        if isinstance(model, PreTrainedModel):
+            peft_model.unload()  # hand the caller's model back without LoRA layers
     if not config.output_dir:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return output_dir

@@ -182,3 +182,29 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Pretty, sorted JSON with a final newline."""
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_adapter(
+    model: Any,
+    adapter: str,
+    output_dir: str | Path,
+    manifest: dict[str, Any] | None = None,
+    extra_json: dict[str, dict[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write one adapter of a PEFT ``model`` atomically, with its manifest, model card and extra JSON files."""
+    from .card import model_card
+
+    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+        model.save_pretrained(str(staging), selected_adapters=[adapter], safe_serialization=True)
+        saved = staging / adapter  # peft writes a non-default adapter into a sub-folder named after it
+        for name in (WEIGHTS, CONFIG):
+            (saved / name).rename(staging / name)
+        shutil.rmtree(saved)
+        if manifest is not None:
+            manifest["weights_sha256"] = file_sha256(staging / WEIGHTS)
+            write_json(staging / MANIFEST, manifest)
+            (staging / "README.md").write_text(model_card(manifest), encoding="utf-8")
+        for name, data in (extra_json or {}).items():
+            write_json(staging / name, data)
+    return Path(output_dir)

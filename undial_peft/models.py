@@ -108,7 +108,7 @@ def load_model(
     if isinstance(model, PreTrainedModel):
         if tokenizer is None:
             raise UndialModelError("pass the tokenizer along with an already loaded model.")
-        return model, _with_pad_token(tokenizer)
+        return _plain_if_gguf(model), _with_pad_token(tokenizer)
     source, extra = _resolve(model)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if load_in_4bit:
@@ -119,11 +119,26 @@ def load_model(
     loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     if load_in_4bit:
         disable_cpu_repacking(loaded)
+    loaded = _plain_if_gguf(loaded)
     if tokenizer is None:
         tok_extra = {"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **tok_extra)
     loaded.config.use_cache = False  # training never reuses the KV cache
     return loaded, _with_pad_token(tokenizer)
+
+
+def _plain_if_gguf(model: PreTrainedModel) -> PreTrainedModel:
+    """Drop the GGUF marker from a GGUF-loaded model.
+
+    transformers dequantises GGUF weights into ordinary tensors but keeps a GGUF "quantizer" on the
+    model, which makes the Trainer refuse to train it and save_pretrained refuse to save it.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "gguf":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        del model.config.quantization_config
+    return model
 
 
 def _with_pad_token(tokenizer: Any) -> Any:

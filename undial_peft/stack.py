@@ -11,7 +11,6 @@ facts come back (partly, where they overlap with later requests).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ from transformers import PreTrainedModel
 
 from .adapters import load_stack, stack_name
 from .manifest import (
-    CONFIG,
     WEIGHTS,
     atomic_directory,
     file_sha256,
     read_manifest,
+    save_adapter,
     verify_stack,
     write_json,
 )
@@ -109,13 +108,8 @@ def export_stack(
     attached = attach(model, stack, tokenizer=tokenizer, force=force)
     names = [stack_name(i) for i in range(len(stack))]
     attached.add_weighted_adapter(names, [1.0] * len(names), adapter_name=EXPORTED, combination_type="cat")
-    with atomic_directory(output_dir, overwrite=overwrite) as staging:
-        attached.save_pretrained(str(staging), selected_adapters=[EXPORTED], safe_serialization=True)
-        for name in (WEIGHTS, CONFIG):
-            (staging / EXPORTED / name).rename(staging / name)
-        shutil.rmtree(staging / EXPORTED)
-        _write_provenance(staging, stack, "export")
-    return Path(output_dir)
+    provenance = {"stack.json": _provenance(stack, "export")}
+    return save_adapter(attached, EXPORTED, output_dir, extra_json=provenance, overwrite=overwrite)
 
 
 def merge_stack(
@@ -139,25 +133,21 @@ def merge_stack(
     base, tokenizer = load_model(model, tokenizer=tokenizer, dtype=dtype)
     verify_stack(stack, fingerprint(base), force=force)
     merged = load_stack(base, stack).merge_and_unload()
-    # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model of its config.
-    if getattr(merged, "hf_quantizer", None) is not None or getattr(merged.config, "gguf_file", None):
-        plain = type(merged)(merged.config)
-        plain.load_state_dict(merged.state_dict())
-        merged = plain
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         merged.save_pretrained(str(staging), safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(str(staging))
-        _write_provenance(staging, stack, "merge")
+        write_json(staging / "stack.json", _provenance(stack, "merge"))
     return Path(output_dir)
 
 
-def _write_provenance(directory: Path, stack: Sequence[str | Path], how: str) -> None:
-    write_json(directory / "stack.json", {
+def _provenance(stack: Sequence[str | Path], how: str) -> dict[str, Any]:
+    """What a derived artefact was made from: the manifests and weight hashes of the stack."""
+    return {
         "how": how,
         "adapters": [
             {"manifest": read_manifest(path), "weights_sha256": file_sha256(Path(path) / WEIGHTS)} for path in stack
         ],
-    })
+    }
 
 
 __all__ = ["attach", "describe", "export_stack", "format_rows", "merge_stack"]

@@ -1,0 +1,166 @@
+"""``undial-peft``: each verb is a thin call into the library.
+
+    undial-peft demo
+    undial-peft forget --model default --data forget.jsonl --out adapters/req-001 [--stack DIR ...] [--beta 10] [--4bit]
+    undial-peft eval --model default [--adapters DIR ...] --forget F [--retain R] [--reference REF.json]
+    undial-peft stack list DIR ...
+    undial-peft stack export --model M --out DIR DIR ...
+    undial-peft stack merge --model M --out DIR DIR ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import METHODS, RETAIN_LOSSES, UndialConfigError
+from .data import UndialDataError
+from .manifest import UndialStackError
+from .models import UndialModelError
+
+USER_ERRORS = (UndialDataError, UndialConfigError, UndialStackError, UndialModelError, FileExistsError, ValueError)
+
+
+def _forget(args: argparse.Namespace) -> None:
+    from peft import LoraConfig
+
+    from .api import forget
+    from .config import UndialConfig
+
+    config = UndialConfig(
+        method=args.method, beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
+        max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, retain_weight=args.retain_weight, retain_loss=args.retain_loss,
+        max_length=args.max_length, use_chat_template=not args.no_chat_template, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, disable_tqdm=args.quiet,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+    )
+    lora = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=args.target_modules or "all-linear")
+    path = forget(args.model, args.data, args.out, config=config, lora=lora, stack=args.stack, retain=args.retain,
+                  load_in_4bit=args.four_bit, overwrite=args.overwrite, force=args.force, resume=args.resume,
+                  description=args.description)
+    print(f"wrote {path}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(model=args.model, output_dir=args.out, epochs=args.epochs, learning_rate=args.lr, beta=args.beta)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .evaluate import evaluate, format_table, read_eval_items, save_report
+    from .models import load_model
+    from .stack import attach
+
+    model, tokenizer = load_model(args.model)
+    if args.adapters:
+        model = attach(model, args.adapters, tokenizer=tokenizer, force=args.force)
+    splits = {name: read_eval_items(path) for name in ("forget", "retain", "holdout", "general")
+              if (path := getattr(args, name))}
+    reference = json.loads(open(args.reference, encoding="utf-8").read()) if args.reference else None
+    report = evaluate(model, tokenizer, **splits, reference=reference)
+    print(format_table(report))
+    if args.out:
+        save_report(report, args.out)
+        print(f"wrote {args.out}")
+
+
+def _stack(args: argparse.Namespace) -> None:
+    from .stack import describe, export_stack, format_rows, merge_stack
+
+    if args.action == "list":
+        print(format_rows(describe(args.dirs)))
+        return
+    if not args.out:
+        raise ValueError(f"stack {args.action} needs --out DIR.")
+    action = export_stack if args.action == "export" else merge_stack
+    path = action(args.model, args.dirs, args.out, force=args.force, overwrite=args.overwrite)
+    print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="undial-peft", description="Make an LLM forget data with LoRA adapters (UNDIAL).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    demo = verbs.add_parser("demo", help="offline demo on the embedded SmolLM2-135M-Instruct")
+    demo.add_argument("--model", default="default")
+    demo.add_argument("--out", default=None, help="adapter directory (default adapters/demo-<time>)")
+    demo.add_argument("--epochs", type=float, default=8)
+    demo.add_argument("--lr", type=float, default=3e-4)
+    demo.add_argument("--beta", type=float, default=10.0)
+    demo.set_defaults(run=_demo)
+
+    forget = verbs.add_parser("forget", help="train one forget adapter")
+    forget.add_argument("--model", default="default", help="'default', a model directory or a .gguf file")
+    forget.add_argument("--data", required=True, help="forget set: .jsonl/.json/.csv/.parquet")
+    forget.add_argument("--out", required=True, help="new adapter directory, e.g. adapters/req-001")
+    forget.add_argument("--stack", nargs="*", default=[], metavar="DIR", help="earlier adapters, in order")
+    forget.add_argument("--retain", default=None, help="retain set (with --retain-weight > 0)")
+    forget.add_argument("--method", choices=METHODS, default="undial")
+    forget.add_argument("--beta", type=float, default=10.0)
+    forget.add_argument("--lr", type=float, default=1e-4)
+    forget.add_argument("--epochs", type=float, default=5.0)
+    forget.add_argument("--max-steps", type=int, default=-1)
+    forget.add_argument("--batch-size", type=int, default=8)
+    forget.add_argument("--grad-accum", type=int, default=1)
+    forget.add_argument("--retain-weight", type=float, default=0.0)
+    forget.add_argument("--retain-loss", choices=RETAIN_LOSSES, default="nll")
+    forget.add_argument("--max-length", type=int, default=512)
+    forget.add_argument("--rank", type=int, default=8)
+    forget.add_argument("--lora-alpha", type=int, default=16)
+    forget.add_argument("--target-modules", nargs="*", default=None)
+    forget.add_argument("--seed", type=int, default=42)
+    forget.add_argument("--4bit", dest="four_bit", action="store_true", help="NF4 base via bitsandbytes")
+    forget.add_argument("--gradient-checkpointing", action="store_true")
+    forget.add_argument("--no-chat-template", action="store_true")
+    forget.add_argument("--save-steps", type=int, default=0, help="write Trainer checkpoints every N steps")
+    forget.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    forget.add_argument("--overwrite", action="store_true")
+    forget.add_argument("--force", action="store_true", help="accept a stack that fails soft checks")
+    forget.add_argument("--description", default=None, help="what is forgotten, for the model card (not the data)")
+    forget.add_argument("--quiet", action="store_true", help="no progress bar")
+    forget.set_defaults(run=_forget)
+
+    evaluate = verbs.add_parser("eval", help="TOFU-style metrics, printed and saved as JSON")
+    evaluate.add_argument("--model", default="default")
+    evaluate.add_argument("--adapters", nargs="*", default=[])
+    for split in ("forget", "retain", "holdout", "general"):
+        evaluate.add_argument(f"--{split}", default=None)
+    evaluate.add_argument("--reference", default=None, help="a saved report of a retain-only model")
+    evaluate.add_argument("--out", default=None, help="write the report as JSON")
+    evaluate.add_argument("--force", action="store_true")
+    evaluate.set_defaults(run=_eval)
+
+    stack = verbs.add_parser("stack", help="list, export or merge a stack of adapters")
+    stack.add_argument("action", choices=["list", "export", "merge"])
+    stack.add_argument("dirs", nargs="+", metavar="DIR", help="adapter directories, in order")
+    stack.add_argument("--model", default="default")
+    stack.add_argument("--out", default=None)
+    stack.add_argument("--overwrite", action="store_true")
+    stack.add_argument("--force", action="store_true")
+    stack.set_defaults(run=_stack)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except USER_ERRORS as err:
+        print(f"undial-peft: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The offline demo: SmolLM2-135M-Instruct forgets a few real facts and keeps the others.
+
+Facts come from ``undial_peft/data/demo_facts.jsonl``, chosen by measuring what the model knows
+(each answer is the model's own greedy sentence, probability >= 0.5). The demo prints each
+fact's answer probability and greedy answer before and after one forget adapter is trained.
+
+>>> run_demo(epochs=1)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .config import UndialConfig
+from .data import Example
+from .evaluate import greedy_answers, score
+from .metrics import answer_probability
+from .stack import format_rows
+
+
+def demo_facts() -> list[dict[str, str]]:
+    """The packaged facts: question, answer, key word and split (forget / keep)."""
+    text = resources.files("undial_peft").joinpath("data/demo_facts.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _measure(model: Any, tokenizer: Any, facts: list[dict[str, str]], config: UndialConfig) -> list[dict[str, Any]]:
+    rows = [Example(f["question"], f["answer"]) for f in facts]
+    scores = score(model, tokenizer, rows, use_chat_template=config.use_chat_template, max_length=config.max_length)
+    answers = greedy_answers(model, tokenizer, [f["question"] for f in facts], max_new_tokens=24)
+    return [{"p": answer_probability(s.logprobs), "answer": a} for s, a in zip(scores, answers)]
+
+
+def _clip(text: str, width: int = 44) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def run_demo(
+    model: str = "default",
+    output_dir: str | Path | None = None,
+    epochs: float = 8,
+    learning_rate: float = 3e-4,
+    beta: float = 10.0,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Forget the demo's "forget" facts; print and return the before/after table."""
+    from .api import forget
+    from .models import load_model
+    from .stack import attach
+
+    started = time.perf_counter()
+    facts = demo_facts()
+    forget_facts = [f for f in facts if f["split"] == "forget"]
+    config = UndialConfig(num_train_epochs=epochs, learning_rate=learning_rate, beta=beta,
+                          per_device_train_batch_size=len(forget_facts), logging_steps=1, disable_tqdm=True)
+    log(f"[demo] loading {model} ...")
+    base, tokenizer = load_model(model)
+    log(f"[demo] loaded in {time.perf_counter() - started:.0f}s; measuring {len(facts)} facts before unlearning ...")
+    before = _measure(base, tokenizer, facts, config)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    output_dir = Path(output_dir or f"adapters/demo-{stamp}")
+    log(f"[demo] training a forget adapter on {len(forget_facts)} facts (beta={beta}, {epochs:g} epochs) ...")
+    forget(base, [{"question": f["question"], "answer": f["answer"]} for f in forget_facts], output_dir,
+           config=config, tokenizer=tokenizer, description="Demo: six well-known facts (capitals and authors).")
+    log(f"[demo] saved {output_dir}; measuring again with the adapter attached ...")
+    after = _measure(attach(base, [output_dir], tokenizer=tokenizer), tokenizer, facts, config)
+    rows = [
+        {"split": f["split"], "question": _clip(f["question"], 34), "p_before": b["p"], "p_after": a["p"],
+         "answer_after": _clip(a["answer"])}
+        for f, b, a in zip(facts, before, after)
+    ]
+    summary = {
+        split: (sum(r["p_before"] for r in rows if r["split"] == split) / n, sum(r["p_after"] for r in rows if r["split"] == split) / n)
+        for split in ("forget", "keep")
+        for n in [sum(r["split"] == split for r in rows)]
+    }
+    log(format_rows(rows))
+    for split, (b, a) in summary.items():
+        log(f"[demo] mean answer probability, {split:6s}: {b:.3f} -> {a:.3f}")
+    log(f"[demo] done in {time.perf_counter() - started:.0f}s; adapter: {output_dir}")
+    return {"rows": rows, "summary": summary, "adapter": str(output_dir)}
