@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="default")
     demo.add_argument("--out", default=None, help="adapter directory (default adapters/demo-<time>)")
     demo.add_argument("--epochs", type=float, default=8)
-    demo.add_argument("--lr", type=float, default=3e-4)
+    demo.add_argument("--lr", type=float, default=1e-3)
     demo.add_argument("--beta", type=float, default=10.0)
     demo.set_defaults(run=_demo)
 

@@ -11,6 +11,15 @@ Truncation policy (``max_length`` tokens): the answer is kept whole and the prom
 left; an answer longer than ``max_length - 1`` is cut on the right; text rows are cut on the right.
 Exact duplicate rows are dropped with a warning (they would count twice).
 
+Files are parsed in memory, never through the ``datasets`` cache (which would keep an Arrow copy of
+the forget text under ~/.cache); CSV cells are read as text (an answer "1984" or "NA" stays a
+string) and an empty cell counts as an absent field, so one file can mix row shapes. Error
+messages name the row and the field, never any of its text: they end up in logs.
+
+A question/answer row may name a ``key``: the part of the answer to forget (FUnDIAL-style). The
+UNDIAL adjustment then applies only to the key's tokens; the other answer tokens are distilled
+to the teacher unchanged, so shared phrasing ("The capital of ... is") is not unlearned.
+
 >>> rows = read_examples([{"question": "Who wrote Hamlet?", "answer": "Shakespeare wrote Hamlet."}])
 >>> rows[0].prompt, rows[0].answer
 ('Who wrote Hamlet?', 'Shakespeare wrote Hamlet.')
@@ -18,11 +27,12 @@ Exact duplicate rows are dropped with a warning (they would count twice).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +56,8 @@ class Example:
 
     prompt: str | None
     answer: str
+    key: str | None = None  # substring of the answer whose tokens get the adjustment
+    where: str | None = field(default=None, compare=False, repr=False)  # "forget data, f.jsonl line 3", for errors
 
 
 DataSource = str | Path | datasets.Dataset | Sequence[dict[str, Any]]
@@ -54,12 +66,17 @@ DataSource = str | Path | datasets.Dataset | Sequence[dict[str, Any]]
 def _row_to_example(row: Any, where: str) -> Example:
     if not isinstance(row, dict):
         raise UndialDataError(f"{where}: expected a JSON object, got {type(row).__name__}. {_SHAPE_HINT}")
+    row = {name: value for name, value in row.items() if value is not None}  # a table's empty cell is None
     for prompt_key, answer_key in SHAPES:
         if prompt_key in row or answer_key in row:
-            return Example(_string(row, prompt_key, where), _string(row, answer_key, where))
+            answer = _string(row, answer_key, where)
+            key = _string(row, "key", where) if row.get("key") is not None else None
+            if key is not None and key not in answer:
+                raise UndialDataError(f"{where}: field 'key' must be a substring of the {answer_key}.")
+            return Example(_string(row, prompt_key, where), answer, key, where)
     if "text" in row:
-        return Example(None, _string(row, "text", where))
-    raise UndialDataError(f"{where}: no known fields (got {sorted(row)}). {_SHAPE_HINT}")
+        return Example(None, _string(row, "text", where), where=where)
+    raise UndialDataError(f"{where}: no known fields (got {sorted(str(name)[:40] for name in row)[:10]}). {_SHAPE_HINT}")
 
 
 _SHAPE_HINT = 'Use {"question", "answer"}, {"prompt", "completion"} or {"text"}.'
@@ -73,6 +90,10 @@ def _string(row: dict, key: str, where: str) -> str:
         raise UndialDataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}.")
     if not value.strip():
         raise UndialDataError(f"{where}: field {key!r} is empty; remove the row or fill it in.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UndialDataError(f"{where}: field {key!r} is not valid Unicode (a lone surrogate); fix its encoding.") from None
     return value
 
 
@@ -85,29 +106,90 @@ def _read_rows(source: DataSource) -> Iterable[tuple[str, Any]]:
         path = Path(source)
         if not path.is_file():
             raise UndialDataError(f"{path}: no such file; pass a .jsonl, .json, .csv or .parquet file.")
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as lines:
-                for number, line in enumerate(lines, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{path.name} line {number}", json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise UndialDataError(f"{path.name} line {number}: invalid JSON ({err.msg}).") from None
-            return
-        loaders = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
-        if path.suffix not in loaders:
+        readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+        if path.suffix not in readers:
             raise UndialDataError(f"{path}: unknown extension {path.suffix!r}; use .jsonl, .json, .csv or .parquet.")
-        try:
-            table = datasets.load_dataset(loaders[path.suffix], data_files=str(path), split="train")
-        except Exception as err:  # datasets raises many types for unreadable files
-            raise UndialDataError(f"{path}: could not be read as {path.suffix} ({err}).") from None
-        yield from ((f"{path.name} row {i + 1}", row) for i, row in enumerate(table))
+        if path.stat().st_size == 0:
+            raise UndialDataError(f"{path.name}: the file is empty; give at least one row. {_SHAPE_HINT}")
+        yield from readers[path.suffix](path)
         return
     if isinstance(source, Sequence):
         yield from ((f"row {i}", row) for i, row in enumerate(source))
         return
     raise UndialDataError(f"unsupported data source {type(source).__name__}; pass a path, a Dataset or a list of dicts.")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            where = f"{path.name} line {number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise UndialDataError(f"{where}: not UTF-8 text; save the file as UTF-8.") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise UndialDataError(f"{where}: invalid JSON ({getattr(err, 'msg', 'nested too deeply')}).") from None
+            yield where, row
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """A JSON array of objects, one object, or JSON Lines saved as .json."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise UndialDataError(f"{path.name}: not UTF-8 text; save the file as UTF-8.") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        if getattr(err, "msg", None) == "Extra data":  # one object per line
+            yield from _jsonl_rows(path)
+            return
+        line = f" line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise UndialDataError(f"{path.name}{line}: invalid JSON ({getattr(err, 'msg', 'nested too deeply')}).") from None
+    if isinstance(data, list):
+        yield from ((f"{path.name} item {i + 1}", row) for i, row in enumerate(data))
+    else:
+        yield path.name, data
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """Every cell as text; an empty cell is an absent field. A row must have the header's width."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, path.stat().st_size))  # one cell may hold a long text row
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            records = [(reader.line_num, fields) for fields in reader]
+    except UnicodeDecodeError:
+        raise UndialDataError(f"{path.name}: not UTF-8 text; save the file as UTF-8.") from None
+    except csv.Error as err:
+        raise UndialDataError(f"{path.name}: not valid CSV ({err}).") from None
+    finally:
+        csv.field_size_limit(limit)
+    if not any(name.strip() for name in header) or len(set(header)) != len(header):
+        raise UndialDataError(f"{path.name} line 1: the header must name each column once, e.g. question,answer.")
+    for line, fields in records:
+        if not any(cell.strip() for cell in fields):
+            continue
+        if len(fields) != len(header):
+            raise UndialDataError(
+                f"{path.name} line {line}: {len(fields)} fields but the header has {len(header)}; "
+                "quote cells that contain commas."
+            )
+        yield f"{path.name} line {line}", {name: cell for name, cell in zip(header, fields) if cell != ""}
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet
+
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for damaged files
+        raise UndialDataError(f"{path.name}: not a readable parquet file ({type(err).__name__}).") from None
+    yield from ((f"{path.name} row {i + 1}", row) for i, row in enumerate(rows))
 
 
 def read_examples(source: DataSource, name: str = "forget") -> list[Example]:
@@ -130,7 +212,7 @@ def data_sha256(examples: Sequence[Example]) -> str:
     """A digest of the rows, for manifests: identifies the data without storing any of it."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps([example.prompt, example.answer], ensure_ascii=False).encode("utf-8"))
+        digest.update(json.dumps([example.prompt, example.answer, example.key], ensure_ascii=False).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()
 
@@ -143,26 +225,42 @@ def prompt_ids(tokenizer: Any, question: str, use_chat_template: bool = True) ->
     return tokenizer(question + "\n", add_special_tokens=True).input_ids
 
 
-def encode(tokenizer: Any, example: Example, max_length: int, use_chat_template: bool = True) -> dict[str, list[int]]:
-    """Token ids and labels (-100 on the prompt) for one example, truncated by the stated policy.
+def encode(tokenizer: Any, example: Example, max_length: int, use_chat_template: bool = True) -> dict[str, list]:
+    """Token ids, labels (-100 on the prompt) and per-token beta weights for one example.
 
+    ``beta_weight`` is 1.0 where the UNDIAL adjustment applies (every answer token, or only the
+    key's tokens when the row names a key) and 0.0 elsewhere. Truncation follows the stated policy.
     Raises `UndialDataError` when no answer token is left to count.
     """
     if example.prompt is None:
         ids = tokenizer(example.answer, add_special_tokens=True).input_ids[:max_length]
         if len(ids) < 2:
             raise UndialDataError("a text row has fewer than 2 tokens; nothing to learn from it.")
-        return {"input_ids": ids, "labels": list(ids)}
-    answer = tokenizer(example.answer, add_special_tokens=False).input_ids[: max_length - 1]
+        return {"input_ids": ids, "labels": list(ids), "beta_weight": [1.0] * len(ids)}
+    answer, weights = _answer_tokens(tokenizer, example)
+    answer, weights = answer[: max_length - 1], weights[: max_length - 1]
     if not answer:
-        raise UndialDataError(f"answer {_short(example.answer)} has no tokens; remove the row.")
+        raise UndialDataError("the answer has no tokens after tokenisation; remove the row.")
     prompt = prompt_ids(tokenizer, example.prompt, use_chat_template)[-(max_length - len(answer)) :]
-    return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+    return {
+        "input_ids": prompt + answer,
+        "labels": [IGNORE_INDEX] * len(prompt) + answer,
+        "beta_weight": [0.0] * len(prompt) + weights,
+    }
 
 
-def _short(text: str, width: int = 40) -> str:
-    # Errors may be logged: show only the start of a row, never a whole forget item.
-    return repr(text if len(text) <= width else text[:width] + "...")
+def _answer_tokens(tokenizer: Any, example: Example) -> tuple[list[int], list[float]]:
+    """Answer ids, and 1.0 for each token that overlaps the key (all tokens without a key)."""
+    if example.key is None:
+        ids = tokenizer(example.answer, add_special_tokens=False).input_ids
+        return ids, [1.0] * len(ids)
+    if not getattr(tokenizer, "is_fast", False):
+        raise UndialDataError("rows with a 'key' need a fast tokenizer (character offsets); drop the key field.")
+    encoded = tokenizer(example.answer, add_special_tokens=False, return_offsets_mapping=True)
+    start = example.answer.index(example.key)
+    end = start + len(example.key)
+    weights = [1.0 if a < end and b > start else 0.0 for a, b in encoded["offset_mapping"]]
+    return encoded.input_ids, weights
 
 
 def build_dataset(
@@ -172,10 +270,11 @@ def build_dataset(
     max_length: int = 512,
     use_chat_template: bool = True,
 ) -> datasets.Dataset:
-    """Tokenised training set: one row per forget example, each paired with a retain example.
+    """Tokenised training set of forget examples, each row paired with a retain example.
 
-    Retain examples are cycled (row i gets retain[i % len(retain)]), so data-parallel sharding
-    of the forget set shards the retain set with it.
+    With retain data the set has max(F, R) rows: row i holds forget[i % F] and retain[i % R], so
+    one epoch sees every forget AND every retain example (forget rows repeat when R > F). Pairing
+    inside rows means data-parallel sharding splits both sets alike.
     """
 
     def encode_all(examples: Sequence[Example], name: str) -> list[dict[str, list[int]]]:
@@ -183,16 +282,18 @@ def build_dataset(
         for i, example in enumerate(examples):
             try:
                 rows.append(encode(tokenizer, example, max_length, use_chat_template))
-            except UndialDataError as err:
-                raise UndialDataError(f"{name} data, row {i}: {err}") from None
+            except UndialDataError as err:  # name the row by its place in the file, never by its text
+                raise UndialDataError(f"{example.where or f'{name} data, row {i}'}: {err}") from None
         return rows
 
     rows = encode_all(forget, "forget")
     if retain:
         kept = encode_all(retain, "retain")
-        for i, row in enumerate(rows):
-            row["retain_input_ids"] = kept[i % len(kept)]["input_ids"]
-            row["retain_labels"] = kept[i % len(kept)]["labels"]
+        rows = [
+            {**rows[i % len(rows)], "retain_input_ids": kept[i % len(kept)]["input_ids"],
+             "retain_labels": kept[i % len(kept)]["labels"]}
+            for i in range(max(len(rows), len(kept)))
+        ]
     return datasets.Dataset.from_list(rows)
 
 
@@ -208,8 +309,13 @@ class Collator:
 
     pad_token_id: int
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, list]]) -> dict[str, torch.Tensor]:
         batch = self._pad([f["input_ids"] for f in features], [f["labels"] for f in features], "")
+        if "beta_weight" in features[0]:
+            weights = torch.zeros(batch["labels"].shape)  # (B, T); 0 on padding
+            for i, row in enumerate(features):
+                weights[i, : len(row["beta_weight"])] = torch.tensor(row["beta_weight"])
+            batch["beta_weight"] = weights
         if "retain_input_ids" in features[0]:
             retain = [f["retain_input_ids"] for f in features], [f["retain_labels"] for f in features]
             batch.update(self._pad(*retain, "retain_"))

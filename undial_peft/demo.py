@@ -16,8 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import UndialConfig
-from .data import Example
+from .data import Example, encode
 from .evaluate import greedy_answers, score
 from .metrics import answer_probability
 from .stack import format_rows
@@ -30,10 +32,15 @@ def demo_facts() -> list[dict[str, str]]:
 
 
 def _measure(model: Any, tokenizer: Any, facts: list[dict[str, str]], config: UndialConfig) -> list[dict[str, Any]]:
-    rows = [Example(f["question"], f["answer"]) for f in facts]
+    """Per fact: answer probability, probability of saying the key (given the answer so far), greedy answer."""
+    rows = [Example(f["question"], f["answer"], f["key"]) for f in facts]
     scores = score(model, tokenizer, rows, use_chat_template=config.use_chat_template, max_length=config.max_length)
     answers = greedy_answers(model, tokenizer, [f["question"] for f in facts], max_new_tokens=24)
-    return [{"p": answer_probability(s.logprobs), "answer": a} for s, a in zip(scores, answers)]
+    measured = []
+    for row, s, answer in zip(rows, scores, answers):
+        on_key = np.array(encode(tokenizer, row, config.max_length)["beta_weight"])[-len(s.logprobs):] > 0
+        measured.append({"p": answer_probability(s.logprobs), "p_key": float(np.exp(s.logprobs[on_key].sum())), "answer": answer})
+    return measured
 
 
 def _clip(text: str, width: int = 44) -> str:
@@ -45,7 +52,7 @@ def run_demo(
     model: str = "default",
     output_dir: str | Path | None = None,
     epochs: float = 8,
-    learning_rate: float = 3e-4,
+    learning_rate: float = 1e-3,
     beta: float = 10.0,
     log: Any = print,
 ) -> dict[str, Any]:
@@ -66,22 +73,24 @@ def run_demo(
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     output_dir = Path(output_dir or f"adapters/demo-{stamp}")
     log(f"[demo] training a forget adapter on {len(forget_facts)} facts (beta={beta}, {epochs:g} epochs) ...")
-    forget(base, [{"question": f["question"], "answer": f["answer"]} for f in forget_facts], output_dir,
+    forget(base, [{"question": f["question"], "answer": f["answer"], "key": f["key"]} for f in forget_facts], output_dir,
            config=config, tokenizer=tokenizer, description="Demo: six well-known facts (capitals and authors).")
     log(f"[demo] saved {output_dir}; measuring again with the adapter attached ...")
     after = _measure(attach(base, [output_dir], tokenizer=tokenizer), tokenizer, facts, config)
     rows = [
         {"split": f["split"], "question": _clip(f["question"], 34), "p_before": b["p"], "p_after": a["p"],
-         "answer_after": _clip(a["answer"])}
+         "key": f["key"], "p_key_before": b["p_key"], "p_key_after": a["p_key"], "answer_after": _clip(a["answer"])}
         for f, b, a in zip(facts, before, after)
     ]
     summary = {
-        split: (sum(r["p_before"] for r in rows if r["split"] == split) / n, sum(r["p_after"] for r in rows if r["split"] == split) / n)
+        f"{split}_{metric}": float(np.mean([r[metric] for r in rows if r["split"] == split]))
         for split in ("forget", "keep")
-        for n in [sum(r["split"] == split for r in rows)]
+        for metric in ("p_before", "p_after", "p_key_before", "p_key_after")
     }
     log(format_rows(rows))
-    for split, (b, a) in summary.items():
-        log(f"[demo] mean answer probability, {split:6s}: {b:.3f} -> {a:.3f}")
+    for split in ("forget", "keep"):
+        log(f"[demo] {split:6s} mean answer probability {summary[f'{split}_p_before']:.3f} -> "
+            f"{summary[f'{split}_p_after']:.3f}; key probability {summary[f'{split}_p_key_before']:.3f} -> "
+            f"{summary[f'{split}_p_key_after']:.3f}")
     log(f"[demo] done in {time.perf_counter() - started:.0f}s; adapter: {output_dir}")
     return {"rows": rows, "summary": summary, "adapter": str(output_dir)}

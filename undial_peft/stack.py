@@ -3,7 +3,8 @@
 Reverting a request means attaching the stack without it. The model then forgets less, and
 requests trained after the removed one had it in their teacher, so they were trained to make
 the deployed model forget on top of it: their own facts stay forgotten, the removed request's
-facts come back (partly, where they overlap with later requests).
+facts come back (partly, where they overlap with later requests). Such a stack breaks the
+recorded parent chain, so `attach` needs ``force=True`` for it.
 
 >>> model = attach("default", ["adapters/req-000", "adapters/req-001"])  # doctest: +SKIP
 >>> export_stack("default", ["adapters/req-000", "adapters/req-001"], "adapters/all")  # doctest: +SKIP
@@ -11,19 +12,28 @@ facts come back (partly, where they overlap with later requests).
 
 from __future__ import annotations
 
+import copy
+import datetime
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from .adapters import load_stack, stack_name
 from .manifest import (
+    CONFIG,
+    FORMAT,
     WEIGHTS,
+    UndialStackError,
     atomic_directory,
+    check_files,
     file_sha256,
+    parent_entry,
     read_manifest,
     save_adapter,
     verify_stack,
@@ -46,7 +56,8 @@ def attach(
 
     Verifies the stack first (files, weight hashes, base fingerprint, parent chain); a soft
     mismatch raises `UndialStackError` unless ``force=True``. The tokenizer is at
-    ``model.tokenizer`` for convenience.
+    ``model.tokenizer`` for convenience. A loaded ``model`` is wrapped in place (peft injects
+    LoRA layers into it; its weights are not changed).
     """
     if not stack:
         raise ValueError("attach needs at least one adapter directory.")
@@ -57,37 +68,146 @@ def attach(
     return attached
 
 
+# --- listing ----------------------------------------------------------------------------------
+
+
+def _status(directory: str | Path, manifest: dict[str, Any] | None, earlier: list[dict[str, str]]) -> str:
+    """'ok', or what is wrong with this adapter at this place in the listed order (base not checked)."""
+    if manifest is None:
+        return "no manifest"
+    problems = []
+    if manifest.get("weights_sha256") != file_sha256(Path(directory) / WEIGHTS):
+        problems.append("sha256 mismatch")
+    parents = [{"id": p["id"], "sha256": p["sha256"]} for p in manifest.get("parents", [])]
+    if parents != earlier:
+        problems.append("parents differ")
+    return ", ".join(problems) or "ok"
+
+
 def describe(stack: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """One summary row per adapter: id, parents, size, beta, date and recorded metrics."""
+    """One summary row per adapter, in the given order.
+
+    Columns: id, parents (ids from the manifest), rank, size on disk, method, beta, date, the
+    recorded forget-set probability before/after training, and ``status``: "ok", or why this
+    adapter would fail `attach` at this position ("sha256 mismatch", "parents differ"; the base
+    model is not checked here). A directory that is not an adapter raises `UndialStackError`.
+    """
     rows = []
+    earlier: list[dict[str, str]] = []
     for directory in stack:
-        manifest = read_manifest(directory) or {}
-        metrics = manifest.get("metrics", {})
+        check_files(directory)
+        manifest = read_manifest(directory)
+        known = manifest or {}
+        metrics = known.get("metrics", {})
+        config = json.loads((Path(directory) / CONFIG).read_text(encoding="utf-8"))
         rows.append({
-            "id": manifest.get("id", Path(directory).name),
-            "parents": ",".join(p["id"] for p in manifest.get("parents", [])) or "-",
+            "id": known.get("id", Path(directory).name),
+            "parents": ",".join(p["id"] for p in known.get("parents", [])) or "-",
+            "rank": config.get("r"),
             "size_kb": round((Path(directory) / WEIGHTS).stat().st_size / 1024, 1),
-            "method": manifest.get("method", "?"),
-            "beta": manifest.get("hyperparameters", {}).get("beta"),
-            "created": manifest.get("created", "?"),
+            "method": known.get("method", "?"),
+            "beta": known.get("hyperparameters", {}).get("beta"),
+            "created": known.get("created", "?"),
             "p_before": metrics.get("forget_probability_before"),
             "p_after": metrics.get("forget_probability_after"),
+            "status": _status(directory, manifest, earlier),
         })
+        earlier.append(parent_entry(directory))
     return rows
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain aligned text table of dict rows (same keys)."""
+    """A plain aligned text table of dict rows; columns are the keys of the first row."""
     if not rows:
         return "(empty)"
 
     def cell(value: Any) -> str:
-        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
     keys = list(rows[0])
-    table = [keys, *([cell(row[key]) for key in keys] for row in rows)]
+    table = [keys, *([cell(row.get(key)) for key in keys] for row in rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
     return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in table)
+
+
+# --- export: one adapter equal to the stack ---------------------------------------------------
+
+
+def _lora_pairs(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, B) of adapter ``name`` in one layer, or None where that adapter does not touch it.
+
+    Shapes: Linear A (r, in), B (out, r); Embedding A (r, vocab), B (dim, r). Either way the layer
+    adds ``scaling * B @ A`` to its weight (transposed for embeddings), so rank blocks concatenate
+    along A's dim 0 and B's dim 1.
+    """
+    if name in layer.lora_A:
+        pair = (layer.lora_A[name].weight, layer.lora_B[name].weight)
+    elif name in layer.lora_embedding_A:
+        pair = (layer.lora_embedding_A[name], layer.lora_embedding_B[name])
+    else:
+        return None
+    if pair[0].ndim != 2 or pair[1].ndim != 2:
+        raise UndialStackError(f"adapter {name}: only Linear and Embedding LoRA layers can be exported (found a conv layer).")
+    if getattr(layer, "lora_variant", {}).get(name) is not None or layer.use_dora.get(name) or layer.lora_bias.get(name):
+        raise UndialStackError(
+            f"adapter {name}: DoRA / LoRA-bias / other LoRA variants are not a plain sum B @ A and cannot be "
+            "exported as one LoRA; merge the stack into the base instead (stack merge)."
+        )
+    return pair
+
+
+def _concatenated(attached: PeftModel, names: Sequence[str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """Per LoRA module path: (A_cat, B_cat) with the scalings folded into A; and the exported rank R.
+
+    For one module touched by adapters i = 1..k (ranks r_i, scalings s_i = alpha_i / r_i, or
+    alpha_i / sqrt(r_i) with rsLoRA, per module when rank/alpha patterns are used):
+
+        A_cat = cat_i(s_i * A_i, dim=0)   # (sum r_i, in)
+        B_cat = cat_i(B_i, dim=1)         # (out, sum r_i)
+        B_cat @ A_cat = sum_i s_i * B_i @ A_i   (the stack's delta; exact but for float rounding)
+
+    Every module gets the same rank R = max over modules of sum r_i (= the sum of the ranks for
+    adapters that target the same modules); a module with a smaller sum is zero-padded, which adds
+    nothing. The exported adapter uses lora_alpha = R, i.e. scaling 1, and no rsLoRA.
+
+    Why not peft's ``add_weighted_adapter(combination_type="cat")`` (peft 0.21.2)? It computes the
+    same blocks and, for adapters with identical plain-LoRA settings (what `forget` writes by
+    default), gives the same logits (max diff 2.8e-7 on the tiny model, as ours). But it copies
+    adapter 0's config for the result: with rsLoRA the result's scaling is R / sqrt(R), not 1
+    (logits off by 0.65 for an rsLoRA r=4 + LoRA r=8 stack), and a one-adapter stack silently
+    takes its "linear" path instead. Writing the blocks ourselves keeps every case exact.
+    """
+    for name in names:
+        config = attached.peft_config[name]
+        if getattr(config, "modules_to_save", None):
+            raise UndialStackError(f"adapter {name}: modules_to_save (full module copies) cannot be exported as a LoRA.")
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for path, layer in attached.base_model.model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        a_parts, b_parts = [], []
+        for name in names:
+            pair = _lora_pairs(layer, name)
+            if pair is not None:
+                a_parts.append(pair[0].detach().float() * layer.scaling[name])  # (r_i, in)
+                b_parts.append(pair[1].detach().float())  # (out, r_i)
+        if a_parts:
+            blocks[path] = (torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1))  # (sum r_i, in), (out, sum r_i)
+    if not blocks:
+        raise UndialStackError("the stack has no LoRA layers to export.")
+    rank = max(a.shape[0] for a, _ in blocks.values())
+    return blocks, rank
+
+
+def _target_modules(model: torch.nn.Module, paths: Sequence[str]) -> list[str]:
+    """Short leaf names (``q_proj``) when they select exactly ``paths`` in ``model``, else the full paths.
+
+    peft matches a list entry against a module name by equality or by ``"." + entry`` suffix, so
+    a full path selects exactly that module.
+    """
+    leaves = {path.rsplit(".", 1)[-1] for path in paths}
+    selected = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in leaves}
+    return sorted(leaves) if selected == set(paths) else sorted(paths)
 
 
 def export_stack(
@@ -99,17 +219,64 @@ def export_stack(
     force: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Write ONE standard peft LoRA adapter equal to the sum of the stack.
+    """Write ONE standard peft LoRA adapter whose delta is the sum of the stack's deltas.
 
-    Uses peft's rank-concatenating merge (``combination_type="cat"``), the only exact one: the
-    delta of the result is B_cat @ A_cat = sum_i s_i * B_i @ A_i. Its rank is the sum of the
-    stack's ranks. The manifests of the stack are kept in ``stack.json`` beside the adapter.
+    The rank-concatenation (see `_concatenated`) is the only exact way: rank = sum of the stack's
+    ranks. The result loads with plain ``PeftModel.from_pretrained(base, output_dir)``. Beside it:
+    ``undial.json`` (base fingerprint, no parents, the source stack's ids and hashes, so `attach`
+    verifies it too and refuses it stacked on its own sources) and ``stack.json`` (the source
+    manifests). A loaded ``model`` is handed back unwrapped.
     """
     attached = attach(model, stack, tokenizer=tokenizer, force=force)
-    names = [stack_name(i) for i in range(len(stack))]
-    attached.add_weighted_adapter(names, [1.0] * len(names), adapter_name=EXPORTED, combination_type="cat")
-    provenance = {"stack.json": _provenance(stack, "export")}
-    return save_adapter(attached, EXPORTED, output_dir, extra_json=provenance, overwrite=overwrite)
+    try:
+        names = [stack_name(i) for i in range(len(stack))]
+        blocks, rank = _concatenated(attached, names)
+        source = attached.peft_config[names[0]]
+        targets = _target_modules(attached.base_model.model, list(blocks))
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank,  # scaling 1: the stack's scalings are folded into A
+            lora_dropout=0.0,
+            target_modules=targets,
+            bias="none",
+            task_type=source.task_type,
+            base_model_name_or_path=source.base_model_name_or_path,
+            inference_mode=True,
+        )
+        attached.add_adapter(EXPORTED, config)
+        for path, layer in attached.base_model.model.named_modules():
+            if not isinstance(layer, LoraLayer) or path not in blocks:
+                continue
+            a_cat, b_cat = blocks[path]
+            a_new, b_new = _lora_pairs(layer, EXPORTED) or (None, None)
+            if a_new is None:
+                raise UndialStackError(f"{path}: the exported adapter did not reach this module (peft target matching).")
+            with torch.no_grad():
+                a_new.zero_()  # (R, in); rows past sum r_i stay zero
+                b_new.zero_()  # (out, R)
+                a_new[: a_cat.shape[0]] = a_cat.to(a_new.dtype)
+                b_new[:, : b_cat.shape[1]] = b_cat.to(b_new.dtype)
+        entries = [parent_entry(path) for path in stack]
+        manifest = {
+            "format": FORMAT,
+            "id": Path(output_dir).name,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "method": "export",
+            "base": {"fingerprint": fingerprint(attached.get_base_model()), "source": None},
+            "parents": [],
+            "stack": entries,
+            "hyperparameters": {"lora": {"r": rank, "lora_alpha": rank, "target_modules": targets}},
+            "metrics": {},
+            "description": "One adapter equal to the stack " + " + ".join(e["id"] for e in entries) + ".",
+        }
+        provenance = {"stack.json": _provenance(stack, "export")}
+        return save_adapter(attached, EXPORTED, output_dir, manifest, extra_json=provenance, overwrite=overwrite)
+    finally:
+        if isinstance(model, PreTrainedModel):
+            attached.unload()  # hand the caller's model back without LoRA layers
+
+
+# --- merge: a full model with the stack in its weights ----------------------------------------
 
 
 def merge_stack(
@@ -126,13 +293,17 @@ def merge_stack(
 
     The merge is done in ``dtype`` on an unquantised base; a stack trained over a 4-bit base is
     merged the same way (its fingerprint matches the unquantised base). Merging is permanent for
-    the copy written: the forgetting no longer depends on an adapter staying attached.
+    the copy written: the forgetting no longer depends on an adapter staying attached. A loaded
+    ``model`` is left untouched: the merge runs on a deep copy (twice its memory, briefly).
     """
-    if isinstance(model, PreTrainedModel) and getattr(model, "is_loaded_in_4bit", False):
-        raise ValueError("merge into an unquantised base (float32/bfloat16); load the base without 4-bit.")
+    if isinstance(model, PreTrainedModel):
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
+            raise ValueError("merge into an unquantised base (float32/bfloat16); load the base without 4-bit.")
+        model = copy.deepcopy(model)  # merge_and_unload writes into the weights in place
     base, tokenizer = load_model(model, tokenizer=tokenizer, dtype=dtype)
     verify_stack(stack, fingerprint(base), force=force)
     merged = load_stack(base, stack).merge_and_unload()
+    merged.config.use_cache = True  # load_model turns the KV cache off for training; generation wants it
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         merged.save_pretrained(str(staging), safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(str(staging))

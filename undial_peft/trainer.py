@@ -60,16 +60,18 @@ class UndialTrainer(Trainer):
         batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         labels, method = inputs["labels"], self.args.method
         if method == "undial":
+            # Per-token strength: the key's tokens (or every answer token) get beta, the rest 0.
+            beta = self.args.beta * inputs["beta_weight"] if "beta_weight" in inputs else self.args.beta
             if self._fused():
                 head = {"output_hidden_states": True, "logits_to_keep": 1}  # skip the (B, T, V) logits
                 teacher = self._teacher(model, **batch, **head).hidden_states[-1]  # (B, T, H)
                 student = model(**batch, **head).hidden_states[-1]  # (B, T, H)
                 lm_head = self.model.get_output_embeddings()
                 return L.undial_loss_from_hidden(
-                    student, teacher, lm_head, labels, self.args.beta, num_items, self.args.loss_chunk_size
+                    student, teacher, lm_head, labels, beta, num_items, self.args.loss_chunk_size
                 )
             teacher = self._teacher(model, **batch).logits  # (B, T, V)
-            return L.undial_loss(model(**batch).logits, teacher, labels, self.args.beta, num_items)
+            return L.undial_loss(model(**batch).logits, teacher, labels, beta, num_items)
         student = model(**batch).logits  # (B, T, V)
         if method in ("ga", "graddiff"):
             return -L.nll_loss(student, labels, num_items)

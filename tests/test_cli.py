@@ -1,0 +1,46 @@
+"""The command line end to end on tiny models, and the demo's code path."""
+
+from __future__ import annotations
+
+import json
+
+from undial_peft.cli import main
+from undial_peft.demo import demo_facts, run_demo
+from undial_peft.manifest import file_sha256
+from undial_peft.tiny import tiny_llama, word_tokenizer
+
+
+def test_forget_verb_writes_a_complete_adapter(tiny_dir, facts, tmp_path, capsys):
+    data = tmp_path / "forget.jsonl"
+    data.write_text("".join(json.dumps(f) + "\n" for f in facts[:4]), encoding="utf-8")
+    out = tmp_path / "adapters" / "req-001"
+    code = main(["forget", "--model", tiny_dir, "--data", str(data), "--out", str(out), "--max-steps", "2",
+                 "--beta", "3", "--quiet", "--description", "four fictitious birthplaces"])
+    assert code == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "undial.json"]
+    manifest = json.loads((out / "undial.json").read_text())
+    assert manifest["hyperparameters"]["beta"] == 3.0 and manifest["metrics"]["steps"] == 2
+    assert manifest["weights_sha256"] == file_sha256(out / "adapter_model.safetensors")
+    assert "four fictitious birthplaces" in (out / "README.md").read_text()
+    assert not list(out.parent.glob(".req-001*")), "temporary or checkpoint folders left behind"
+    # a second run to the same name is refused and leaves the first untouched
+    code = main(["forget", "--model", tiny_dir, "--data", str(data), "--out", str(out), "--max-steps", "1", "--quiet"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert json.loads((out / "undial.json").read_text()) == manifest
+
+
+def test_demo_code_path_on_a_tiny_model(tmp_path):
+    facts = demo_facts()
+    assert {f["split"] for f in facts} == {"forget", "keep"} and all(f["key"] in f["answer"] for f in facts)
+    tokenizer = word_tokenizer([f["question"] + " " + f["answer"] for f in facts])
+    model_dir = tmp_path / "model"
+    tiny_llama(tokenizer, hidden_size=32).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    lines: list[str] = []
+    result = run_demo(model=str(model_dir), output_dir=tmp_path / "demo", epochs=1, log=lines.append)
+    assert (tmp_path / "demo" / "undial.json").is_file()
+    assert len(result["rows"]) == len(facts)
+    assert {"forget_p_before", "keep_p_after", "forget_p_key_after"} <= set(result["summary"])
+    assert any("key probability" in line for line in lines)
+    assert all(0.0 <= row[key] <= 1.0 for row in result["rows"] for key in ("p_before", "p_after", "p_key_after"))

