@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, set_seed
 
 from . import __version__
 from .adapters import NEW, build_trainable, default_lora_config, stack_name
@@ -29,6 +31,8 @@ from .models import fingerprint, load_model
 from .trainer import UndialTrainer
 
 logger = logging.getLogger(__name__)
+
+_TRAINER_DEFAULT_DIR = "trainer_output"  # what TrainingArguments makes of output_dir=None
 
 
 def mean_probability(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], config: UndialConfig) -> float:
@@ -70,7 +74,9 @@ def forget(
         stack: earlier adapter directories, in order; active and frozen while this one trains.
         retain: optional data to preserve (used when ``config.retain_weight > 0``).
         force: attach a stack whose soft checks fail (other base, broken chain, changed weights).
-        resume: continue from the last Trainer checkpoint (needs ``config.save_strategy="steps"``).
+        resume: continue from the last complete Trainer checkpoint (written with
+            ``config.save_strategy="steps"``) in ``<output_dir parent>/.<name>.checkpoints``, or in
+            ``config.output_dir`` when set. The default checkpoint folder is removed on success.
         description: what was forgotten, in the user's words, for the model card (never the data).
     Returns:
         ``output_dir`` as a Path.
@@ -79,6 +85,13 @@ def forget(
     config = config or UndialConfig()
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; choose another name or pass overwrite=True (--overwrite).")
+    # TrainingArguments turns an unset output_dir into "trainer_output" (in the working directory);
+    # forget keeps its checkpoints beside the adapter instead, and removes them on success.
+    own_checkpoints = config.output_dir in (None, _TRAINER_DEFAULT_DIR)
+    checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints" if own_checkpoints else Path(config.output_dir)
+    last = _last_checkpoint(checkpoints) if resume else None
+    if resume and last is None:
+        raise ValueError(f"--resume: no checkpoint in {checkpoints}; run again without --resume (and with --save-steps N).")
     forget_rows = read_examples(data, "forget")
     retain_rows = read_examples(retain, "retain") if retain is not None else None
     if config.retain_weight > 0 and retain_rows is None:
@@ -88,10 +101,10 @@ def forget(
     base_print = fingerprint(base)
     parents = verify_stack(stack, base_print, force=force)
     dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, config.use_chat_template)
+    set_seed(config.seed)  # LoRA A is initialised randomly here, before the Trainer seeds: same seed, same adapter
     peft_model = build_trainable(base, lora or default_lora_config(), stack, config.gradient_checkpointing)
 
     try:
-        checkpoints = Path(config.output_dir) if config.output_dir else output_dir.parent / f".{output_dir.name}.checkpoints"
         args = dataclasses.replace(config, output_dir=str(checkpoints), gradient_checkpointing=False)
         qa_rows = [row for row in forget_rows if row.prompt is not None]
         before = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
@@ -102,7 +115,7 @@ def forget(
             data_collator=Collator(tokenizer.pad_token_id),
             stack=[stack_name(i) for i in range(len(stack))],
         )
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        result = trainer.train(resume_from_checkpoint=last)
         after = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
         logger.info("forget-set answer probability: %s -> %s", before, after)
 
@@ -122,12 +135,36 @@ def forget(
             "description": description,
         }
         save_adapter(peft_model, NEW, output_dir, manifest, overwrite=overwrite)
+    except BaseException:
+        if own_checkpoints and checkpoints.is_dir() and _last_checkpoint(checkpoints) is None:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # nothing to resume from: leave no trace
+        raise
     finally:
         if isinstance(model, PreTrainedModel):
             peft_model.unload()  # hand the caller's model back without LoRA layers
-    if not config.output_dir:
+    if own_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return output_dir
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    """The newest COMPLETE Trainer checkpoint in ``folder``, or None; partial ones are removed.
+
+    The Trainer writes a checkpoint's files one by one, trainer_state.json last, so a run killed
+    while saving leaves a newer, partial checkpoint; transformers' get_last_checkpoint would pick it.
+    """
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), path) for path in folder.iterdir()
+             if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))]
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(path)
+        except (OSError, ValueError):
+            logger.warning("%s is incomplete (the run stopped while saving it); removed", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def _hyperparameters(config: UndialConfig, lora: LoraConfig) -> dict[str, Any]:

@@ -19,8 +19,10 @@ from .config import METHODS, RETAIN_LOSSES, UndialConfigError
 from .data import UndialDataError
 from .manifest import UndialStackError
 from .models import UndialModelError
+from .trainer import UndialTrainingError
 
-USER_ERRORS = (UndialDataError, UndialConfigError, UndialStackError, UndialModelError, FileExistsError, ValueError)
+USER_ERRORS = (UndialDataError, UndialConfigError, UndialStackError, UndialModelError, UndialTrainingError,
+               FileExistsError, ValueError)
 
 
 def _forget(args: argparse.Namespace) -> None:
@@ -37,6 +39,8 @@ def _forget(args: argparse.Namespace) -> None:
         gradient_checkpointing=args.gradient_checkpointing, disable_tqdm=args.quiet,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
     )
+    if args.target_modules == []:
+        raise ValueError("--target-modules needs at least one module name (or leave it out for all linear layers).")
     lora = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=args.target_modules or "all-linear")
     path = forget(args.model, args.data, args.out, config=config, lora=lora, stack=args.stack, retain=args.retain,

@@ -31,7 +31,7 @@ def demo_facts() -> list[dict[str, str]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _measure(model: Any, tokenizer: Any, facts: list[dict[str, str]], config: UndialConfig) -> list[dict[str, Any]]:
+def measure_facts(model: Any, tokenizer: Any, facts: list[dict[str, str]], config: UndialConfig) -> list[dict[str, Any]]:
     """Per fact: answer probability, probability of saying the key (given the answer so far), greedy answer."""
     rows = [Example(f["question"], f["answer"], f["key"]) for f in facts]
     scores = score(model, tokenizer, rows, use_chat_template=config.use_chat_template, max_length=config.max_length)
@@ -69,14 +69,14 @@ def run_demo(
     log(f"[demo] loading {model} ...")
     base, tokenizer = load_model(model)
     log(f"[demo] loaded in {time.perf_counter() - started:.0f}s; measuring {len(facts)} facts before unlearning ...")
-    before = _measure(base, tokenizer, facts, config)
+    before = measure_facts(base, tokenizer, facts, config)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     output_dir = Path(output_dir or f"adapters/demo-{stamp}")
     log(f"[demo] training a forget adapter on {len(forget_facts)} facts (beta={beta}, {epochs:g} epochs) ...")
     forget(base, [{"question": f["question"], "answer": f["answer"], "key": f["key"]} for f in forget_facts], output_dir,
            config=config, tokenizer=tokenizer, description="Demo: six well-known facts (capitals and authors).")
     log(f"[demo] saved {output_dir}; measuring again with the adapter attached ...")
-    after = _measure(attach(base, [output_dir], tokenizer=tokenizer), tokenizer, facts, config)
+    after = measure_facts(attach(base, [output_dir], tokenizer=tokenizer), tokenizer, facts, config)
     rows = [
         {"split": f["split"], "question": _clip(f["question"], 34), "p_before": b["p"], "p_after": a["p"],
          "key": f["key"], "p_key_before": b["p_key"], "p_key_after": a["p_key"], "answer_after": _clip(a["answer"])}

@@ -11,17 +11,23 @@ with ``NEW`` switched off under ``torch.no_grad()``; there is never a second cop
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import Trainer
 
 from . import loss as L
-from .adapters import adapter_state
+from .adapters import NEW, adapter_state
 from .config import UndialConfig
+from .manifest import WEIGHTS
 
 Batch = dict[str, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 class UndialTrainingError(RuntimeError):
@@ -39,6 +45,20 @@ class UndialTrainer(Trainer):
         # compute_loss normalises by num_items_in_batch (tokens) or by the accumulated number of
         # sequences itself, so the Trainer must not divide by the accumulation steps again.
         self.loss_is_scaled_for_ga = True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Restore only the ``NEW`` adapter from a checkpoint, in place.
+
+        The Trainer's own PEFT loader re-activates only the FIRST adapter and makes it trainable;
+        with a stack that is ``stack_0``, so a resumed run would train the wrong adapter. Loading
+        in place keeps the parameter objects, so the optimizer state restored next still fits.
+        """
+        weights = load_file(str(Path(resume_from_checkpoint) / NEW / WEIGHTS))
+        result = set_peft_model_state_dict(self.model, weights, adapter_name=NEW)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"{resume_from_checkpoint}: checkpoint does not fit this LoRA config (e.g. {unexpected[0]}).")
+        logger.info("resumed the new adapter from %s", resume_from_checkpoint)
 
     # --- forward passes -------------------------------------------------------------------
     def _teacher(self, model: torch.nn.Module, **batch: Any) -> Any:
