@@ -6,6 +6,7 @@
     undial-peft stack list DIR ...
     undial-peft stack export --model M --out DIR DIR ...
     undial-peft stack merge --model M --out DIR DIR ...
+    undial-peft bench [--quick] [--out DIR] [--seed N]
 """
 
 from __future__ import annotations
@@ -88,6 +89,14 @@ def _stack(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import main as bench_main
+
+    code = bench_main(args.args)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="undial-peft", description="Make an LLM forget data with LoRA adapters (UNDIAL).")
@@ -151,12 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--overwrite", action="store_true")
     stack.add_argument("--force", action="store_true")
     stack.set_defaults(run=_stack)
+
+    bench = verbs.add_parser("bench", add_help=False, help="offline benchmark: all methods on fictitious facts (see --help)")
+    bench.set_defaults(run=_bench)  # its own options are parsed by undial_peft.bench
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.verb == "bench":
+        args.args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
