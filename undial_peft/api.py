@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -88,6 +89,7 @@ def forget(
     # TrainingArguments turns an unset output_dir into "trainer_output" (in the working directory);
     # forget keeps its checkpoints beside the adapter instead, and removes them on success.
     own_checkpoints = config.output_dir in (None, _TRAINER_DEFAULT_DIR)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # set by torchrun / accelerate launch
     checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints" if own_checkpoints else Path(config.output_dir)
     last = _last_checkpoint(checkpoints) if resume else None
     if resume and last is None:
@@ -134,15 +136,17 @@ def forget(
             "versions": _versions(),
             "description": description,
         }
-        save_adapter(peft_model, NEW, output_dir, manifest, overwrite=overwrite)
+        if main_process:  # under DDP every rank holds the same adapter; one writes it
+            save_adapter(peft_model, NEW, output_dir, manifest, overwrite=overwrite)
+        trainer.accelerator.wait_for_everyone()
     except BaseException:
-        if own_checkpoints and checkpoints.is_dir() and _last_checkpoint(checkpoints) is None:
+        if main_process and own_checkpoints and checkpoints.is_dir() and _last_checkpoint(checkpoints) is None:
             shutil.rmtree(checkpoints, ignore_errors=True)  # nothing to resume from: leave no trace
         raise
     finally:
         if isinstance(model, PreTrainedModel):
             peft_model.unload()  # hand the caller's model back without LoRA layers
-    if own_checkpoints:
+    if own_checkpoints and main_process:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return output_dir
 

@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 METHODS = ("undial", "ga", "graddiff", "npo")
@@ -47,9 +49,16 @@ class UndialConfig(TrainingArguments):
     save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints ('steps' for --resume)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep retain_* columns."})
     report_to: str | list[str] | None = field(default="none", metadata={"help": "Experiment trackers."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every LoRA parameter is used each step: skip DDP's unused-parameter search."}
+    )
 
     def __post_init__(self) -> None:
         self._check()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # torchrun on CPU: without use_cpu the Trainer opens a gloo group but does not use DDP,
+            # and every process would train its own unsynchronised copy.
+            self.use_cpu = True
         super().__post_init__()
 
     def _check(self) -> None:

@@ -12,6 +12,7 @@ with ``NEW`` switched off under ``torch.no_grad()``; there is never a second cop
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer
+from transformers.training_args import ParallelMode
 
 from . import loss as L
 from .adapters import NEW, adapter_state
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class UndialTrainingError(RuntimeError):
-    """Training produced a non-finite loss; nothing is saved."""
+    """Training cannot run as configured (e.g. unsynchronised processes) or produced a non-finite loss; nothing is saved."""
 
 
 class UndialTrainer(Trainer):
@@ -41,6 +43,7 @@ class UndialTrainer(Trainer):
 
     def __init__(self, *args: Any, stack: Sequence[str] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._check_data_parallel()
         self.stack = list(stack)  # adapter names active in the teacher
         # compute_loss normalises by num_items_in_batch (tokens) or by the accumulated number of
         # sequences itself, so the Trainer must not divide by the accumulation steps again.
@@ -59,6 +62,18 @@ class UndialTrainer(Trainer):
         if unexpected:
             raise ValueError(f"{resume_from_checkpoint}: checkpoint does not fit this LoRA config (e.g. {unexpected[0]}).")
         logger.info("resumed the new adapter from %s", resume_from_checkpoint)
+
+    def _check_data_parallel(self) -> None:
+        # torchrun on CPU without use_cpu: accelerate opens a gloo group but reports no distributed
+        # type, so the Trainer neither wraps the model in DDP nor gathers the token count: every
+        # process trains its own replica on its own shard (loss x world size) and nothing syncs.
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if processes > 1 and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
+            raise UndialTrainingError(
+                f"launched as {processes} processes, but the Trainer is not data-parallel, so they would train "
+                "unsynchronised copies. On CPU pass use_cpu=True (UndialConfig(use_cpu=True)), set "
+                "ACCELERATE_USE_CPU=1, or launch with `accelerate launch --cpu`."
+            )
 
     # --- forward passes -------------------------------------------------------------------
     def _teacher(self, model: torch.nn.Module, **batch: Any) -> Any:
