@@ -32,7 +32,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="requant-"))
-    adapter = Path(run_demo(output_dir=work / "demo", log=lambda line: None)["adapter"]) if args.train else Path(args.adapter)
+    if args.train:
+        demo = run_demo(output_dir=work / "demo", log=lambda line: None)
+        print("demo summary:", {k: round(v, 4) for k, v in demo["summary"].items()}, flush=True)
+        adapter = Path(demo["adapter"])
+    else:
+        adapter = Path(args.adapter)
     facts, config = demo_facts(), UndialConfig()
     merged_dir = merge_stack("default", [adapter], work / "merged")
     variants = {

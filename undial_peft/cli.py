@@ -56,6 +56,18 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(model=args.model, output_dir=args.out, epochs=args.epochs, learning_rate=args.lr, beta=args.beta)
 
 
+def _eval_source(value: str) -> str | list[dict[str, str]]:
+    """A path, or ``demo:forget`` / ``demo:keep``: the demo's packaged real facts."""
+    if value.startswith("demo:"):
+        from .demo import demo_facts
+
+        rows = [{"question": f["question"], "answer": f["answer"]} for f in demo_facts() if f["split"] == value[5:]]
+        if not rows:
+            raise ValueError(f"{value}: use demo:forget or demo:keep.")
+        return rows
+    return value
+
+
 def _eval(args: argparse.Namespace) -> None:
     import json
 
@@ -66,7 +78,7 @@ def _eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     if args.adapters:
         model = attach(model, args.adapters, tokenizer=tokenizer, force=args.force)
-    splits = {name: read_eval_items(path) for name in ("forget", "retain", "holdout", "general")
+    splits = {name: read_eval_items(_eval_source(path)) for name in ("forget", "retain", "holdout", "general")
               if (path := getattr(args, name))}
     reference = json.loads(open(args.reference, encoding="utf-8").read()) if args.reference else None
     report = evaluate(model, tokenizer, **splits, reference=reference)
@@ -146,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default="default")
     evaluate.add_argument("--adapters", nargs="*", default=[])
     for split in ("forget", "retain", "holdout", "general"):
-        evaluate.add_argument(f"--{split}", default=None)
+        evaluate.add_argument(f"--{split}", default=None, help="data file, or demo:forget / demo:keep")
     evaluate.add_argument("--reference", default=None, help="a saved report of a retain-only model")
     evaluate.add_argument("--out", default=None, help="write the report as JSON")
     evaluate.add_argument("--force", action="store_true")

@@ -39,7 +39,8 @@ def measure_facts(model: Any, tokenizer: Any, facts: list[dict[str, str]], confi
     measured = []
     for row, s, answer in zip(rows, scores, answers):
         on_key = np.array(encode(tokenizer, row, config.max_length)["beta_weight"])[-len(s.logprobs):] > 0
-        measured.append({"p": answer_probability(s.logprobs), "p_key": float(np.exp(s.logprobs[on_key].sum())), "answer": answer})
+        measured.append({"p": answer_probability(s.logprobs), "p_key": float(np.exp(s.logprobs[on_key].sum())),
+                         "said": row.key in answer, "answer": answer})
     return measured
 
 
@@ -79,7 +80,8 @@ def run_demo(
     after = measure_facts(attach(base, [output_dir], tokenizer=tokenizer), tokenizer, facts, config)
     rows = [
         {"split": f["split"], "question": _clip(f["question"], 34), "p_before": b["p"], "p_after": a["p"],
-         "key": f["key"], "p_key_before": b["p_key"], "p_key_after": a["p_key"], "answer_after": _clip(a["answer"])}
+         "key": f["key"], "p_key_before": b["p_key"], "p_key_after": a["p_key"], "said_after": a["said"],
+         "answer_after": _clip(a["answer"])}
         for f, b, a in zip(facts, before, after)
     ]
     summary = {
@@ -87,10 +89,14 @@ def run_demo(
         for split in ("forget", "keep")
         for metric in ("p_before", "p_after", "p_key_before", "p_key_after")
     }
+    for split in ("forget", "keep"):
+        summary[f"{split}_said_before"] = sum(b["said"] for f, b in zip(facts, before) if f["split"] == split)
+        summary[f"{split}_said_after"] = sum(r["said_after"] for r in rows if r["split"] == split)
     log(format_rows(rows))
     for split in ("forget", "keep"):
         log(f"[demo] {split:6s} mean answer probability {summary[f'{split}_p_before']:.3f} -> "
             f"{summary[f'{split}_p_after']:.3f}; key probability {summary[f'{split}_p_key_before']:.3f} -> "
-            f"{summary[f'{split}_p_key_after']:.3f}")
+            f"{summary[f'{split}_p_key_after']:.3f}; greedy answer names the key "
+            f"{summary[f'{split}_said_before']} -> {summary[f'{split}_said_after']} times")
     log(f"[demo] done in {time.perf_counter() - started:.0f}s; adapter: {output_dir}")
     return {"rows": rows, "summary": summary, "adapter": str(output_dir)}

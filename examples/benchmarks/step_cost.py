@@ -7,6 +7,7 @@ step     one optimizer step on random token ids (batch 4; labels on the second h
            lora_sft       plain LoRA SFT (r=8, all-linear): NLL from ``model(labels=...)``
            undial         `adapters.build_trainable` + `UndialTrainer.compute_loss` (fused head), as trained
            undial_full    the same with ``loss_chunk_size=0``: full (B, T, V) fp32 logits
+           undial_gc      UNDIAL with gradient checkpointing (activations recomputed in backward)
            reference      what public implementations do: deep-copied frozen teacher, FULL fine-tuning,
                           `undial_loss` on full logits
          Median step time after warm-up, and peak memory. CPU: ``rss`` is the process's peak RSS
@@ -55,7 +56,7 @@ from typing import Any
 
 import torch
 
-STEP_VARIANTS = ("lora_sft", "undial", "undial_full", "reference")
+STEP_VARIANTS = ("lora_sft", "undial", "undial_full", "undial_gc", "reference")
 BATCH, BETA, LR = 4, 10.0, 1e-4
 HEAD_HIDDEN, HEAD_VOCAB = 576, 49152  # SmolLM2-135M's LM head
 
@@ -166,10 +167,11 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str) -> tuple[Any,
             return peft_model(**batch).loss  # transformers' causal-LM NLL over (B, T, V) logits
 
         trained = peft_model
-    elif variant in ("undial", "undial_full"):
-        chunk = args.loss_chunk_size if variant == "undial" else 0
+    elif variant in ("undial", "undial_full", "undial_gc"):
+        chunk = 0 if variant == "undial_full" else args.loss_chunk_size
         args = UndialConfig(output_dir=workdir, beta=BETA, learning_rate=LR, loss_chunk_size=chunk)
-        peft_model = build_trainable(model, default_lora_config()).train()
+        # undial_gc: gradient checkpointing, the setting for memory-bound runs (activations dominate at 135M)
+        peft_model = build_trainable(model, default_lora_config(), gradient_checkpointing=variant == "undial_gc").train()
         trainer = UndialTrainer(model=peft_model, args=args)
         optimizer = trainer.create_optimizer()
 
