@@ -20,3 +20,13 @@ def test_real_demo_forgets_keys_and_keeps_other_facts(tmp_path):
     assert s["forget_p_key_after"] < 0.2 * s["forget_p_key_before"]
     assert s["keep_p_key_after"] > 0.7 * s["keep_p_key_before"]
     assert s["keep_p_after"] > 0.9 * s["keep_p_before"]
+
+
+def test_default_gguf_model_loads_in_four_bit():
+    import bitsandbytes as bnb
+
+    from undial_peft.models import fingerprint, load_model
+
+    quantised, _ = load_model("default", load_in_4bit=True)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in quantised.modules())
+    assert fingerprint(quantised) == fingerprint(load_model("default")[0])  # same base, other precision

@@ -48,4 +48,5 @@ def test_four_bit_lora_gradients_match_dequantised_fp32(tiny_dir, facts):
     got, want = (_lora_grads(model.train(), batch) for model in models)
     assert got.keys() == want.keys()
     worst = max(((got[k] - want[k]).norm() / want[k].norm()).item() for k in want)
+    print(f"4-bit vs dequantised fp32 LoRA gradients: worst relative error {worst:.2e} over {len(want)} tensors")
     assert worst <= 1e-4, worst

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,10 @@ def load_model(
         if torch.cuda.is_available():
             extra["device_map"] = {"": torch.cuda.current_device()}
     logger.info("loading %s%s", source, f" ({extra['gguf_file']})" if "gguf_file" in extra else "")
-    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    if load_in_4bit and "gguf_file" in extra:
+        loaded = _gguf_in_4bit(source, extra, dtype)
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     if load_in_4bit:
         disable_cpu_repacking(loaded)
     loaded = _plain_if_gguf(loaded)
@@ -125,6 +129,20 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **tok_extra)
     loaded.config.use_cache = False  # training never reuses the KV cache
     return loaded, _with_pad_token(tokenizer)
+
+
+def _gguf_in_4bit(source: str, extra: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+    """NF4 from a GGUF file: transformers refuses GGUF + a quantization config in one load, so the
+    dequantised weights go through a temporary safetensors checkpoint (disk: the model in ``dtype``)."""
+    quantization = extra.pop("quantization_config")
+    device_map = extra.pop("device_map", None)
+    plain = _plain_if_gguf(AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra))
+    with tempfile.TemporaryDirectory(prefix="undial-gguf-") as staging:
+        plain.save_pretrained(staging, safe_serialization=True)
+        del plain
+        return AutoModelForCausalLM.from_pretrained(
+            staging, dtype=dtype, quantization_config=quantization, device_map=device_map, use_safetensors=True
+        )
 
 
 def _plain_if_gguf(model: PreTrainedModel) -> PreTrainedModel:
