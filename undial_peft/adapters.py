@@ -128,7 +128,3 @@ def build_trainable(
     _activate(model, [*(stack_name(i) for i in range(len(stack))), NEW], trainable=[NEW])
     return model
 
-
-def trainable_names(model: torch.nn.Module) -> list[str]:
-    """Names of parameters that require grad (for checks and tests)."""
-    return [name for name, param in model.named_parameters() if param.requires_grad]
