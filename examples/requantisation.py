@@ -7,6 +7,8 @@ and merged then loaded in 4-bit NF4 (and, for reference, the base in 4-bit).
 
     python examples/requantisation.py adapters/demo-XXXX        # an adapter written by `undial-peft demo`
     python examples/requantisation.py --train                   # train the demo adapter first (~2 min)
+    python examples/requantisation.py --model bench-out/models/target --forget bench-out/data/forget.jsonl \
+        --retain bench-out/data/retain_eval.jsonl bench-out/adapters/undial-b-10-rt-lr-0-0003   # any model + adapter
 """
 
 from __future__ import annotations
@@ -29,8 +31,14 @@ def main() -> None:
     parser.add_argument("adapter", nargs="?", help="adapter directory from `undial-peft demo`")
     parser.add_argument("--train", action="store_true", help="train the demo adapter first")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None, help="a model directory (with --forget/--retain) instead of the demo")
+    parser.add_argument("--forget", default=None)
+    parser.add_argument("--retain", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model:
+        generic(args.model, Path(args.adapter), args.forget, args.retain)
+        return
     work = Path(tempfile.mkdtemp(prefix="requant-"))
     if args.train:
         demo = run_demo(output_dir=work / "demo", log=lambda line: None)
@@ -59,6 +67,29 @@ def main() -> None:
         rows.append(row)
         print(format_rows(rows[-1:]), flush=True)
     print("\n" + format_rows(rows))
+
+
+def generic(model_dir: str, adapter: Path, forget: str, retain: str) -> None:
+    """Mean answer probability of forget / retain items for base, adapter, merged, merged + NF4."""
+    from undial_peft.api import mean_probability
+    from undial_peft.data import read_examples
+
+    config, work = UndialConfig(), Path(tempfile.mkdtemp(prefix="requant-"))
+    merged_dir = merge_stack(model_dir, [adapter], work / "merged")
+    splits = {"forget": read_examples(forget), "retain": read_examples(retain, "retain")}
+    _, tokenizer = load_model(model_dir)
+    builds = {
+        "base fp32": lambda: load_model(model_dir)[0],
+        "base 4-bit": lambda: load_model(model_dir, load_in_4bit=True)[0],
+        "base + adapter": lambda: attach(model_dir, [adapter]),
+        "merged fp32": lambda: load_model(merged_dir)[0],
+        "merged 4-bit": lambda: load_model(merged_dir, load_in_4bit=True)[0],
+    }
+    rows = []
+    for name, build in builds.items():
+        model = build()
+        rows.append({"model": name, **{f"p_{k}": mean_probability(model, tokenizer, v, config) for k, v in splits.items()}})
+    print(format_rows(rows))
 
 
 if __name__ == "__main__":
