@@ -247,7 +247,7 @@ def _split_report(
         texts = dict(zip(asked, greedy_answers(model, tokenizer, [items[i].question for i in asked], **gen)))
         for name, fn in (("rouge_l_recall", metrics.rouge_l_recall), ("rouge_l_f1", metrics.rouge_l_f1)):
             per_item[name] = [fn(texts[i], it.answer) if i in texts else None for i, it in enumerate(items)]
-            summary[name] = float(np.mean([fn(texts[i], items[i].answer) for i in asked]))
+            summary[name] = float(np.mean([per_item[name][i] for i in asked]))
         if keep:
             per_item["generations"] = [texts.get(i) for i in range(len(items))]
     digest = data_sha256([Example(it.question, it.answer) for it in items])
