@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
+from harness import fmt, random_batch, spawn, sync
 
 # Dimensions from the public configs of meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -50,15 +50,6 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 BETA = 10.0
 GRAD_REL_TOLERANCE = 0.05  # 4-bit vs dequantised-bf16 LoRA gradients: same weights, so only kernel rounding
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _allocated_gib() -> float:
@@ -92,18 +83,11 @@ def child_make(spec: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device(_device()):  # initialise on the GPU: seconds instead of minutes for 8B
+    with torch.device(harness.device()):  # initialise on the GPU: seconds instead of minutes for 8B
         model = LlamaForCausalLM._from_config(_config(spec["shape"]), dtype=torch.bfloat16)
     model.save_pretrained(spec["dir"], max_shard_size="4GB")
     params = sum(p.numel() for p in model.parameters())
     return {"params": params, "seconds": time.perf_counter() - start}
-
-
-def _random_batch(vocab: int, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)  # (B, T)
-    labels = ids.clone()
-    labels[:, : seq // 2] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def child_train(spec: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +97,7 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     from undial_peft.models import load_model
     from undial_peft.trainer import UndialTrainer
 
-    device = _device()
+    device = harness.device()
     four_bit = spec["precision"] == "4bit"
     start = time.perf_counter()
     base, _ = load_model(spec["dir"], load_in_4bit=four_bit, dtype=torch.bfloat16, tokenizer=_tokenizer())
@@ -125,19 +109,19 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         trainer = UndialTrainer(model=model, args=UndialConfig(output_dir=out, beta=BETA, report_to="none"))
         optimizer = trainer.create_optimizer()
-        batch = _random_batch(base.config.vocab_size, spec["batch"], spec["seq"], device)
+        batch = random_batch(base.config.vocab_size, spec["batch"], spec["seq"], device)
         weights_gib = _allocated_gib()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
         for _ in range(spec["warmup"] + spec["steps"]):
-            _sync()
+            sync()
             t0 = time.perf_counter()
             loss = trainer.compute_loss(model, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            _sync()
+            sync()
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
         result: dict[str, Any] = {
@@ -230,26 +214,8 @@ def run_child(spec_json: str) -> None:
 # --- parent -----------------------------------------------------------------------------------
 
 
-def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    finally:
-        print(f"  [{time.perf_counter() - start:5.0f} s] {spec['section']} {spec['shape']} {spec.get('precision', '')}",
-              file=sys.stderr, flush=True)
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-    return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
-
-
-def _fmt(value: Any, spec: str = ".2f") -> str:
-    return "-" if value is None or value != value else format(value, spec)  # None or NaN (no CUDA memory on CPU)
+def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    return spawn(__file__, spec, timeout, f"{spec['section']} {spec['shape']} {spec.get('precision', '')}")
 
 
 def _over(result: dict[str, Any], bf16: dict[str, Any], key: str) -> float | None:
@@ -270,11 +236,11 @@ def report(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], pa
                 rows.append([shape, "", precision, "error: " + r["error"][:100]] + [""] * (len(header) - 4))
                 continue
             check = r.get("grad_check", {})
-            rows.append([shape, f"{params.get(shape, 0) / 1e9:.2f}B", precision, _fmt(r["weights_gib"]),
-                         _fmt(r["peak_gib"]), _fmt(r["step_s"], ".3f"), _fmt(r["tokens_per_s"], ".0f"),
-                         _fmt(_over(r, bf16, "peak_gib")), _fmt(_over(r, bf16, "step_s")),
-                         _fmt(check.get("grad_rel_err"), ".1e") + ("" if not check else " ok" if check["ok"] else " FAIL"),
-                         _fmt(check.get("grad_cosine"), ".5f")])
+            rows.append([shape, f"{params.get(shape, 0) / 1e9:.2f}B", precision, fmt(r["weights_gib"]),
+                         fmt(r["peak_gib"]), fmt(r["step_s"], ".3f"), fmt(r["tokens_per_s"], ".0f"),
+                         fmt(_over(r, bf16, "peak_gib")), fmt(_over(r, bf16, "step_s")),
+                         fmt(check.get("grad_rel_err"), ".1e") + ("" if not check else " ok" if check["ok"] else " FAIL"),
+                         fmt(check.get("grad_cosine"), ".5f")])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
@@ -316,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for shape in shapes:
             directory = str(Path(tmp) / shape)
-            made = spawn({"section": "make", "shape": shape, "dir": directory, "threads": args.threads}, args.timeout)
+            made = _spawn({"section": "make", "shape": shape, "dir": directory, "threads": args.threads}, args.timeout)
             if "error" in made:
                 results[(shape, "bf16")] = made
                 continue
@@ -325,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {"section": "train", "shape": shape, "precision": precision, "dir": directory, "seq": seq,
                         "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
                         "gradient_checkpointing": args.gradient_checkpointing, "check_grads": not args.no_grad_check}
-                results[(shape, precision)] = spawn(spec, args.timeout)
+                results[(shape, precision)] = _spawn(spec, args.timeout)
     print(report(results, shapes, params))
     checks = [r["grad_check"] for r in results.values() if "grad_check" in r]
     for shape, precision in results:

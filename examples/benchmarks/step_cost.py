@@ -44,27 +44,23 @@ import ctypes
 import gc
 import importlib.resources
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
+from harness import fmt, random_batch, spawn, sync
 
 STEP_VARIANTS = ("lora_sft", "undial", "undial_full", "undial_gc", "reference")
 BATCH, BETA, LR = 4, 10.0, 1e-4
 HEAD_HIDDEN, HEAD_VOCAB = 576, 49152  # SmolLM2-135M's LM head
 
 # --- memory and timing helpers (run in the child) ---------------------------------------------
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _proc_status_mib(field: str) -> float | None:
@@ -121,20 +117,6 @@ class PeakMemory:
 
 def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def random_batch(vocab: int, batch: int, seq: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random token ids; labels on the second half (an "answer"), -100 on the first ("prompt")."""
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))  # (B, T)
-    labels = ids.clone()
-    labels[:, : seq // 2] = -100
-    batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    return {key: value.to(device) for key, value in batch_.items()}
 
 
 # --- step variants (child) --------------------------------------------------------------------
@@ -208,7 +190,7 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str) -> tuple[Any,
 def child_step(spec: dict[str, Any]) -> dict[str, Any]:
     from undial_peft.models import load_model
 
-    device = _device()
+    device = harness.device()
     model, _ = load_model(spec["model"])
     model.to(device)
     with tempfile.TemporaryDirectory() as workdir:
@@ -221,10 +203,10 @@ def child_step(spec: dict[str, Any]) -> dict[str, Any]:
         memory.reset()
         times, losses = [], []
         for _ in range(spec["warmup"] + spec["steps"]):
-            _sync(device)
+            sync()
             start = time.perf_counter()
             losses.append(step(batch))
-            _sync(device)
+            sync()
             times.append(time.perf_counter() - start)
         peak = memory.peak()
     return {
@@ -246,7 +228,7 @@ def child_step(spec: dict[str, Any]) -> dict[str, Any]:
 def child_loss(spec: dict[str, Any]) -> dict[str, Any]:
     from undial_peft import loss as L
 
-    device = _device()
+    device = harness.device()
     batch, seq, hidden, vocab = spec["batch"], spec["seq"], spec["hidden"], spec["vocab"]
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, vocab, bias=False, device=device).requires_grad_(False)
@@ -270,10 +252,10 @@ def child_loss(spec: dict[str, Any]) -> dict[str, Any]:
     memory = PeakMemory(device)
     before = memory.current()
     memory.reset()
-    _sync(device)
+    sync()
     start = time.perf_counter()
     run()
-    _sync(device)
+    sync()
     elapsed = time.perf_counter() - start
     return {"time_s": elapsed, "peak_above_mib": memory.peak() - before, "peak_reset": memory.reset_ok}
 
@@ -305,7 +287,7 @@ def child_latency(spec: dict[str, Any]) -> dict[str, Any]:
     from undial_peft.models import load_model
     from undial_peft.stack import attach, export_stack
 
-    device = _device()
+    device = harness.device()
     base, tokenizer = load_model(spec["model"])
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -334,10 +316,10 @@ def child_latency(spec: dict[str, Any]) -> dict[str, Any]:
         names = list(models)
         for round_ in range(spec["warmup"] + spec["reps"]):
             for name in names[round_ % len(names):] + names[: round_ % len(names)]:  # rotate: no order bias
-                _sync(device)
+                sync()
                 start = time.perf_counter()
                 models[name](input_ids=ids)
-                _sync(device)
+                sync()
                 if round_ >= spec["warmup"]:
                     times[name].append(time.perf_counter() - start)
     stacked = logits[f"stack{len(stack)}"]
@@ -364,7 +346,7 @@ def run_child(spec_json: str) -> None:
     transformers.logging.set_verbosity_error()
     _settle()
     # What the interpreter and libraries hold before any model exists; "net" memory is above it.
-    spec["runtime_mib"] = 0.0 if _device().type == "cuda" else (_proc_status_mib("VmRSS") or 0.0)
+    spec["runtime_mib"] = 0.0 if harness.device().type == "cuda" else (_proc_status_mib("VmRSS") or 0.0)
     result = CHILDREN[spec["section"]](spec)
     result["runtime_mib"] = spec["runtime_mib"]
     print("RESULT " + json.dumps(result), flush=True)
@@ -373,32 +355,15 @@ def run_child(spec_json: str) -> None:
 # --- parent: spawn, collect, print ------------------------------------------------------------
 
 
-def spawn(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    """Run one measurement in a fresh process; returns its result or {"error": ...}."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+def _spawn(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     label = " ".join(f"{k}={spec[k]}" for k in ("section", "variant", "seq", "chunk") if k in spec)
-    print(f"  running {label} ...", file=sys.stderr, flush=True)
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-    return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
+    return spawn(__file__, spec, timeout, label, env={"OMP_NUM_THREADS": str(spec["threads"])})
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def _fmt(value: float | None, digits: str = ".2f") -> str:
-    return "-" if value is None else format(value, digits)
 
 
 def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
@@ -416,10 +381,10 @@ def report_step(results: dict[tuple[str, int], dict[str, Any]], seqs: list[int],
             if "error" in r:
                 rows.append([variant, str(seq), "error: " + r["error"][:90], "", "", "", "", "", ""])
                 continue
-            rows.append([variant, str(seq), _fmt(r.get("step_s"), ".3f"), _fmt(r.get("net_mib"), ".0f"),
-                         _fmt(r.get("peak_mib"), ".0f"), _fmt(r.get("maxrss_mib"), ".0f"),
-                         f"{r.get('trainable', 0) / 1e6:.2f}M", _fmt(_ratio(r, sft, "step_s")),
-                         _fmt(_ratio(r, sft, "net_mib")), _fmt(_ratio(r, ref, "net_mib"))])
+            rows.append([variant, str(seq), fmt(r.get("step_s"), ".3f"), fmt(r.get("net_mib"), ".0f"),
+                         fmt(r.get("peak_mib"), ".0f"), fmt(r.get("maxrss_mib"), ".0f"),
+                         f"{r.get('trainable', 0) / 1e6:.2f}M", fmt(_ratio(r, sft, "step_s")),
+                         fmt(_ratio(r, sft, "net_mib")), fmt(_ratio(r, ref, "net_mib"))])
         checks.append((f"T={seq} step time  UNDIAL / LoRA-SFT", _ratio(undial, sft, "step_s"), 1.40))
         checks.append((f"T={seq} peak mem   UNDIAL / LoRA-SFT", _ratio(undial, sft, "net_mib"), 1.10))
         checks.append((f"T={seq} peak mem   UNDIAL / reference", _ratio(undial, ref, "net_mib"), 0.35))
@@ -437,8 +402,8 @@ def report_loss(results: dict[tuple[str, int, int], dict[str, Any]]) -> str:
         if "error" in r:
             rows.append([name, str(seq), str(n_counted), "error: " + r["error"][:80], "", "", ""])
             continue
-        rows.append([name, str(seq), str(n_counted), f"{logits_mib:.0f}", _fmt(r["peak_above_mib"], ".0f"),
-                     _fmt(_ratio(r, full, "peak_above_mib")), _fmt(r["time_s"], ".3f")])
+        rows.append([name, str(seq), str(n_counted), f"{logits_mib:.0f}", fmt(r["peak_above_mib"], ".0f"),
+                     fmt(_ratio(r, full, "peak_above_mib")), fmt(r["time_s"], ".3f")])
     header = ["loss (fwd+bwd from hidden)", "T", "counted", "BxTxV_fp32_MiB", "peak_MiB", "peak/full", "time_s"]
     return table(header, rows)
 
@@ -448,7 +413,7 @@ def report_latency(r: dict[str, Any], checks: list[tuple[str, float | None, floa
         return "latency: error: " + r["error"]
     ms = r["ms"]
     rows = [[name, f"{value:.2f}", f"{value / ms['base']:.2f}", f"{value / ms['single']:.2f}",
-             _fmt(r["max_diff_vs_stack"].get(name), ".1e")] for name, value in ms.items()]
+             fmt(r["max_diff_vs_stack"].get(name), ".1e")] for name, value in ms.items()]
     checks.append(("latency export / single adapter", ms["export"] / ms["single"], 1.10))
     checks.append(("latency merged / base (want ~1)", ms["merged"] / ms["base"], 1.10))
     header = ["forward (B=1)", "ms", "/base", "/single", "max|logit-stack|"]
@@ -510,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in args.variants:
                     spec = {**common, "section": "step", "variant": variant, "seq": seq, "batch": BATCH,
                             "model": model, "warmup": warmup, "steps": steps}
-                    results[(variant, seq)] = spawn(spec, args.timeout)
+                    results[(variant, seq)] = _spawn(spec, args.timeout)
             raw["step"] = {f"{v}@{s}": r for (v, s), r in results.items()}
             outputs.append(report_step(results, seqs, checks))
         if "loss" in args.sections:
@@ -519,13 +484,13 @@ def main(argv: list[str] | None = None) -> int:
                 for variant, chunk in [("full", 0), *(("fused", c) for c in loss_chunks)]:
                     spec = {**common, "section": "loss", "variant": variant, "seq": seq, "chunk": chunk,
                             "batch": BATCH, "hidden": HEAD_HIDDEN, "vocab": HEAD_VOCAB}
-                    results[(variant, seq, chunk)] = spawn(spec, args.timeout)
+                    results[(variant, seq, chunk)] = _spawn(spec, args.timeout)
             raw["loss"] = {f"{v}@{s}/{c}": r for (v, s, c), r in results.items()}
             outputs.append(report_loss(results))
         if "latency" in args.sections:
             spec = {**common, "section": "latency", "model": model, "adapters": 8, "seq": 128,
                     "warmup": 2 if quick else 3, "reps": 5 if quick else 20}
-            result = spawn(spec, args.timeout)
+            result = _spawn(spec, args.timeout)
             raw["latency"] = result
             outputs.append(report_latency(result, checks))
     print("\n\n".join(outputs))
@@ -534,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ntargets" + note + ":")
         for name, value, limit in checks:
             verdict = "n/a" if value is None else ("ok" if value <= limit else "MISSED")
-            print(f"  {name:<40} {_fmt(value):>6}  (<= {limit:.2f})  {verdict}")
+            print(f"  {name:<40} {fmt(value):>6}  (<= {limit:.2f})  {verdict}")
     if any("error" in r for r in [*raw.get("step", {}).values(), *raw.get("loss", {}).values()]):
         print("\nsome measurements failed; see the error cells", file=sys.stderr)
     if args.json:
