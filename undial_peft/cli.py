@@ -5,6 +5,7 @@
     undial-peft eval --model default [--adapters DIR ...] --forget F [--retain R] [--reference REF.json]
     undial-peft stack list DIR ...
     undial-peft stack export --model M --out DIR DIR ...
+    undial-peft stack export --model M --format gguf --out FILE.gguf DIR ...    [--per-request: --out DIR]
     undial-peft stack merge --model M --out DIR DIR ...
     undial-peft bench [--quick] [--out DIR] [--seed N]
 """
@@ -96,6 +97,15 @@ def _stack(args: argparse.Namespace) -> None:
         return
     if not args.out:
         raise ValueError(f"stack {args.action} needs --out DIR.")
+    if args.format == "gguf" or args.per_request:
+        if args.action != "export" or args.format != "gguf":
+            raise ValueError("--per-request and --format gguf go together, with stack export.")
+        from .gguf_lora import export_gguf
+
+        for path in export_gguf(args.model, args.dirs, args.out, per_request=args.per_request, force=args.force,
+                                overwrite=args.overwrite):
+            print(f"wrote {path}")
+        return
     action = export_stack if args.action == "export" else merge_stack
     path = action(args.model, args.dirs, args.out, force=args.force, overwrite=args.overwrite)
     print(f"wrote {path}")
@@ -171,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--out", default=None)
     stack.add_argument("--overwrite", action="store_true")
     stack.add_argument("--force", action="store_true")
+    stack.add_argument("--format", choices=["peft", "gguf"], default="peft",
+                       help="export as a peft adapter directory, or a llama.cpp GGUF LoRA (--out FILE.gguf)")
+    stack.add_argument("--per-request", action="store_true",
+                       help="with --format gguf: one GGUF per adapter in the --out directory (llama.cpp sums them)")
     stack.set_defaults(run=_stack)
 
     bench = verbs.add_parser("bench", add_help=False, help="offline benchmark: all methods on fictitious facts (see --help)")

@@ -1,0 +1,201 @@
+"""GGUF LoRA export checked structurally on the tiny Llama (no llama.cpp needed).
+
+The delta llama.cpp will add for each module, alpha / r * B @ A read back from the file, must
+equal peft's own delta of the stack (``get_delta_weight``) with q/k rows permuted the way
+llama.cpp's converter stores them; the permutation is checked against a hand-written index
+formula and against transformers' GGUF loader, which undoes it. Names and shapes are checked
+against a base GGUF written here with llama.cpp's tensor names typed out by hand.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM
+from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+from undial_peft.cli import main as cli_main
+from undial_peft.gguf_lora import UndialGGUFError, check_against_base, export_gguf, gguf_lora_tensors, llama_row_order
+from undial_peft.stack import attach
+
+# HF module -> llama.cpp tensor, typed from llama.cpp's llama tensor names (not from our name map).
+LLAMA_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+
+
+@pytest.fixture(scope="module")
+def plain_stack(tiny_dir, tmp_path_factory) -> list[Path]:
+    """Two untrained adapters with random B: rsLoRA r=4 on q/k/v of layer 0, then LoRA r=8 on all linear layers."""
+    configs = [
+        LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj"],
+                   layers_to_transform=[0], layers_pattern="layers", lora_dropout=0.0),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
+    ]
+    root = tmp_path_factory.mktemp("gguf-stack")
+    torch.manual_seed(0)
+    stack = []
+    for i, lora in enumerate(configs):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), lora)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.05)
+        model.save_pretrained(root / f"req{i}")
+        stack.append(root / f"req{i}")
+    return stack
+
+
+def _read(path: Path) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+    reader = gguf.GGUFReader(path)
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    return fields, {t.name: np.array(t.data) for t in reader.tensors}
+
+
+def _gguf_deltas(path: Path) -> dict[str, np.ndarray]:
+    """What llama.cpp adds per base tensor: alpha / r * B @ A, r read from B (numpy (out, r))."""
+    fields, tensors = _read(path)
+    alpha = fields["adapter.lora.alpha"]
+    return {name[: -len(".lora_b")]: alpha / b.shape[1] * (b.astype(np.float64) @ tensors[name[:-1] + "a"])
+            for name, b in tensors.items() if name.endswith(".lora_b")}
+
+
+def _interleave_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order, by index: GGUF row h*d + 2j + k holds HF row h*d + k*d/2 + j."""
+    d = weight.shape[0] // n_head
+    out = np.empty_like(weight)
+    for h in range(n_head):
+        for j in range(d // 2):
+            for k in range(2):
+                out[h * d + 2 * j + k] = weight[h * d + k * d // 2 + j]
+    return out
+
+
+def _peft_deltas(tiny_dir: str, stack: list[Path]) -> tuple[dict[str, np.ndarray], object]:
+    """Per llama.cpp tensor name: the stack's delta from peft's own get_delta_weight, in GGUF row order."""
+    attached = attach(tiny_dir, stack)
+    config = attached.get_base_model().config
+    deltas = {}
+    for path, layer in attached.base_model.model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        delta = sum(layer.get_delta_weight(name).double() for name in layer.lora_A).numpy()  # (out, in)
+        layer_index, module = path.split(".layers.")[1].split(".", 1)
+        if module.endswith("q_proj"):
+            delta = _interleave_rows(delta, config.num_attention_heads)
+        elif module.endswith("k_proj"):
+            delta = _interleave_rows(delta, config.num_key_value_heads)
+        deltas[f"blk.{layer_index}.{LLAMA_NAMES[module]}.weight"] = delta
+    return deltas, config
+
+
+def test_gguf_file_adds_the_stack_delta_in_llama_cpp_row_order(tiny_dir, plain_stack, tmp_path):
+    (path,) = export_gguf(tiny_dir, plain_stack, tmp_path / "all.gguf")
+    fields, tensors = _read(path)
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "llama"
+    assert fields["adapter.lora.alpha"] == 12.0  # the largest rank: 4 + 8 on layer 0's q/k/v
+    assert "undial.stack" in fields and "undial.base_fingerprint" in fields
+    want, _ = _peft_deltas(tiny_dir, plain_stack)
+    got = _gguf_deltas(path)
+    assert sorted(got) == sorted(want) and len(got) == 2 * 7  # 2 layers x 7 linear modules
+    assert {tensors[f"{name}.lora_b"].shape[1] for name in got} == {8, 12}  # per-module ranks, no padding
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() < 1e-6, name
+    q = "blk.0.attn_q.weight"
+    # Without the permutation the q delta would differ: the check can fail.
+    assert np.abs(_interleave_rows(want[q], 4) - want[q]).max() > 1e-3
+
+
+def test_row_order_is_what_transformers_gguf_loader_undoes():
+    rows, n_head = 32, 4
+    weight = np.random.default_rng(0).normal(size=(rows, 3))
+    permuted = weight[llama_row_order(rows, n_head).numpy()]
+    np.testing.assert_array_equal(permuted, _interleave_rows(weight, n_head))
+    restored = LlamaTensorProcessor()._reverse_permute_weights(permuted, n_head, n_head)
+    np.testing.assert_array_equal(restored, weight)
+
+
+def _write_base(model: torch.nn.Module, path: Path, swap: str | None = None) -> Path:
+    """A GGUF base with llama.cpp's names for the tiny model's linear weights (HF (out, in) -> ne [in, out])."""
+    writer = gguf.GGUFWriter(path, arch="llama")
+    for name, param in model.named_parameters():
+        if ".layers." not in name or not name.endswith("proj.weight"):
+            continue
+        layer_index, module = name.split(".layers.")[1].removesuffix(".weight").split(".", 1)
+        array = param.detach().numpy()
+        if swap and LLAMA_NAMES[module] == swap:
+            array = array.T.copy()
+        writer.add_tensor(f"blk.{layer_index}.{LLAMA_NAMES[module]}.weight", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_names_and_shapes_match_a_base_gguf_as_llama_cpp_checks(tiny_dir, plain_stack, tmp_path):
+    (path,) = export_gguf(tiny_dir, plain_stack, tmp_path / "all.gguf")
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    base = gguf.GGUFReader(_write_base(base_model, tmp_path / "base.gguf"))
+    ne = {t.name: [int(n) for n in t.shape] for t in base.tensors}
+    lora = {t.name: [int(n) for n in t.shape] for t in gguf.GGUFReader(path).tensors}
+    for name, a_ne in lora.items():
+        if name.endswith(".lora_a"):
+            target, b_ne = name[: -len(".lora_a")], lora[name[:-1] + "b"]
+            # llama-adapter.cpp: base ne[0] == a ne[0], base ne[1] == b ne[1], a ne[1] == b ne[0] (= rank)
+            assert ne[target][0] == a_ne[0] and ne[target][1] == b_ne[1] and a_ne[1] == b_ne[0], name
+    _, tensors = _read(path)
+    check_against_base(tensors, tmp_path / "base.gguf")
+    with pytest.raises(UndialGGUFError, match="right base"):
+        check_against_base(tensors, _write_base(base_model, tmp_path / "swapped.gguf", swap="attn_v"))
+    tensors["blk.9.attn_q.weight.lora_a"] = tensors["blk.0.attn_q.weight.lora_a"]
+    tensors["blk.9.attn_q.weight.lora_b"] = tensors["blk.0.attn_q.weight.lora_b"]
+    with pytest.raises(UndialGGUFError, match="not a tensor of base.gguf"):
+        check_against_base(tensors, tmp_path / "base.gguf")
+
+
+def test_one_file_per_request_sums_to_the_single_file(tiny_dir, plain_stack, tmp_path):
+    (single,) = export_gguf(tiny_dir, plain_stack, tmp_path / "all.gguf")
+    files = export_gguf(tiny_dir, plain_stack, tmp_path / "parts", per_request=True)
+    assert [f.name for f in files] == ["00-req0.gguf", "01-req1.gguf"]
+    total: dict[str, np.ndarray] = {}
+    for path in files:
+        for name, delta in _gguf_deltas(path).items():
+            total[name] = total.get(name, 0) + delta
+    want = _gguf_deltas(single)
+    assert sorted(total) == sorted(want)
+    assert max(np.abs(total[n] - want[n]).max() for n in want) < 1e-6
+    assert _read(files[0])[0]["adapter.lora.alpha"] == 4.0  # rsLoRA r=4 alone: scale folded into A
+
+
+def test_refusals_name_the_fix(tiny_dir, plain_stack, tmp_path):
+    block = {"model.layers.0.self_attn.q_proj": (torch.zeros(2, 8), torch.zeros(8, 2))}
+    with pytest.raises(UndialGGUFError, match="convert_lora_to_gguf"):
+        gguf_lora_tensors(block, types.SimpleNamespace(model_type="qwen2", num_hidden_layers=1))
+    embedding = {"model.embed_tokens": (torch.zeros(2, 50), torch.zeros(8, 2))}
+    with pytest.raises(UndialGGUFError, match="target_modules"):
+        gguf_lora_tensors(embedding, types.SimpleNamespace(model_type="llama", num_hidden_layers=1))
+    with pytest.raises(UndialGGUFError, match=r"\.gguf file name"):
+        export_gguf(tiny_dir, plain_stack, tmp_path / "all")
+    target = tmp_path / "kept.gguf"
+    target.write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        export_gguf(tiny_dir, plain_stack, target)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.gguf"]
+
+
+def test_cli_gguf_export(tiny_dir, plain_stack, tmp_path, capsys):
+    stack = [str(p) for p in plain_stack]
+    assert cli_main(["stack", "export", "--model", tiny_dir, "--format", "gguf", "--out", str(tmp_path / "a.gguf"), *stack]) == 0
+    assert cli_main(["stack", "export", "--model", tiny_dir, "--format", "gguf", "--per-request",
+                     "--out", str(tmp_path / "parts"), *stack]) == 0
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["00-req0.gguf", "01-req1.gguf"]
+    assert cli_main(["stack", "export", "--model", tiny_dir, "--per-request", "--out", str(tmp_path / "x"), *stack]) == 2
+    assert "--format gguf" in capsys.readouterr().err
