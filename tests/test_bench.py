@@ -91,8 +91,9 @@ def test_forget_quality_and_privleak_separate_target_from_reference(quick):
     target, reference = results["baselines"]["target"], results["baselines"]["reference"]
     assert reference["forget_quality"] == 1.0 and reference["ks_statistic"] == 0.0
     assert target["forget_quality"] < 0.05 and target["ks_statistic"] >= 0.5
-    assert reference["privleak"]["min_k_plus_plus"] == 0.0
-    assert target["mia_auc"]["loss"] > 0.9 and target["privleak"]["loss"] > 20
+    assert reference["privleak"]["min_k"] == 0.0
+    # MUSE's sign: a model that still knows the forget set reads towards -100
+    assert target["mia_auc"]["min_k"] > 0.9 and target["privleak"]["min_k"] < -20
 
 
 def test_every_run_lowers_forget_probability(quick):

@@ -3,6 +3,7 @@ and, for model-running code, unbatched float64 forwards of a tiny random Llama."
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import zlib
@@ -18,6 +19,9 @@ from sklearn.metrics import roc_auc_score
 from undial_peft import metrics
 from undial_peft.data import Example
 from undial_peft.evaluate import (
+    MAX_NEW_TOKENS,
+    SPLITS,
+    UTILITY_COMPONENTS,
     EvalItem,
     evaluate,
     format_table,
@@ -90,7 +94,8 @@ def test_mia_scores_by_hand():
     assert metrics.min_k_score(lp, k=1.0) == pytest.approx(-3.0)
     assert metrics.min_k_score([-7.0, -1.0], k=0.4) == pytest.approx(-7.0)  # at least one token
     text = "Zor was born in Velmora."
-    assert metrics.zlib_score(lp, text) == pytest.approx(-15.0 / len(zlib.compress(text.encode())))
+    # Carlini et al.: MEAN token NLL (here 15 / 5 = 3) over the zlib length in bytes
+    assert metrics.zlib_score(lp, text) == pytest.approx(-3.0 / len(zlib.compress(text.encode())))
     # standardised: (lp - mu) / sigma = [-2, 0, -1, -4, 1] -> lowest two -4, -2
     z = metrics.min_k_plus_plus_score(lp, mu=[-3.0, -1.0, -1.0, -2.0, -4.0], sigma=[1.0, 2.0, 1.0, 0.5, 1.0])
     assert z == pytest.approx(-3.0)
@@ -99,14 +104,40 @@ def test_mia_scores_by_hand():
         metrics.min_k_plus_plus_score(lp, mu=[0.0], sigma=[1.0])
 
 
+def test_zlib_ranks_by_mean_not_summed_nll():
+    # Same compressed length; the long text has the LOWER mean NLL (0.5 vs 1.0) but the larger sum
+    # (5 vs 2). Carlini's ratio ranks it as the more member-like; a summed NLL would flip the order.
+    short, long_ = "abcdefgh", "hgfedcba"
+    assert len(zlib.compress(short.encode())) == len(zlib.compress(long_.encode()))
+    assert metrics.zlib_score([-0.5] * 10, long_) > metrics.zlib_score([-1.0, -1.0], short)
+
+
+def test_privleak_matches_muse_on_hand_computed_cases():
+    # MUSE reports 1 - AUC: ((1 - a_u) - (1 - a_r)) / (1 - a_r) * 100
+    assert metrics.priv_leak(1.0, 0.3425) == pytest.approx((0.0 - 0.6575) / 0.6575 * 100)  # = -100
+    assert metrics.priv_leak(1.0, 0.3425) == pytest.approx(-100.0)
+    assert metrics.priv_leak(0.9, 0.5) == pytest.approx(-80.0)
+    assert metrics.priv_leak(0.5, 0.5) == 0.0
+    assert metrics.priv_leak(0.2, 0.5) == pytest.approx(60.0)  # over-unlearning reads positive
+    with pytest.raises(ValueError, match="must be < 1"):
+        metrics.priv_leak(0.7, 1.0)
+
+
+def test_probability_with_options_by_hand():
+    # TOFU real-authors / world-facts: p_true / (p_true + sum p_wrong), p = exp(-mean NLL)
+    assert metrics.probability_with_options(math.log(2), [math.log(4)] * 2) == pytest.approx(0.5 / (0.5 + 0.25 + 0.25))
+    assert metrics.probability_with_options(1.0, [1.0, 1.0, 1.0]) == pytest.approx(0.25)
+    p = [math.exp(-0.3), math.exp(-2.0), math.exp(-1.1)]
+    assert metrics.probability_with_options(0.3, [2.0, 1.1]) == pytest.approx(p[0] / sum(p))
+    assert metrics.probability_with_options(3000.0, [3001.0]) == pytest.approx(1 / (1 + math.exp(-1)))  # no 0 / 0
+
+
 def test_mia_auc_and_privleak():
     # pairs (member > non-member): 0.9>0.1, 0.9>0.85, 0.8>0.1, 0.8<0.85 -> 3/4
     assert metrics.mia_auc([0.9, 0.8], [0.1, 0.85]) == pytest.approx(0.75)
     assert metrics.mia_auc([2.0, 3.0], [0.0, 1.0]) == 1.0  # higher score = member
     m, n = [0.3, 0.1, 0.7, 0.4], [0.2, 0.5, 0.05]
     assert metrics.mia_auc(m, n) == pytest.approx(roc_auc_score([1, 1, 1, 1, 0, 0, 0], m + n))
-    assert metrics.priv_leak(0.75, 0.5) == pytest.approx(50.0)
-    assert metrics.priv_leak(0.4, 0.5) == pytest.approx(-20.0)
 
 
 @settings(max_examples=50, deadline=None)
@@ -244,9 +275,10 @@ def test_evaluate_report_reference_and_table(tiny, tmp_path):
     generations = [report["splits"][s]["items"].pop("generations") for s in splits]
     assert [len(g) for g in generations] == [3, 4, 3, 2] and all(isinstance(t, str) for t in generations[0])
     forget = report["splits"]["forget"]
-    # per-item truth ratio re-derived from unbatched forwards on the paraphrased question
+    # per-item truth ratio re-derived from unbatched forwards after the ORIGINAL question (TOFU)
     row = splits["forget"][0]
-    nll = lambda a: -_manual(model, tok, row["paraphrased_question"], a)[0].mean()  # noqa: E731
+    assert row["paraphrased_question"] != row["question"]
+    nll = lambda a: -_manual(model, tok, row["question"], a)[0].mean()  # noqa: E731
     perturbed = np.mean([nll(a) for a in row["perturbed_answers"]])
     expected = math.exp(-perturbed) / math.exp(-nll(row["paraphrased_answer"]))
     assert forget["items"]["truth_ratio"][0] == pytest.approx(expected, rel=1e-3)
@@ -254,15 +286,17 @@ def test_evaluate_report_reference_and_table(tiny, tmp_path):
     members = [_manual(model, tok, r["question"], r["answer"])[0].mean() for r in splits["forget"]]
     others = [_manual(model, tok, r["question"], r["answer"])[0].mean() for r in splits["holdout"]]
     assert report["summary"]["mia_auc"]["loss"] == pytest.approx(roc_auc_score([1] * 3 + [0] * 3, members + others))
-    # model utility: hmean of the 6 retain/general components
-    components = report["summary"]["model_utility_components"]
-    assert len(components) == 6
-    assert report["summary"]["model_utility"] == pytest.approx(stats.hmean(list(components.values())))
+    # without real-authors / world-facts splits TOFU's utility cannot be formed: the gap is named
+    top = report["summary"]
+    assert "model_utility" not in top
+    assert top["model_utility_missing"] == [c for c in UTILITY_COMPONENTS if not c.startswith("retain/")]
+    assert list(top["model_utility_components"]) == ["retain/probability", "retain/rouge_l_recall", "retain/truth_ratio"]
     assert "question" not in json.dumps(report)  # no texts stored
     # the same model as its own reference: identical distributions
     again = evaluate(model, tok, splits["forget"], None, splits["holdout"], reference=report, generate=False, **kw)
     assert again["summary"]["forget_quality"] == {"pvalue": 1.0, "statistic": 0.0}
     assert again["summary"]["privleak"] == pytest.approx(dict.fromkeys(again["summary"]["privleak"], 0.0))
+    assert list(again["summary"]["privleak"])[0] == "min_k"  # MUSE's attack first
     assert "rouge_l_recall" not in again["splits"]["forget"]["summary"]
     table = format_table(report)
     assert "truth_ratio" in table and "forget_quality" not in table and "holdout" in table.splitlines()[0]
@@ -278,6 +312,51 @@ def test_missing_truth_ratio_data_is_absent_not_faked(tiny):
     assert "truth_ratio" not in report["splits"]["forget"]["items"]
     assert "mia_auc" not in report["summary"]  # no holdout
     assert list(report["summary"]["model_utility_components"]) == ["retain/probability"]
+    assert len(report["summary"]["model_utility_missing"]) == 8 and "model_utility" not in report["summary"]
+
+
+def test_tofu_model_utility_has_nine_components_and_normalised_probability(tiny):
+    model, tok = tiny
+    # TOFU's real-authors / world-facts rows: question, answer, perturbed answers (no paraphrase)
+    options = [{"question": r["question"], "answer": r["answer"], "perturbed_answer": r["perturbed_answers"]}
+               for r in DATA["retain"][4:7]]
+    report = evaluate(model, tok, DATA["forget"][:2], retain=DATA["retain"][:3], real_authors=options[:2],
+                      world_facts=options[2:], use_chat_template=False, max_new_tokens=4)
+    top = report["summary"]
+    assert list(top["model_utility_components"]) == list(UTILITY_COMPONENTS) and "model_utility_missing" not in top
+    assert top["model_utility"] == pytest.approx(stats.hmean(list(top["model_utility_components"].values())))
+    # p(true) / (p(true) + sum p(wrong)) from unbatched float64 forwards, true side = the answer itself
+    row = options[0]
+    p = lambda a: math.exp(_manual(model, tok, row["question"], a)[0].mean())  # noqa: E731
+    expected = p(row["answer"]) / (p(row["answer"]) + sum(p(w) for w in row["perturbed_answer"]))
+    got = report["splits"]["real_authors"]["items"]["probability_w_options"][0]
+    assert got == pytest.approx(expected, rel=1e-3)
+    ratio = math.exp(-np.mean([-math.log(p(w)) for w in row["perturbed_answer"]])) / p(row["answer"])
+    assert report["splits"]["real_authors"]["items"]["truth_ratio"][0] == pytest.approx(ratio, rel=1e-3)
+
+
+def test_reference_on_other_perturbations_is_refused(tiny):
+    model, tok = tiny
+    forget, holdout = DATA["forget"][:2], DATA["holdout"][:2]
+    kw = dict(generate=False, use_chat_template=False)
+    reference = evaluate(model, tok, forget, holdout=holdout, **kw)
+    swapped = [dict(r, perturbed_answers=list(reversed(r["perturbed_answers"]))[:2]) for r in forget]
+    with pytest.raises(ValueError, match="different forget data"):
+        evaluate(model, tok, swapped, holdout=holdout, reference=reference, **kw)
+    reworded = [dict(r, paraphrased_answer=r["answer"]) for r in forget]
+    with pytest.raises(ValueError, match="different forget data"):
+        evaluate(model, tok, reworded, holdout=holdout, reference=reference, **kw)
+
+
+def test_generation_length_default_is_tofus_and_the_cli_agrees():
+    from undial_peft import cli
+
+    assert MAX_NEW_TOKENS == 200
+    assert inspect.signature(evaluate).parameters["max_new_tokens"].default == MAX_NEW_TOKENS
+    assert inspect.signature(greedy_answers).parameters["max_new_tokens"].default == MAX_NEW_TOKENS
+    args = cli.build_parser().parse_args(["eval", "--forget", "f.jsonl", "--world-facts", "w.jsonl"])
+    assert args.max_new_tokens == MAX_NEW_TOKENS and args.world_facts == "w.jsonl"
+    assert cli.EVAL_SPLITS == SPLITS
 
 
 def test_read_eval_items_shapes_and_errors():

@@ -23,6 +23,11 @@ from .manifest import UndialStackError
 from .models import UndialModelError
 from .trainer import UndialTrainingError
 
+# The names of evaluate.SPLITS and evaluate.MAX_NEW_TOKENS, repeated so that parsing arguments does
+# not import torch (tests/test_cli.py checks they agree).
+EVAL_SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts", "general")
+EVAL_MAX_NEW_TOKENS = 200
+
 USER_ERRORS = (UndialDataError, UndialConfigError, UndialStackError, UndialModelError, UndialTrainingError,
                FileExistsError, ValueError)
 
@@ -79,10 +84,9 @@ def _eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     if args.adapters:
         model = attach(model, args.adapters, tokenizer=tokenizer, force=args.force)
-    splits = {name: read_eval_items(_eval_source(path)) for name in ("forget", "retain", "holdout", "general")
-              if (path := getattr(args, name))}
+    splits = {name: read_eval_items(_eval_source(path)) for name in EVAL_SPLITS if (path := getattr(args, name))}
     reference = json.loads(open(args.reference, encoding="utf-8").read()) if args.reference else None
-    report = evaluate(model, tokenizer, **splits, reference=reference)
+    report = evaluate(model, tokenizer, **splits, reference=reference, max_new_tokens=args.max_new_tokens)
     print(format_table(report))
     if args.out:
         save_report(report, args.out)
@@ -167,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("eval", help="TOFU-style metrics, printed and saved as JSON")
     evaluate.add_argument("--model", default="default")
     evaluate.add_argument("--adapters", nargs="*", default=[])
-    for split in ("forget", "retain", "holdout", "general"):
-        evaluate.add_argument(f"--{split}", default=None, help="data file, or demo:forget / demo:keep")
+    for split in EVAL_SPLITS:
+        evaluate.add_argument(f"--{split.replace('_', '-')}", dest=split, default=None,
+                              help="data file, or demo:forget / demo:keep")
+    evaluate.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
+                          help=f"greedy answer length for ROUGE (default {EVAL_MAX_NEW_TOKENS}, as TOFU)")
     evaluate.add_argument("--reference", default=None, help="a saved report of a retain-only model")
     evaluate.add_argument("--out", default=None, help="write the report as JSON")
     evaluate.add_argument("--force", action="store_true")

@@ -13,6 +13,7 @@ forget quality and PrivLeak. Reports hold numbers and data digests, never the te
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,16 +24,31 @@ import numpy as np
 import torch
 
 from . import metrics
-from .data import Collator, Example, _read_rows, data_sha256, encode, prompt_ids
+from .data import Collator, Example, _read_rows, encode, prompt_ids
 from .loss import shift_labels, token_logprobs
 
-SPLITS = ("forget", "retain", "holdout", "general")
+SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts", "general")
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+PRIVLEAK_ATTACK = "min_k"  # MUSE's and open-unlearning's PrivLeak attack (k = 0.4); the others are extra columns
+# TOFU model utility: these nine numbers, nothing else (Maini et al. 2024; open-unlearning model_utility).
+UTILITY_COMPONENTS = (
+    "retain/probability", "retain/rouge_l_recall", "retain/truth_ratio",
+    "real_authors/probability_w_options", "real_authors/rouge_l_recall", "real_authors/truth_ratio",
+    "world_facts/probability_w_options", "world_facts/rouge_l_recall", "world_facts/truth_ratio",
+)
+OPTION_SPLITS = ("real_authors", "world_facts")  # probability normalised over the answer options
+FORGET_LIKE = ("forget", "holdout")  # truth ratio summarised as closeness to 1, not preference for the truth
+MAX_NEW_TOKENS = 200  # greedy answer length for ROUGE, as TOFU and open-unlearning
 
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One evaluation item; the optional fields enable the truth ratio. ``question`` None = raw text."""
+    """One evaluation item; perturbed answers enable the truth ratio. ``question`` None = raw text.
+
+    The true side of the truth ratio is the paraphrased answer when given, else the answer itself
+    (TOFU: ``base_answer_key`` is paraphrased_answer on forget/retain, answer on real-authors /
+    world-facts). ``paraphrased_question`` is kept for the paraphrase attack, not for the ratio.
+    """
 
     question: str | None
     answer: str
@@ -42,7 +58,11 @@ class EvalItem:
 
     @property
     def has_truth_ratio(self) -> bool:
-        return self.paraphrased_answer is not None and len(self.perturbed_answers) > 0
+        return len(self.perturbed_answers) > 0
+
+    @property
+    def true_answer(self) -> str:
+        return self.paraphrased_answer if self.paraphrased_answer is not None else self.answer
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,7 +179,7 @@ def greedy_answers(
     tokenizer: Any,
     questions: Sequence[str],
     *,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     use_chat_template: bool = True,
     batch_size: int = 8,
 ) -> list[str]:
@@ -193,27 +213,33 @@ def greedy_answers(
     return answers
 
 
-def _truth_ratios(model: Any, tokenizer: Any, items: Sequence[EvalItem], **run: Any) -> list[float | None]:
-    """Per item R, or None where the item lacks a paraphrased or perturbed answer.
+def option_nlls(model: Any, tokenizer: Any, items: Sequence[EvalItem], **run: Any) -> list[tuple[float, list[float]] | None]:
+    """Per item (mean NLL of the true answer, mean NLLs of the perturbed ones), or None without perturbations.
 
-    Paraphrased and perturbed answers are scored after the SAME prompt (the paraphrased question
-    when given, else the question), so R compares answers, not prompts.
+    Every answer is scored after the ORIGINAL question, as TOFU and open-unlearning
+    (``question_key: question``) do, so the truth ratio compares answers, not prompts.
+
+    >>> # option_nlls(model, tok, [EvalItem("Q?", "A.", "A!", ("B.", "C."))])  -> [(0.7, [2.1, 1.9])]
     """
-    flat = [
-        Example(it.paraphrased_question or it.question, answer)
-        for it in items
-        if it.has_truth_ratio
-        for answer in (it.paraphrased_answer, *it.perturbed_answers)
-    ]
+    flat = [Example(it.question, a) for it in items if it.has_truth_ratio for a in (it.true_answer, *it.perturbed_answers)]
     nlls = iter([metrics.avg_nll(s.logprobs) for s in score(model, tokenizer, flat, **run)])
-    ratios: list[float | None] = []
+    out: list[tuple[float, list[float]] | None] = []
     for it in items:
-        if it.has_truth_ratio:
-            paraphrased = next(nlls)
-            ratios.append(metrics.truth_ratio([next(nlls) for _ in it.perturbed_answers], paraphrased))
-        else:
-            ratios.append(None)
-    return ratios
+        out.append((next(nlls), [next(nlls) for _ in it.perturbed_answers]) if it.has_truth_ratio else None)
+    return out
+
+
+def items_sha256(items: Sequence[EvalItem]) -> str:
+    """Digest of every text field that a metric reads (paraphrases and perturbations included).
+
+    >>> items_sha256([EvalItem("Q?", "A.")]) != items_sha256([EvalItem("Q?", "A.", perturbed_answers=("B.",))])
+    True
+    """
+    digest = hashlib.sha256()
+    for it in items:
+        fields = [it.question, it.answer, it.paraphrased_answer, list(it.perturbed_answers), it.paraphrased_question]
+        digest.update(json.dumps(fields, ensure_ascii=False).encode("utf-8") + b"\n")
+    return digest.hexdigest()
 
 
 def _split_report(
@@ -234,14 +260,18 @@ def _split_report(
     }
     summary = {key: float(np.mean(per_item[key])) for key in ("avg_nll", "probability", "exact_memorization")}
     summary["perplexity"] = metrics.perplexity([s.logprobs for s in scores])
-    ratios = _truth_ratios(model, tokenizer, items, **run)
-    present = [r for r in ratios if r is not None]
-    if present:
-        per_item["truth_ratio"] = ratios
+    options = option_nlls(model, tokenizer, items, **run)
+    if any(o is not None for o in options):
+        per_item["truth_ratio"] = [None if o is None else metrics.truth_ratio(o[1], o[0]) for o in options]
+        present = [r for r in per_item["truth_ratio"] if r is not None]
         # TOFU: forget-like splits score closeness to 1, retain-like ones a clear preference for the truth.
-        forget_like = split in ("forget", "holdout")
+        forget_like = split in FORGET_LIKE
         summarise = metrics.truth_ratio_forget_score if forget_like else metrics.truth_ratio_retain_score
         summary["truth_ratio"] = summarise(present)
+        if split in OPTION_SPLITS:
+            normalised = [None if o is None else metrics.probability_with_options(*o) for o in options]
+            per_item["probability_w_options"] = normalised
+            summary["probability_w_options"] = float(np.mean([p for p in normalised if p is not None]))
     asked = [i for i, it in enumerate(items) if it.question is not None]  # raw-text rows have no question
     if gen is not None and asked:
         texts = dict(zip(asked, greedy_answers(model, tokenizer, [items[i].question for i in asked], **gen)))
@@ -250,8 +280,7 @@ def _split_report(
             summary[name] = float(np.mean([per_item[name][i] for i in asked]))
         if keep:
             per_item["generations"] = [texts.get(i) for i in range(len(items))]
-    digest = data_sha256([Example(it.question, it.answer) for it in items])
-    return {"n_items": len(items), "sha256": digest, "summary": summary, "items": per_item}
+    return {"n_items": len(items), "sha256": items_sha256(items), "summary": summary, "items": per_item}
 
 
 def _check_same_data(report: dict, reference: dict, split: str) -> None:
@@ -265,6 +294,32 @@ def _check_same_data(report: dict, reference: dict, split: str) -> None:
         )
 
 
+def model_utility(splits: dict[str, dict]) -> dict[str, Any]:
+    """TOFU model utility from split reports: the harmonic mean of exactly `UTILITY_COMPONENTS`.
+
+    When some are missing, ``model_utility`` is absent and ``model_utility_missing`` names them;
+    ``model_utility_partial`` is then the harmonic mean of those present, under its own name
+    because it is not TOFU's utility.
+
+    >>> model_utility({"retain": {"summary": {"probability": 0.5}}})["model_utility_missing"][0]
+    'retain/rouge_l_recall'
+    """
+    components = {}
+    for name in UTILITY_COMPONENTS:
+        split, metric = name.split("/")
+        value = splits.get(split, {}).get("summary", {}).get(metric)
+        if value is not None:
+            components[name] = value
+    out: dict[str, Any] = {}
+    if not components:
+        return out
+    missing = [name for name in UTILITY_COMPONENTS if name not in components]
+    hmean = metrics.model_utility(list(components.values()))
+    out.update({"model_utility_partial": hmean, "model_utility_missing": missing} if missing else {"model_utility": hmean})
+    out["model_utility_components"] = components
+    return out
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -274,11 +329,13 @@ def evaluate(
     general: Any = None,
     reference: dict | None = None,
     *,
+    real_authors: Any = None,
+    world_facts: Any = None,
     use_chat_template: bool = True,
     max_length: int = 512,
     batch_size: int = 8,
     generate: bool = True,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     k: float = metrics.MIN_K_FRACTION,
     keep_generations: bool = False,
 ) -> dict[str, Any]:
@@ -286,14 +343,17 @@ def evaluate(
 
     Splits accept whatever `read_eval_items` does. Top-level metrics appear only when their inputs
     exist: ``mia_auc`` (forget + holdout), ``forget_quality`` and ``privleak`` (a ``reference``
-    report on the same data), ``model_utility`` (retain and/or general), ``fluency_perplexity`` (retain).
+    report on the same data; ``privleak["min_k"]`` is MUSE's PrivLeak), ``model_utility`` (TOFU's:
+    retain, real_authors and world_facts, each with perturbed answers; see `model_utility`),
+    ``fluency_perplexity`` (retain). ``general`` is scored and reported, but is not part of utility.
 
     >>> # report = evaluate(model, tok, "forget.jsonl", retain="retain.jsonl", holdout="holdout.jsonl")
     >>> # print(format_table(report)); save_report(report, "reference.json")
     """
     run = {"use_chat_template": use_chat_template, "max_length": max_length, "batch_size": batch_size}
     gen = {"max_new_tokens": max_new_tokens, "use_chat_template": use_chat_template, "batch_size": batch_size}
-    sources = dict(zip(SPLITS, (forget, retain, holdout, general)))
+    sources = {"forget": forget, "retain": retain, "holdout": holdout, "real_authors": real_authors,
+               "world_facts": world_facts, "general": general}
     gen_or_none = gen if generate else None
     splits = {
         name: _split_report(model, tokenizer, read_eval_items(src), name, run, k, gen_or_none, keep_generations)
@@ -306,16 +366,7 @@ def evaluate(
         top["mia_auc"] = {a: metrics.mia_auc(members[a], others[a]) for a in MIA_ATTACKS}
     if "retain" in splits:
         top["fluency_perplexity"] = splits["retain"]["summary"]["perplexity"]
-    components = {
-        f"{s}/{m}": splits[s]["summary"][m]
-        for s in ("retain", "general")
-        if s in splits
-        for m in ("probability", "rouge_l_recall", "truth_ratio")
-        if m in splits[s]["summary"]
-    }
-    if components:
-        top["model_utility"] = metrics.model_utility(list(components.values()))
-        top["model_utility_components"] = components
+    top.update(model_utility(splits))
     report = {"splits": splits, "summary": top}
     if reference is not None:
         _check_same_data(report, reference, "forget")
@@ -326,12 +377,16 @@ def evaluate(
         ref_auc = reference.get("summary", {}).get("mia_auc")
         if "mia_auc" in top and ref_auc:
             _check_same_data(report, reference, "holdout")
-            top["privleak"] = {a: metrics.priv_leak(top["mia_auc"][a], ref_auc[a]) for a in MIA_ATTACKS}
+            # MUSE's attack first; an attack that separates the reference perfectly (AUC 1) has no PrivLeak.
+            order = (PRIVLEAK_ATTACK, *(a for a in MIA_ATTACKS if a != PRIVLEAK_ATTACK))
+            top["privleak"] = {
+                a: metrics.priv_leak(top["mia_auc"][a], ref_auc[a]) if ref_auc[a] < 1 else None for a in order
+            }
     return report
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+def _fmt(value: float | str | None) -> str:
+    return "-" if value is None else value if isinstance(value, str) else f"{value:.4g}"
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -350,6 +405,8 @@ def format_table(report: dict[str, Any]) -> str:
     for key, value in report.get("summary", {}).items():
         if isinstance(value, dict):
             rows.extend([f"{key}/{sub}", _fmt(v)] for sub, v in value.items())
+        elif isinstance(value, list):
+            rows.append([key, ", ".join(value) or "-"])
         else:
             rows.append([key, _fmt(value)])
     widths = [max(len(r[c]) for r in rows if c < len(r)) for c in range(len(rows[0]))]

@@ -107,6 +107,20 @@ def truth_ratio(perturbed_nlls: ArrayLike, paraphrased_nll: float) -> float:
     return float(math.exp(float(paraphrased_nll) - perturbed.mean()))
 
 
+def probability_with_options(true_nll: float, wrong_nlls: ArrayLike) -> float:
+    """TOFU's probability on real-authors / world-facts: p(true) / (p(true) + sum_j p(wrong_j)).
+
+    Each p = exp(-mean token NLL) of that answer after the same question (open-unlearning's
+    ``probability_w_options``). Computed as 1 / (1 + sum_j exp(nll_true - nll_j)), so tiny
+    probabilities do not underflow to 0 / 0.
+
+    >>> round(probability_with_options(math.log(2), [math.log(4), math.log(4)]), 4)  # .5 / (.5 + .25 + .25)
+    0.5
+    """
+    wrong = _tokens(wrong_nlls)
+    return float(1.0 / (1.0 + np.exp(float(true_nll) - wrong).sum()))
+
+
 def truth_ratio_forget_score(ratios: ArrayLike) -> float:
     """Forget-set summary mean(min(R, 1/R)): 1 when the model cannot tell true from false.
 
@@ -161,15 +175,17 @@ def loss_score(logprobs: ArrayLike) -> float:
 
 
 def zlib_score(logprobs: ArrayLike, text: str) -> float:
-    """ZLib attack: -(sum of token NLLs) / len(zlib.compress(text.encode("utf-8"))).
+    """ZLib attack: -(MEAN token NLL) / len(zlib.compress(text.encode("utf-8"))).
 
-    The total information the model assigns to the text, relative to what a generic compressor
-    needs: text that is simply easy (repetitive) is not mistaken for memorised.
+    Carlini et al. (2021) and open-unlearning divide the model's per-token loss by the zlib
+    entropy of the text, so that text that is simply easy (repetitive) is not mistaken for
+    memorised. The mean, not the sum: a summed NLL grows with length and would rank long texts
+    as non-members whatever the model knows.
 
-    >>> zlib_score([-1.0, -2.0], "a") == -3.0 / len(zlib.compress(b"a"))
+    >>> zlib_score([-1.0, -2.0], "a") == -1.5 / len(zlib.compress(b"a"))
     True
     """
-    return float(_tokens(logprobs).sum() / len(zlib.compress(text.encode("utf-8"))))
+    return -avg_nll(logprobs) / len(zlib.compress(text.encode("utf-8")))
 
 
 def _lowest_fraction_mean(values: np.ndarray, k: float) -> float:
@@ -216,11 +232,18 @@ def mia_auc(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> float:
 
 
 def priv_leak(auc_model: float, auc_reference: float) -> float:
-    """MUSE PrivLeak in percent: (AUC_model - AUC_reference) / AUC_reference * 100; 0 is ideal.
+    """MUSE PrivLeak in percent, from the usual AUCs (forget = members, see `mia_auc`).
 
-    >>> priv_leak(0.75, 0.5)
-    50.0
+    MUSE reports each AUC as 1 - AUC, so PrivLeak = ((1 - AUC_model) - (1 - AUC_reference)) /
+    (1 - AUC_reference) * 100 (open-unlearning's ``privleak``). 0 is ideal; a model that still
+    knows the forget set (AUC near 1) reads about -100; over-unlearning reads positive.
+
+    >>> priv_leak(0.9, 0.5)  # (0.1 - 0.5) / 0.5
+    -80.0
     """
-    if not auc_reference > 0:
-        raise ValueError(f"reference AUC must be > 0 to compute PrivLeak, got {auc_reference}.")
-    return float((auc_model - auc_reference) / auc_reference * 100.0)
+    if not auc_reference < 1:
+        raise ValueError(
+            f"reference AUC must be < 1 to compute PrivLeak (MUSE divides by 1 - AUC), got {auc_reference};"
+            " the reference model must not separate forget from holdout perfectly."
+        )
+    return float(((1.0 - auc_model) - (1.0 - auc_reference)) / (1.0 - auc_reference) * 100.0)
