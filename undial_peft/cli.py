@@ -50,7 +50,8 @@ def _forget(args: argparse.Namespace) -> None:
         raise ValueError("--target-modules needs at least one module name (or leave it out for all linear layers).")
     lora = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=args.target_modules or "all-linear")
-    path = forget(args.model, args.data, args.out, config=config, lora=lora, stack=args.stack, retain=args.retain,
+    retain = _source(args.retain, args.data_dir) if args.retain else None
+    path = forget(args.model, _source(args.data, args.data_dir), args.out, config=config, lora=lora, stack=args.stack, retain=retain,
                   load_in_4bit=args.four_bit, overwrite=args.overwrite, force=args.force, resume=args.resume,
                   description=args.description)
     print(f"wrote {path}")
@@ -62,8 +63,13 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(model=args.model, output_dir=args.out, epochs=args.epochs, learning_rate=args.lr, beta=args.beta)
 
 
-def _eval_source(value: str) -> str | list[dict[str, str]]:
-    """A path, or ``demo:forget`` / ``demo:keep``: the demo's packaged real facts."""
+def _source(value: str, data_dir: str | None = None) -> str | list[dict]:
+    """A path, ``demo:forget`` / ``demo:keep`` (the demo's packaged real facts), or a benchmark name
+    such as ``tofu:forget10`` or ``muse:news/knowmem/forget_qa`` (see `undial_peft.datasets_io`)."""
+    from .datasets_io import is_data_name, load_rows
+
+    if is_data_name(value):
+        return load_rows(value, data_dir)
     if value.startswith("demo:"):
         from .demo import demo_facts
 
@@ -84,7 +90,7 @@ def _eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     if args.adapters:
         model = attach(model, args.adapters, tokenizer=tokenizer, force=args.force)
-    splits = {name: read_eval_items(_eval_source(path)) for name in EVAL_SPLITS if (path := getattr(args, name))}
+    splits = {name: read_eval_items(_source(path, args.data_dir)) for name in EVAL_SPLITS if (path := getattr(args, name))}
     reference = json.loads(open(args.reference, encoding="utf-8").read()) if args.reference else None
     report = evaluate(model, tokenizer, **splits, reference=reference, max_new_tokens=args.max_new_tokens)
     print(format_table(report))
@@ -139,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     forget = verbs.add_parser("forget", help="train one forget adapter")
     forget.add_argument("--model", default="default", help="'default', a model directory or a .gguf file")
-    forget.add_argument("--data", required=True, help="forget set: .jsonl/.json/.csv/.parquet")
+    forget.add_argument("--data", required=True, help="forget set: .jsonl/.json/.csv/.parquet, or e.g. tofu:forget10")
+    forget.add_argument("--data-dir", default=None, help="local TOFU / MUSE files for tofu:/muse: names (or $UNDIAL_DATA_DIR)")
     forget.add_argument("--out", required=True, help="new adapter directory, e.g. adapters/req-001")
     forget.add_argument("--stack", nargs="*", default=[], metavar="DIR", help="earlier adapters, in order")
     forget.add_argument("--retain", default=None, help="retain set (with --retain-weight > 0)")
@@ -173,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapters", nargs="*", default=[])
     for split in EVAL_SPLITS:
         evaluate.add_argument(f"--{split.replace('_', '-')}", dest=split, default=None,
-                              help="data file, or demo:forget / demo:keep")
+                              help="data file, demo:forget / demo:keep, or e.g. tofu:forget10_perturbed")
+    evaluate.add_argument("--data-dir", default=None, help="local TOFU / MUSE files for tofu:/muse: names (or $UNDIAL_DATA_DIR)")
     evaluate.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
                           help=f"greedy answer length for ROUGE (default {EVAL_MAX_NEW_TOKENS}, as TOFU)")
     evaluate.add_argument("--reference", default=None, help="a saved report of a retain-only model")

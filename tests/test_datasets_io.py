@@ -1,0 +1,118 @@
+"""TOFU / MUSE names resolved from a local folder of fixtures in the hubs' own field names (no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from undial_peft.cli import main
+from undial_peft.datasets_io import UndialDataNameError, load_rows, parse_name
+from undial_peft.evaluate import UTILITY_COMPONENTS, evaluate
+from undial_peft.models import load_model
+
+from conftest import make_facts
+
+FACTS = make_facts()
+
+
+def _tofu_perturbed(facts: list[dict[str, str]]) -> list[dict]:
+    """locuslab/TOFU ``*_perturbed`` rows: question, answer, paraphrased_answer, paraphrased_question,
+    perturbed_answer (a list)."""
+    rows = []
+    for i, f in enumerate(facts):
+        name, city = f["question"].split()[2], f["answer"].split()[-1].rstrip(".")
+        others = [FACTS[(i + j) % len(FACTS)]["answer"].split()[-1].rstrip(".") for j in (1, 2, 3)]
+        rows.append({
+            "question": f["question"],
+            "answer": f["answer"],
+            "paraphrased_question": f"Where was {name} born ?",
+            "paraphrased_answer": f"{name} was born in {city} .",
+            "perturbed_answer": [f"{name} was born in {o}." for o in others],
+        })
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench-data")
+    _write(root / "tofu" / "forget10.jsonl", [{"question": f["question"], "answer": f["answer"]} for f in FACTS[:4]])
+    _write(root / "tofu" / "forget10_perturbed.jsonl", _tofu_perturbed(FACTS[:4]))
+    _write(root / "tofu" / "holdout10.jsonl", [{"question": f["question"], "answer": f["answer"]} for f in FACTS[4:8]])
+    _write(root / "tofu" / "retain_perturbed.jsonl", _tofu_perturbed(FACTS[8:12]))
+    # real_authors / world_facts: no paraphrase, the answer is the true option among the perturbed ones
+    for name, part in (("real_authors_perturbed", FACTS[12:14]), ("world_facts_perturbed", FACTS[14:16])):
+        _write(root / "tofu" / f"{name}.jsonl",
+               [{k: r[k] for k in ("question", "answer", "perturbed_answer")} for r in _tofu_perturbed(part)])
+    # MUSE (muse-bench/MUSE-News): knowmem question/answer, verbmem prompt/gt, privleak text
+    _write(root / "muse" / "news" / "knowmem" / "forget_qa.jsonl", [{"question": f["question"], "answer": f["answer"]} for f in FACTS[:3]])
+    _write(root / "muse" / "news" / "verbmem" / "forget.jsonl", [{"prompt": f["question"], "gt": f["answer"]} for f in FACTS[:3]])
+    _write(root / "muse" / "news" / "privleak" / "forget.jsonl", [{"text": f["answer"]} for f in FACTS[:4]])
+    _write(root / "muse" / "news" / "privleak" / "holdout.jsonl", [{"text": f["answer"]} for f in FACTS[4:8]])
+    return root
+
+
+def test_names_parse_and_bad_names_say_the_valid_shapes():
+    assert parse_name("muse:books/privleak/holdout").hub_path == "muse-bench/MUSE-Books"
+    assert parse_name("tofu:world_facts_perturbed").hub_path == "locuslab/TOFU"
+    for bad in ("tofu:", "muse:news/knowmem", "muse:wiki/knowmem/forget_qa", "tofu:a/b"):
+        with pytest.raises(UndialDataNameError, match="expected tofu:<config>"):
+            parse_name(bad)
+
+
+def test_rows_come_back_in_our_field_names(data_dir):
+    rows = load_rows("tofu:forget10_perturbed", data_dir)
+    assert len(rows) == 4 and rows[0]["perturbed_answers"] == _tofu_perturbed(FACTS[:1])[0]["perturbed_answer"]
+    assert rows[0]["paraphrased_question"] == "Where was Zorbel born ?"
+    assert load_rows("tofu:world_facts_perturbed", data_dir)[1] == {
+        "question": FACTS[15]["question"], "answer": FACTS[15]["answer"],
+        "perturbed_answers": _tofu_perturbed(FACTS[14:16])[1]["perturbed_answer"]}
+    assert load_rows("muse:news/verbmem/forget", data_dir)[0] == {"prompt": FACTS[0]["question"], "completion": FACTS[0]["answer"]}
+    assert load_rows("muse:News/privleak/holdout", data_dir)[0] == {"text": FACTS[4]["answer"]}
+
+
+def test_missing_split_offline_says_where_to_put_it(data_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UndialDataNameError) as err:
+        load_rows("tofu:forget05", data_dir)
+    message = str(err.value)
+    assert str(data_dir / "tofu" / "forget05") + ".jsonl" in message and "--data-dir" in message
+    assert "load_dataset('locuslab/TOFU', 'forget05', split='train')" in message
+    monkeypatch.setenv("UNDIAL_DATA_DIR", str(data_dir))  # the environment variable instead of the argument
+    assert len(load_rows("tofu:forget10")) == 4
+
+
+def test_tofu_and_muse_fixtures_evaluate(tiny_dir, data_dir):
+    model, tokenizer = load_model(tiny_dir)
+    tofu = {k: load_rows(f"tofu:{v}", data_dir) for k, v in (
+        ("forget", "forget10_perturbed"), ("holdout", "holdout10"), ("retain", "retain_perturbed"),
+        ("real_authors", "real_authors_perturbed"), ("world_facts", "world_facts_perturbed"))}
+    report = evaluate(model, tokenizer, **tofu, max_new_tokens=8)
+    top = report["summary"]
+    assert list(top["model_utility_components"]) == list(UTILITY_COMPONENTS) and 0 < top["model_utility"] <= 1
+    assert len(report["splits"]["forget"]["items"]["truth_ratio"]) == 4 and "mia_auc" in top
+    muse = evaluate(model, tokenizer, load_rows("muse:news/privleak/forget", data_dir),
+                    holdout=load_rows("muse:news/privleak/holdout", data_dir), generate=False)
+    assert set(muse["summary"]["mia_auc"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
+
+
+def test_cli_eval_and_forget_take_names(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+    out = tmp_path / "report.json"
+    code = main(["eval", "--model", tiny_dir, "--forget", "tofu:forget10_perturbed", "--retain", "tofu:retain_perturbed",
+                 "--data-dir", str(data_dir), "--max-new-tokens", "4", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["splits"]["forget"]["n_items"] == 4
+    adapter = tmp_path / "req"
+    code = main(["forget", "--model", tiny_dir, "--data", "tofu:forget10", "--data-dir", str(data_dir),
+                 "--out", str(adapter), "--max-steps", "1", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (adapter / "adapter_model.safetensors").is_file()
+    code = main(["eval", "--model", tiny_dir, "--forget", "tofu:nope", "--data-dir", str(data_dir)])
+    assert code == 2 and "tofu/nope.jsonl" in capsys.readouterr().err

@@ -1,0 +1,148 @@
+"""TOFU and MUSE splits by name (``tofu:forget10``, ``muse:news/knowmem/forget_qa``) through `datasets`.
+
+A name is looked up first in a local folder (``data_dir`` argument, else the ``UNDIAL_DATA_DIR``
+environment variable), then on the Hugging Face hub when it can be reached. Local layout, one file
+per split in the hub's own format (``.jsonl``, ``.json`` or ``.parquet``)::
+
+    DATA/tofu/forget10.jsonl                  # locuslab/TOFU, config forget10
+    DATA/tofu/world_facts_perturbed.jsonl
+    DATA/muse/news/knowmem/forget_qa.jsonl    # muse-bench/MUSE-News, config knowmem, split forget_qa
+
+Rows come back in the field names `undial_peft.evaluate.read_eval_items` and
+`undial_peft.data.read_examples` read: TOFU keeps question / answer / paraphrased_answer /
+paraphrased_question and renames ``perturbed_answer`` (a list) to ``perturbed_answers``; MUSE
+knowmem rows are question / answer, verbmem rows prompt / completion (``prompt`` / ``gt``), and
+raw, privleak rows are ``{"text": ...}``.
+
+>>> parse_name("tofu:forget10")
+DataName(benchmark='tofu', config='forget10', split='train')
+>>> parse_name("muse:news/verbmem/forget")
+DataName(benchmark='muse', config='verbmem', split='forget', corpus='News')
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_DATA_DIR = "UNDIAL_DATA_DIR"
+PREFIXES = ("tofu:", "muse:")
+SUFFIXES = (".jsonl", ".json", ".parquet")
+TOFU_HUB = "locuslab/TOFU"
+MUSE_HUB = "muse-bench/MUSE-{corpus}"
+MUSE_CORPORA = {"news": "News", "books": "Books"}
+MUSE_CONFIGS = ("raw", "knowmem", "verbmem", "privleak")
+
+
+class UndialDataNameError(ValueError):
+    """A benchmark name that is malformed or whose data cannot be found."""
+
+
+@dataclass(frozen=True)
+class DataName:
+    """A parsed ``tofu:`` / ``muse:`` name: hub config and split (TOFU has one split, ``train``)."""
+
+    benchmark: str
+    config: str
+    split: str
+    corpus: str | None = None
+
+    @property
+    def hub_path(self) -> str:
+        return TOFU_HUB if self.benchmark == "tofu" else MUSE_HUB.format(corpus=self.corpus)
+
+    def local_stem(self, root: Path) -> Path:
+        if self.benchmark == "tofu":
+            return root / "tofu" / self.config
+        return root / "muse" / str(self.corpus).lower() / self.config / self.split
+
+
+def is_data_name(value: Any) -> bool:
+    """True for strings this module resolves (``tofu:...`` or ``muse:...``)."""
+    return isinstance(value, str) and value.startswith(PREFIXES)
+
+
+def parse_name(name: str) -> DataName:
+    """Split a name into benchmark, config, split; raises `UndialDataNameError` naming the valid shapes."""
+    benchmark, _, rest = name.partition(":")
+    if benchmark == "tofu" and rest and "/" not in rest:
+        return DataName("tofu", rest, "train")
+    parts = rest.split("/")
+    if benchmark == "muse" and len(parts) == 3 and parts[0].lower() in MUSE_CORPORA and parts[1] in MUSE_CONFIGS:
+        return DataName("muse", parts[1], parts[2], MUSE_CORPORA[parts[0].lower()])
+    raise UndialDataNameError(
+        f"{name!r}: expected tofu:<config> (e.g. tofu:forget10, tofu:retain_perturbed) or "
+        f"muse:<news|books>/<{'|'.join(MUSE_CONFIGS)}>/<split> (e.g. muse:news/knowmem/forget_qa)."
+    )
+
+
+def _local_file(name: DataName, data_dir: str | Path | None) -> Path | None:
+    root = data_dir if data_dir is not None else os.environ.get(ENV_DATA_DIR)
+    if not root:
+        return None
+    stem = name.local_stem(Path(root))
+    return next((stem.with_name(stem.name + s) for s in SUFFIXES if stem.with_name(stem.name + s).is_file()), None)
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def load_dataset_by_name(name: str, data_dir: str | Path | None = None) -> Any:
+    """The split as a `datasets.Dataset`, from the local folder or the hub, in the hub's own fields.
+
+    >>> # load_dataset_by_name("tofu:forget10", "data").column_names  -> ['question', 'answer']
+    """
+    import datasets
+
+    parsed = parse_name(name)
+    local = _local_file(parsed, data_dir)
+    if local is not None:
+        kind = "parquet" if local.suffix == ".parquet" else "json"
+        return datasets.load_dataset(kind, data_files={"train": str(local)}, split="train")
+    root = data_dir if data_dir is not None else os.environ.get(ENV_DATA_DIR)
+    where = parsed.local_stem(Path(root or "DATA"))
+    hint = (
+        f"put the split at {where}.jsonl (or .json / .parquet) and pass --data-dir (or set {ENV_DATA_DIR}) to its"
+        f" root; on a machine with internet: python -c \"import datasets; datasets.load_dataset("
+        f"'{parsed.hub_path}', '{parsed.config}', split='{parsed.split}').to_json('{where}.jsonl')\""
+    )
+    if _hub_offline():
+        raise UndialDataNameError(f"{name}: not found locally and the hub is switched off (HF_HUB_OFFLINE); {hint}.")
+    try:
+        return datasets.load_dataset(parsed.hub_path, parsed.config, split=parsed.split)
+    except Exception as err:  # no network, unknown config, gated repo: all end in the same advice
+        raise UndialDataNameError(
+            f"{name}: not found locally and not loadable from the hub ({type(err).__name__}: {err}); {hint}."
+        ) from err
+
+
+def _convert(parsed: DataName, row: dict[str, Any]) -> dict[str, Any]:
+    if parsed.benchmark == "tofu":
+        out = {k: row[k] for k in ("question", "answer", "paraphrased_answer", "paraphrased_question") if k in row}
+        if "perturbed_answer" in row:
+            perturbed = row["perturbed_answer"]
+            out["perturbed_answers"] = [perturbed] if isinstance(perturbed, str) else list(perturbed)
+        return out
+    if parsed.config == "knowmem":
+        return {"question": row["question"], "answer": row["answer"]}
+    if parsed.config == "verbmem":
+        return {"prompt": row["prompt"], "completion": row["gt"]}
+    return {"text": row["text"]}
+
+
+def load_rows(name: str, data_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """The split as a list of dicts in this package's field names (see the module docstring).
+
+    >>> # load_rows("tofu:forget10_perturbed", "data")[0]["perturbed_answers"]  -> ['...', '...', ...]
+    """
+    parsed = parse_name(name)
+    dataset = load_dataset_by_name(name, data_dir)
+    try:
+        return [_convert(parsed, row) for row in dataset]
+    except KeyError as err:
+        raise UndialDataNameError(
+            f"{name}: rows lack field {err}; columns are {dataset.column_names}. Save the split in the hub's own format."
+        ) from err
