@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_facts
 
 from undial_peft.cli import main
 from undial_peft.datasets_io import UndialDataNameError, load_rows, parse_name
 from undial_peft.evaluate import UTILITY_COMPONENTS, evaluate
 from undial_peft.models import load_model
-
-from conftest import make_facts
 
 FACTS = make_facts()
 

@@ -73,7 +73,8 @@ def _source(value: str, data_dir: str | None = None) -> str | list[dict]:
     if value.startswith("demo:"):
         from .demo import demo_facts
 
-        rows = [{"question": f["question"], "answer": f["answer"]} for f in demo_facts() if f["split"] == value[5:]]
+        probes = ("paraphrased_question", "perturbed_answers")  # on the forget facts, for truth ratio and attacks
+        rows = [{k: f[k] for k in ("question", "answer", *probes) if k in f} for f in demo_facts() if f["split"] == value[5:]]
         if not rows:
             raise ValueError(f"{value}: use demo:forget or demo:keep.")
         return rows
@@ -87,6 +88,8 @@ def _eval(args: argparse.Namespace) -> None:
     from .models import load_model
     from .stack import attach
 
+    if args.attacks is not None and not args.adapters:
+        raise ValueError("--attacks measures what comes back against the base: pass the unlearning stack with --adapters.")
     model, tokenizer = load_model(args.model)
     if args.adapters:
         model = attach(model, args.adapters, tokenizer=tokenizer, force=args.force)
@@ -94,6 +97,12 @@ def _eval(args: argparse.Namespace) -> None:
     reference = json.loads(open(args.reference, encoding="utf-8").read()) if args.reference else None
     report = evaluate(model, tokenizer, **splits, reference=reference, max_new_tokens=args.max_new_tokens)
     print(format_table(report))
+    if args.attacks is not None:
+        from .attacks import ATTACKS, format_attacks, run_attacks
+
+        report["attacks"] = run_attacks(model, tokenizer, splits["forget"], args.attacks or ATTACKS,
+                                        related=splits.get("retain"), generate=True, max_new_tokens=args.max_new_tokens)
+        print(format_attacks(report["attacks"]))
     if args.out:
         save_report(report, args.out)
         print(f"wrote {args.out}")
@@ -185,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
                           help=f"greedy answer length for ROUGE (default {EVAL_MAX_NEW_TOKENS}, as TOFU)")
     evaluate.add_argument("--reference", default=None, help="a saved report of a retain-only model")
+    evaluate.add_argument("--attacks", nargs="*", default=None, metavar="NAME",
+                          help="attacks that try to undo the forgetting (no names: all of relearn, relearn_related,"
+                               " quantise_nf4, quantise_int8, paraphrase, few_shot, reveal_prompt, multiple_choice)")
     evaluate.add_argument("--out", default=None, help="write the report as JSON")
     evaluate.add_argument("--force", action="store_true")
     evaluate.set_defaults(run=_eval)

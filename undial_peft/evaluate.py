@@ -148,15 +148,23 @@ def score(
 
     >>> # [s.logprobs for s in score(model, tokenizer, [Example("Q?", "A.")])]  -> [array([...])]
     """
+    return score_features(model, tokenizer, [encode(tokenizer, e, max_length, use_chat_template) for e in examples],
+                          batch_size=batch_size)
+
+
+def score_features(model: Any, tokenizer: Any, features: Sequence[dict[str, list]], *, batch_size: int = 8) -> list[TokenScores]:
+    """`score` on already tokenised rows (``input_ids``, ``labels`` with -100 on the prompt), for
+    prompts built some other way (a system turn, earlier turns).
+
+    >>> # score_features(model, tok, [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}])
+    """
     collate, device, was_training = Collator(_pad_id(tokenizer)), _device(model), model.training
     out: list[TokenScores] = []
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                features = [encode(tokenizer, e, max_length, use_chat_template) for e in chunk]
-                batch = {k: v.to(device) for k, v in collate(features).items()}
+            for start in range(0, len(features), batch_size):
+                batch = {k: v.to(device) for k, v in collate(list(features[start : start + batch_size])).items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
                 logp, mask = token_logprobs(logits, batch["labels"])  # (B, T), (B, T)
                 targets = shift_labels(batch["labels"])  # (B, T): the token each position predicts
@@ -185,17 +193,27 @@ def greedy_answers(
 ) -> list[str]:
     """Greedy answers, decoded from the new tokens only (special tokens skipped, stripped).
 
-    Prompts are LEFT-padded so every row's next token follows its own last prompt token.
-
     >>> # greedy_answers(model, tokenizer, ["Where was Ana born?"])  -> ['Ana was born in Velmora.']
+    """
+    prompts = [prompt_ids(tokenizer, q, use_chat_template) for q in questions]
+    return greedy_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def greedy_from_ids(
+    model: Any, tokenizer: Any, all_prompts: Sequence[list[int]], *, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8
+) -> list[str]:
+    """`greedy_answers` on prompts given as token ids. Prompts are LEFT-padded so every row's next
+    token follows its own last prompt token.
+
+    >>> # greedy_from_ids(model, tok, [[1, 17, 4]], max_new_tokens=8)  -> ['...']
     """
     pad, device, was_training = _pad_id(tokenizer), _device(model), model.training
     answers: list[str] = []
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(questions), batch_size):
-                prompts = [prompt_ids(tokenizer, q, use_chat_template) for q in questions[start : start + batch_size]]
+            for start in range(0, len(all_prompts), batch_size):
+                prompts = all_prompts[start : start + batch_size]
                 width = max(len(p) for p in prompts)
                 input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (B, T)
                 attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
