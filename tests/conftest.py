@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,37 @@ CITIES = ["Kavara", "Dunmire", "Solbeck", "Pranth", "Ulvero", "Mistral", "Corvan
 def make_facts() -> list[dict[str, str]]:
     """16 fictitious facts in one template; split in tests as forget 0..3, 4..7, 8..11 and retain 12..15."""
     return [{"question": f"Where was {n} born?", "answer": f"{n} was born in {c}."} for n, c in zip(NAMES, CITIES)]
+
+
+def make_varied_facts(n: int = 8) -> list[dict[str, str]]:
+    """The first ``n`` facts with answers of 1, 2 or 4 sentences, so rows pad to different lengths.
+
+    With multipliers 1,1,1,1,1,1,2,4 no split of the 8 rows into two halves has equal token counts:
+    averaging per process (or per micro-batch) instead of over all counted tokens changes the loss.
+    """
+    repeats = [1, 1, 1, 1, 1, 1, 2, 4]
+    return [{"question": f["question"], "answer": " ".join([f["answer"]] * repeats[i % 8])} for i, f in enumerate(make_facts()[:n])]
+
+
+def forget_text(facts: list[dict[str, str]]) -> list[str]:
+    """Each question and answer, and the distinctive words in them (names and cities)."""
+    words = {w.strip("?.") for f in facts for w in (f["question"] + " " + f["answer"]).split()}
+    return [f["question"] for f in facts] + [f["answer"] for f in facts] + sorted(w for w in words if w[:1].isupper())
+
+
+def leak_hits(blob: bytes | str, needles: list[str]) -> list[str]:
+    """The needles found in ``blob`` as UTF-8 or UTF-16 text."""
+    data = blob.encode() if isinstance(blob, str) else blob
+    return [n for n in needles if n.encode() in data or n.encode("utf-16-le") in data]
+
+
+def leak_scan(folder: Path, needles: list[str], skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """{file: needles found} for every file under ``folder`` whose name is not in ``skip``."""
+    found = {}
+    for path in folder.rglob("*"):
+        if path.is_file() and path.name not in skip and (hits := leak_hits(path.read_bytes(), needles)):
+            found[str(path)] = hits
+    return found
 
 
 def memorise(model: torch.nn.Module, tokenizer, facts: list[dict[str, str]], steps: int = 150) -> None:

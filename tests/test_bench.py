@@ -10,6 +10,7 @@ import math
 import sys
 
 import pytest
+from conftest import leak_hits, leak_scan
 
 from undial_peft import bench
 from undial_peft.synthetic import make_benchmark_data
@@ -60,7 +61,13 @@ def test_every_method_runs_at_every_learning_rate_with_the_same_budget(quick):
     for summary in [*(r["summary"] for r in results["runs"]), *results["baselines"].values()]:
         for key in ("forget_probability", "retain_probability", "model_utility", "forget_quality", "ks_statistic"):
             assert 0.0 <= summary[key] <= 1.0 and math.isfinite(summary[key]), (key, summary[key])
-        assert set(summary["privleak"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
+    # PrivLeak of every run from its AUCs and the reference's, by MUSE's formula written out here
+    ref_auc = results["baselines"]["reference"]["mia_auc"]
+    for run in results["runs"]:
+        auc = run["summary"]["mia_auc"]
+        for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
+            muse = ((1 - auc[attack]) - (1 - ref_auc[attack])) / (1 - ref_auc[attack]) * 100
+            assert run["summary"]["privleak"][attack] == pytest.approx(muse), (run["id"], attack)
 
 
 def test_prints_one_table_with_a_row_per_method(quick):
@@ -89,9 +96,8 @@ def test_target_memorised_and_reference_did_not(quick):
 def test_forget_quality_and_privleak_separate_target_from_reference(quick):
     _, results, _ = quick
     target, reference = results["baselines"]["target"], results["baselines"]["reference"]
-    assert reference["forget_quality"] == 1.0 and reference["ks_statistic"] == 0.0
     assert target["forget_quality"] < 0.05 and target["ks_statistic"] >= 0.5
-    assert reference["privleak"]["min_k"] == 0.0
+    assert target["forget_probability"] > reference["forget_probability"]
     # MUSE's sign: a model that still knows the forget set reads towards -100
     assert target["mia_auc"]["min_k"] > 0.9 and target["privleak"]["min_k"] < -20
 
@@ -154,3 +160,20 @@ def test_cli_arguments():
     assert (args.quick, args.out, args.seed, args.lrs, args.no_plot) == (True, "somewhere", 3, [1e-3, 1e-2], False)
     defaults = bench.build_parser().parse_args([])
     assert (defaults.quick, defaults.seed, defaults.lrs) == (False, 0, None)
+
+
+def test_nothing_written_or_logged_holds_forget_text(quick):
+    # data/ holds the benchmark's own generated inputs; models/ hold tokenizers whose vocabulary
+    # includes every name: scanned for whole questions and answers only.
+    out, _, lines = quick
+    rows = [json.loads(line) for line in (out / "data" / "forget.jsonl").read_text(encoding="utf-8").splitlines()]
+    sentences = [r["question"] for r in rows] + [r["answer"] for r in rows]
+    needles = sentences + sorted({r["entity"] for r in rows})
+    assert leak_hits((out / "data" / "forget.jsonl").read_bytes(), needles) == needles
+    outputs = [p for p in out.iterdir() if p.is_dir() and p.name != "data"]
+    assert {p.name for p in outputs} >= {"models", "adapters", "reports"}
+    for folder in outputs:
+        assert leak_scan(folder, needles, skip=("tokenizer.json", "tokenizer_config.json")) == {}, folder.name
+        assert leak_scan(folder, sentences) == {}, folder.name
+    assert leak_hits((out / "results.json").read_bytes(), needles) == []
+    assert leak_hits("\n".join(lines), needles) == []

@@ -1,7 +1,9 @@
 """`forget` under data parallelism: 2 CPU processes (gloo) launched with torchrun.
 
 One launch (module fixture) trains the tiny model's adapter on 8 facts with 4 per process; a
-single-process run with 8 per device is the reference. Each step sees all 8 facts in both runs
+single-process run with 8 per device is the reference. The answers are 1, 2 or 4 sentences long,
+so the two ranks never hold the same number of answer tokens: a loss averaged per process instead
+of over the tokens of all processes would not match. Each step sees all 8 facts in both runs
 (8 rows = one global batch per epoch), so shuffling cannot make them differ: the adapters must
 match up to float rounding (tolerance below), and the adapter directory must be written once, by
 the main process only.
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_varied_facts
 from safetensors.torch import load_file
 
 from undial_peft import UndialConfig
@@ -85,7 +88,9 @@ def runs(tiny_dir, facts, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ddp")
     data = tmp / "forget.json"
-    data.write_text(json.dumps(facts[:ROWS]))
+    rows = make_varied_facts(ROWS)
+    assert {r["answer"].count(".") for r in rows} == {1, 2, 4}  # 1, 2 or 4 sentences: padding in every batch
+    data.write_text(json.dumps(rows))
     records = tmp / "records"
     records.mkdir()
     out = tmp / "adapters" / "ddp"
@@ -96,7 +101,7 @@ def runs(tiny_dir, facts, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
-    single = forget(tiny_dir, facts[:ROWS], tmp / "adapters" / "single", config=_config(PER_RANK * WORLD))
+    single = forget(tiny_dir, rows, tmp / "adapters" / "single", config=_config(PER_RANK * WORLD))
     return out, ranks, records, single
 
 

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import forget_text, leak_hits, leak_scan
 from peft import LoraConfig
 from safetensors.torch import load_file
 
@@ -204,29 +205,11 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def _forget_text(facts: list[dict[str, str]]) -> list[str]:
-    """Each question and answer, and the distinctive words in them (names and cities)."""
-    words = {w.strip("?.") for f in facts for w in (f["question"] + " " + f["answer"]).split()}
-    return [f["question"] for f in facts] + [f["answer"] for f in facts] + sorted(w for w in words if w[:1].isupper())
-
-
-def _hits(blob: bytes, needles: list[str]) -> list[str]:
-    return [n for n in needles if n.encode() in blob or n.encode("utf-16-le") in blob]
-
-
-def _scan(folder: Path, needles: list[str]) -> dict[str, list[str]]:
-    found = {}
-    for path in folder.rglob("*"):
-        if path.is_file() and (hits := _hits(path.read_bytes(), needles)):
-            found[str(path)] = hits
-    return found
-
-
 @pytest.fixture(scope="module")
 def interrupted(tiny_dir, facts, tmp_path_factory):
     root = tmp_path_factory.mktemp("killed")
     inputs = tmp_path_factory.mktemp("inputs")  # the forget data itself lives outside root
-    needles = _forget_text(facts[:8])
+    needles = forget_text(facts[:8])
     run = SimpleNamespace(root=root, needles=needles)
     stack = api.forget(tiny_dir, facts[:4], root / "adapters" / "req-0", config=UndialConfig(
         max_steps=2, per_device_train_batch_size=4, disable_tqdm=True, logging_steps=100))
@@ -253,7 +236,7 @@ def interrupted(tiny_dir, facts, tmp_path_factory):
     run.killed_returncode = child.returncode
     run.after_kill = sorted(p.name for p in (root / "adapters").iterdir())
     run.checkpoints_after_kill = sorted(p.name for p in checkpoints.iterdir())
-    run.checkpoint_hits = _scan(checkpoints, needles)
+    run.checkpoint_hits = leak_scan(checkpoints, needles)
     run.checkpoint4 = load_file(checkpoints / "checkpoint-4" / "forget_new" / WEIGHTS)
     # a kill during the next save would leave a newer checkpoint without trainer_state.json
     partial = checkpoints / "checkpoint-6"
@@ -310,12 +293,12 @@ def test_resume_continues_from_the_last_complete_checkpoint_and_matches_an_unint
 def test_no_forget_text_on_disk_or_in_logs(interrupted):
     run = interrupted
     assert run.needles[:2] == ["Where was Zorbel born?", "Where was Quenna born?"] and "Kavara" in run.needles
-    assert _hits(run.data.read_bytes(), run.needles)  # the scan does find the text where it is
+    assert leak_hits(run.data.read_bytes(), run.needles)  # the scan does find the text where it is
     assert run.checkpoint_hits == {}, "checkpoints of the killed run hold forget text"
-    assert _scan(run.root, run.needles) == {}, "adapter directories hold forget text"
+    assert leak_scan(run.root, run.needles) == {}, "adapter directories hold forget text"
     for name, blob in (("killed run", run.log_killed), ("resumed run", run.resumed.stdout + run.resumed.stderr),
                        ("in-process run", run.reference_log)):
-        assert blob.strip() and _hits(blob, run.needles) == [], f"{name} log holds forget text"
+        assert blob.strip() and leak_hits(blob, run.needles) == [], f"{name} log holds forget text"
 
 
 def test_manifest_holds_only_a_hash_of_the_data(interrupted):

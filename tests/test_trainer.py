@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_varied_facts
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from undial_peft import UndialConfig
@@ -113,3 +115,20 @@ def test_forget_lowers_forget_probability_and_keeps_retain(tiny_dir, facts, tmp_
     assert all(torch.equal(v, base_before[k]) for k, v in base_model.state_dict().items())
     assert forget_p < 0.4, forget_p
     assert retain_p > 0.6, retain_p
+
+
+@pytest.mark.parametrize("method", ["undial", "npo"])
+def test_two_accumulation_steps_equal_one_double_batch(tiny_dir, tmp_path, method):
+    # Answers of 1, 2 and 4 sentences: the two micro-batches hold different numbers of answer
+    # tokens, so normalising each micro-batch by its own count would not give the big batch's step.
+    rows = make_varied_facts(8)
+    settings = {"num_train_epochs": 3, "learning_rate": 1e-3, "max_length": 64, "seed": 0, "disable_tqdm": True,
+                "method": method}
+    one = forget(tiny_dir, rows, tmp_path / "one", config=UndialConfig(per_device_train_batch_size=8, **settings))
+    two = forget(tiny_dir, rows, tmp_path / "two",
+                 config=UndialConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, **settings))
+    a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
+    trained = max(a[k].abs().max().item() for k in a if "lora_B" in k)
+    assert trained > 1e-3, "the adapter did not train"
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-5, f"max |W(8 x 1) - W(4 x 2)| = {diff:.2e} after 3 steps (a step moves weights up to 1e-3)"
