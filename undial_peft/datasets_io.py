@@ -15,7 +15,7 @@ knowmem rows are question / answer, verbmem rows prompt / completion (``prompt``
 raw, privleak rows are ``{"text": ...}``.
 
 >>> parse_name("tofu:forget10")
-DataName(benchmark='tofu', config='forget10', split='train')
+DataName(benchmark='tofu', config='forget10', split='train', corpus=None)
 >>> parse_name("muse:news/verbmem/forget")
 DataName(benchmark='muse', config='verbmem', split='forget', corpus='News')
 """

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import metrics
-from .data import Collator, Example, _read_rows, encode, prompt_ids
-from .loss import shift_labels, token_logprobs
+from .data import Example, _read_rows
+from .scoring import MAX_NEW_TOKENS, TokenScores, greedy_answers, score
+
+__all__ = ["EvalItem", "MAX_NEW_TOKENS", "TokenScores", "evaluate", "format_table", "greedy_answers",
+           "read_eval_items", "save_report", "score"]
 
 SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts", "general")
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
@@ -38,7 +40,6 @@ UTILITY_COMPONENTS = (
 )
 OPTION_SPLITS = ("real_authors", "world_facts")  # probability normalised over the answer options
 FORGET_LIKE = ("forget", "holdout")  # truth ratio summarised as closeness to 1, not preference for the truth
-MAX_NEW_TOKENS = 200  # greedy answer length for ROUGE, as TOFU and open-unlearning
 
 
 @dataclass(frozen=True)
@@ -63,17 +64,6 @@ class EvalItem:
     @property
     def true_answer(self) -> str:
         return self.paraphrased_answer if self.paraphrased_answer is not None else self.answer
-
-
-@dataclass(frozen=True, eq=False)
-class TokenScores:
-    """Per answer token (1-D, length n): log p(true token), mean and std of log p under the model's
-    own next-token distribution (for Min-K%++), and whether the argmax was the true token."""
-
-    logprobs: np.ndarray
-    mu: np.ndarray
-    sigma: np.ndarray
-    argmax_match: np.ndarray
 
 
 def _optional_text(row: dict, key: str, where: str) -> str | None:
@@ -122,113 +112,6 @@ def read_eval_items(source: str | Path | Sequence[dict | Example | EvalItem]) ->
     if not items:
         raise ValueError("no evaluation items given.")
     return items
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
-    return pad
-
-
-def score(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    *,
-    use_chat_template: bool = True,
-    max_length: int = 512,
-    batch_size: int = 8,
-) -> list[TokenScores]:
-    """Per-item answer-token scores, one no-grad forward per batch (the model's mode is restored).
-
-    >>> # [s.logprobs for s in score(model, tokenizer, [Example("Q?", "A.")])]  -> [array([...])]
-    """
-    return score_features(model, tokenizer, [encode(tokenizer, e, max_length, use_chat_template) for e in examples],
-                          batch_size=batch_size)
-
-
-def score_features(model: Any, tokenizer: Any, features: Sequence[dict[str, list]], *, batch_size: int = 8) -> list[TokenScores]:
-    """`score` on already tokenised rows (``input_ids``, ``labels`` with -100 on the prompt), for
-    prompts built some other way (a system turn, earlier turns).
-
-    >>> # score_features(model, tok, [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}])
-    """
-    collate, device, was_training = Collator(_pad_id(tokenizer)), _device(model), model.training
-    out: list[TokenScores] = []
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(features), batch_size):
-                batch = {k: v.to(device) for k, v in collate(list(features[start : start + batch_size])).items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-                logp, mask = token_logprobs(logits, batch["labels"])  # (B, T), (B, T)
-                targets = shift_labels(batch["labels"])  # (B, T): the token each position predicts
-                for i in range(logits.shape[0]):
-                    # One row at a time: at most (n_i, V) float32 extra, never a (B, T, V) float32 copy.
-                    log_q = logits[i][mask[i]].float().log_softmax(-1)  # (n_i, V)
-                    q = log_q.exp()
-                    mu = (q * log_q).sum(-1)  # (n_i,) E_q[log q]
-                    # E_q[(log q - mu)^2] = sum q (log q)^2 - mu^2, in the form that cannot go negative.
-                    sigma = (q * (log_q - mu[:, None]).square()).sum(-1).sqrt()  # (n_i,)
-                    match = log_q.argmax(-1) == targets[i][mask[i]]  # (n_i,)
-                    out.append(TokenScores(*(t.double().cpu().numpy() for t in (logp[i][mask[i]], mu, sigma, match))))
-    finally:
-        model.train(was_training)
-    return out
-
-
-def greedy_answers(
-    model: Any,
-    tokenizer: Any,
-    questions: Sequence[str],
-    *,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    use_chat_template: bool = True,
-    batch_size: int = 8,
-) -> list[str]:
-    """Greedy answers, decoded from the new tokens only (special tokens skipped, stripped).
-
-    >>> # greedy_answers(model, tokenizer, ["Where was Ana born?"])  -> ['Ana was born in Velmora.']
-    """
-    prompts = [prompt_ids(tokenizer, q, use_chat_template) for q in questions]
-    return greedy_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-
-def greedy_from_ids(
-    model: Any, tokenizer: Any, all_prompts: Sequence[list[int]], *, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8
-) -> list[str]:
-    """`greedy_answers` on prompts given as token ids. Prompts are LEFT-padded so every row's next
-    token follows its own last prompt token.
-
-    >>> # greedy_from_ids(model, tok, [[1, 17, 4]], max_new_tokens=8)  -> ['...']
-    """
-    pad, device, was_training = _pad_id(tokenizer), _device(model), model.training
-    answers: list[str] = []
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(all_prompts), batch_size):
-                prompts = all_prompts[start : start + batch_size]
-                width = max(len(p) for p in prompts)
-                input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (B, T)
-                attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-                generated = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad,
-                )  # (B, T + new)
-                texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-                answers.extend(t.strip() for t in texts)
-    finally:
-        model.train(was_training)
-    return answers
 
 
 def option_nlls(model: Any, tokenizer: Any, items: Sequence[EvalItem], **run: Any) -> list[tuple[float, list[float]] | None]:
