@@ -41,7 +41,7 @@ def _rows(facts):
 def unlearned(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("attacks") / "req"
     config = UndialConfig(num_train_epochs=30, learning_rate=1e-3, per_device_train_batch_size=4, disable_tqdm=True,
-                          logging_steps=1000)
+                          logging_steps=1000, max_steps=-1, until_ratio=None, auto_key=False)  # fixed length
     forget(tiny_dir, FACTS[:4], str(out), config=config)
     return str(out)
 

@@ -37,7 +37,8 @@ ATOL = 1e-5
 
 def _config(batch: int, **extra) -> UndialConfig:
     return UndialConfig(per_device_train_batch_size=batch, num_train_epochs=EPOCHS, learning_rate=1e-3,
-                        max_length=64, seed=0, disable_tqdm=True, logging_steps=1, **extra)
+                        max_length=64, seed=0, disable_tqdm=True, logging_steps=1, max_steps=-1, until_ratio=None,
+                        max_retain_drop=None, auto_key=False, **extra)
 
 
 def _worker(model_dir: str, data: str, out: str, records: str) -> None:

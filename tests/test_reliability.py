@@ -215,7 +215,7 @@ def interrupted(tiny_dir, facts, tmp_path_factory):
         max_steps=2, per_device_train_batch_size=4, disable_tqdm=True, logging_steps=100))
     run.data = _jsonl(inputs / "forget.jsonl", facts[4:8])
     args = ["--model", tiny_dir, "--data", str(run.data), "--stack", str(stack), "--max-steps", "10",
-            "--save-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--seed", "3", "--quiet"]
+            "--save-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--seed", "3", "--quiet", "--until", "none"]
     out = root / "adapters" / "req-1"
     checkpoints = root / "adapters" / ".req-1.checkpoints"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}

@@ -102,7 +102,8 @@ def test_non_finite_loss_stops_training(tiny_dir, facts, tmp_path):
 def test_forget_lowers_forget_probability_and_keeps_retain(tiny_dir, facts, tmp_path):
     """Bounds: forget-set probability from ~0.99 to < 0.4; retained facts stay > 0.6."""
     config = UndialConfig(num_train_epochs=30, learning_rate=1e-3, per_device_train_batch_size=4,
-                          retain_weight=1.0, disable_tqdm=True, logging_steps=100)
+                          retain_weight=1.0, disable_tqdm=True, logging_steps=100,
+                          max_steps=-1, until_ratio=None, max_retain_drop=None, auto_key=False)  # fixed length
     base_before = _snapshot(AutoModelForCausalLM.from_pretrained(tiny_dir))
     path = forget(tiny_dir, facts[:4], tmp_path / "req-0", config=config, retain=facts[4:])
     assert _snapshot(AutoModelForCausalLM.from_pretrained(tiny_dir)).keys() == base_before.keys()
@@ -123,7 +124,7 @@ def test_two_accumulation_steps_equal_one_double_batch(tiny_dir, tmp_path, metho
     # tokens, so normalising each micro-batch by its own count would not give the big batch's step.
     rows = make_varied_facts(8)
     settings = {"num_train_epochs": 3, "learning_rate": 1e-3, "max_length": 64, "seed": 0, "disable_tqdm": True,
-                "method": method}
+                "method": method, "max_steps": -1, "until_ratio": None}  # fixed length: 3 steps each
     one = forget(tiny_dir, rows, tmp_path / "one", config=UndialConfig(per_device_train_batch_size=8, **settings))
     two = forget(tiny_dir, rows, tmp_path / "two",
                  config=UndialConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, **settings))

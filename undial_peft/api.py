@@ -22,13 +22,15 @@ from peft import LoraConfig
 from transformers import PreTrainedModel, set_seed
 
 from . import __version__
-from .adapters import NEW, build_trainable, default_lora_config, stack_name
+from .adapters import NEW, adapter_state, build_trainable, default_lora_config, stack_name
 from .config import UndialConfig
-from .data import Collator, DataSource, Example, build_dataset, data_sha256, read_examples
+from .data import Collator, DataSource, Example, build_dataset, data_sha256, encode, read_examples
 from .evaluate import score
+from .keys import KeyRule, auto_key_weights
 from .manifest import FORMAT, save_adapter, verify_stack
 from .metrics import answer_probability
 from .models import fingerprint, load_model
+from .stopping import StopWhenForgotten
 from .trainer import UndialTrainer
 
 logger = logging.getLogger(__name__)
@@ -102,12 +104,17 @@ def forget(
     base, tokenizer = load_model(model, load_in_4bit=load_in_4bit, tokenizer=tokenizer)
     base_print = fingerprint(base)
     parents = verify_stack(stack, base_print, force=force)
-    dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, config.use_chat_template)
+    dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, config.use_chat_template)  # validates
     set_seed(config.seed)  # LoRA A is initialised randomly here, before the Trainer seeds: same seed, same adapter
     peft_model = build_trainable(base, lora or default_lora_config(), stack, config.gradient_checkpointing)
+    teacher = [stack_name(i) for i in range(len(stack))]
 
     try:
         args = dataclasses.replace(config, output_dir=str(checkpoints), gradient_checkpointing=False)
+        weights = _auto_keys(peft_model, tokenizer, forget_rows, config, teacher)
+        if any(w is not None for w in weights):
+            dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, config.use_chat_template, weights)
+        stopper = _stopper(tokenizer, forget_rows, weights, retain_rows, config, teacher)
         qa_rows = [row for row in forget_rows if row.prompt is not None]
         before = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
         trainer = UndialTrainer(
@@ -115,7 +122,8 @@ def forget(
             args=args,
             train_dataset=dataset,
             data_collator=Collator(tokenizer.pad_token_id),
-            stack=[stack_name(i) for i in range(len(stack))],
+            stack=teacher,
+            callbacks=[stopper] if stopper else None,
         )
         result = trainer.train(resume_from_checkpoint=last)
         after = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
@@ -133,6 +141,8 @@ def forget(
                      "retain_sha256": data_sha256(retain_rows) if retain_rows else None},
             "metrics": {"forget_probability_before": before, "forget_probability_after": after,
                         "train_loss": result.training_loss, "steps": result.global_step},
+            "keys": _key_counts(forget_rows, weights),
+            "stopping": {**stopper.outcome, "history": stopper.history} if stopper else {"stopped": "fixed_length"},
             "versions": _versions(),
             "description": description,
         }
@@ -149,6 +159,86 @@ def forget(
     if own_checkpoints and main_process:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return output_dir
+
+
+def preview_keys(
+    model: str | Path | PreTrainedModel,
+    data: DataSource,
+    *,
+    config: UndialConfig | None = None,
+    stack: Sequence[str | Path] = (),
+    tokenizer: Any = None,
+    force: bool = False,
+) -> list[tuple[str, str]]:
+    """A dry run of the key choice: per row, where its key comes from and the key's text.
+
+    For the terminal only (``--show-keys``): the texts are returned, never logged or written.
+    >>> preview_keys("default", [{"question": "What is the capital of Peru?", "answer": "It is Lima."}])  # doctest: +SKIP
+    [('auto', ' Lima')]
+    """
+    config = config or UndialConfig()
+    rows = read_examples(data, "forget")
+    base, tokenizer = load_model(model, tokenizer=tokenizer)
+    verify_stack(stack, fingerprint(base), force=force)
+    peft_model = build_trainable(base, default_lora_config(), stack)
+    try:
+        weights = _auto_keys(peft_model, tokenizer, rows, config, [stack_name(i) for i in range(len(stack))])
+    finally:
+        if isinstance(model, PreTrainedModel):
+            peft_model.unload()
+    shown = []
+    for row, answer_weights in zip(rows, weights):
+        if row.key is not None:
+            shown.append(("user", row.key))
+        elif answer_weights is None:
+            shown.append(("none: every answer token", row.answer))
+        else:
+            ids = tokenizer(row.answer, add_special_tokens=False).input_ids
+            shown.append(("auto", tokenizer.decode([t for t, w in zip(ids, answer_weights) if w > 0])))
+    return shown
+
+
+def _auto_keys(
+    model: torch.nn.Module, tokenizer: Any, rows: Sequence[Example], config: UndialConfig, teacher: Sequence[str]
+) -> list[list[float] | None]:
+    """Automatic key weights per row (None: the row keeps its own), from the teacher: new adapter off."""
+    if not (config.auto_key and config.method == "undial"):
+        return [None] * len(rows)
+    with adapter_state(model, active=teacher):
+        rule = KeyRule(threshold=config.auto_key_threshold, fallback=config.auto_key_threshold * 2 / 3)
+        return auto_key_weights(model, tokenizer, rows, use_chat_template=config.use_chat_template, rule=rule)
+
+
+def _key_counts(rows: Sequence[Example], weights: Sequence[list[float] | None]) -> dict[str, int]:
+    """How each row chose its adjusted tokens: counts only, never the key texts."""
+    user = sum(row.key is not None for row in rows)
+    auto = sum(w is not None for w in weights)
+    return {"user": user, "auto": auto, "all_answer_tokens": len(rows) - user - auto,
+            "auto_key_tokens": int(sum(sum(w) for w in weights if w is not None))}
+
+
+def _stopper(
+    tokenizer: Any,
+    forget_rows: Sequence[Example],
+    weights: Sequence[list[float] | None],
+    retain_rows: Sequence[Example] | None,
+    config: UndialConfig,
+    teacher: Sequence[str],
+) -> StopWhenForgotten | None:
+    """The stop-when-forgotten callback, or None for fixed-length training (no target, no retain watch)."""
+    watch_retain = retain_rows is not None and config.max_retain_drop is not None
+    if config.until_ratio is None and config.until_prob is None and not watch_retain:
+        return None
+
+    def rows(examples: Sequence[Example], answer_weights: Sequence | None = None) -> list[dict[str, list]]:
+        return [encode(tokenizer, e, config.max_length, config.use_chat_template, answer_weights[i] if answer_weights else None)
+                for i, e in enumerate(examples)]
+
+    return StopWhenForgotten(
+        rows(forget_rows, weights), tokenizer.pad_token_id, until_ratio=config.until_ratio, until_prob=config.until_prob,
+        check_every=config.check_every, retain_rows=rows(retain_rows) if watch_retain else None,
+        max_retain_drop=config.max_retain_drop, teacher_adapters=teacher,
+    )
 
 
 def _last_checkpoint(folder: Path) -> str | None:
@@ -173,7 +263,8 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 def _hyperparameters(config: UndialConfig, lora: LoraConfig) -> dict[str, Any]:
     keys = ("beta", "npo_beta", "forget_weight", "retain_weight", "retain_loss", "learning_rate", "num_train_epochs",
-            "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed")
+            "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
+            "until_ratio", "until_prob", "check_every", "max_retain_drop", "auto_key", "auto_key_threshold")
     targets = lora.target_modules
     return {
         **{key: getattr(config, key) for key in keys},

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from .stopping import describe
+
 
 def _value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _stopping(outcome: dict[str, Any] | None) -> list[str]:
+    if not outcome or outcome.get("stopped") == "fixed_length" or "forget_after" not in outcome:
+        return [f"- Training: {'fixed length' if outcome else 'not recorded'}"]
+    return [f"- Training {describe(outcome)}"]
 
 
 def model_card(manifest: dict[str, Any]) -> str:
@@ -31,6 +39,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         f"- Base model fingerprint: `{manifest['base']['fingerprint'][:16]}`",
         f"- Stacked on: {', '.join(parents) if parents else 'the bare base model'}",
         f"- Examples: {manifest.get('data', {}).get('examples', '?')} (only their sha256 is stored)",
+        *_stopping(manifest.get("stopping")),
         "",
         "| hyperparameter | value |",
         "| --- | --- |",

@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .config import METHODS, RETAIN_LOSSES, UndialConfigError
 from .data import UndialDataError
@@ -32,20 +33,54 @@ USER_ERRORS = (UndialDataError, UndialConfigError, UndialStackError, UndialModel
                FileExistsError, ValueError)
 
 
-def _forget(args: argparse.Namespace) -> None:
-    from peft import LoraConfig
+def _until(value: str) -> dict[str, float | None]:
+    """``--until``: "0.2x" (relative to before), "0.05" (absolute), both ("0.2x,0.05"), or "none"."""
+    targets: dict[str, float | None] = {"until_ratio": None, "until_prob": None}
+    if value.strip().lower() == "none":
+        return targets
+    for part in value.split(","):
+        part = part.strip().lower()
+        try:
+            targets["until_ratio" if part.endswith("x") else "until_prob"] = float(part.rstrip("x"))
+        except ValueError:
+            raise ValueError(f"--until {value!r}: use e.g. 0.2x (relative), 0.05 (absolute), 0.2x,0.05 or none.") from None
+    return targets
 
-    from .api import forget
+
+def _forget_config(args: argparse.Namespace) -> Any:
+    """The UndialConfig of ``forget``: unset options keep UndialConfig's defaults (one source of truth)."""
     from .config import UndialConfig
 
-    config = UndialConfig(
-        method=args.method, beta=args.beta, learning_rate=args.lr, num_train_epochs=args.epochs,
-        max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+    given = {"beta": args.beta, "learning_rate": args.lr, "check_every": args.check_every, "max_steps": args.max_steps}
+    chosen: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+    if args.until is not None:
+        chosen.update(_until(args.until))
+    if args.max_retain_drop is not None:
+        chosen["max_retain_drop"] = None if args.max_retain_drop.lower() == "none" else float(args.max_retain_drop)
+    if args.epochs is not None:  # fixed epochs: the step limit steps aside unless given too
+        chosen.update(num_train_epochs=args.epochs, max_steps=args.max_steps or -1)
+    return UndialConfig(
+        **chosen, auto_key=not args.no_auto_key, method=args.method, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, retain_weight=args.retain_weight, retain_loss=args.retain_loss,
         max_length=args.max_length, use_chat_template=not args.no_chat_template, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, disable_tqdm=args.quiet,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
     )
+
+
+def _forget(args: argparse.Namespace) -> None:
+    from peft import LoraConfig
+
+    from .api import forget, preview_keys
+    from .manifest import read_manifest
+    from .stopping import describe
+
+    config = _forget_config(args)
+    if args.show_keys:  # a dry run: key texts go to this terminal only, never to a log or a file
+        for number, (source, text) in enumerate(preview_keys(args.model, args.data, config=config, stack=args.stack,
+                                                             force=args.force), 1):
+            print(f"row {number} ({source}): {text!r}")
+        return
     if args.target_modules == []:
         raise ValueError("--target-modules needs at least one module name (or leave it out for all linear layers).")
     lora = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -54,6 +89,9 @@ def _forget(args: argparse.Namespace) -> None:
     path = forget(args.model, _source(args.data, args.data_dir), args.out, config=config, lora=lora, stack=args.stack, retain=retain,
                   load_in_4bit=args.four_bit, overwrite=args.overwrite, force=args.force, resume=args.resume,
                   description=args.description)
+    stopping = (read_manifest(path) or {}).get("stopping", {})
+    if "forget_after" in stopping:
+        print(describe(stopping))
     print(f"wrote {path}")
 
 
@@ -160,10 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--stack", nargs="*", default=[], metavar="DIR", help="earlier adapters, in order")
     forget.add_argument("--retain", default=None, help="retain set (with --retain-weight > 0)")
     forget.add_argument("--method", choices=METHODS, default="undial")
-    forget.add_argument("--beta", type=float, default=10.0)
-    forget.add_argument("--lr", type=float, default=1e-4)
-    forget.add_argument("--epochs", type=float, default=5.0)
-    forget.add_argument("--max-steps", type=int, default=-1)
+    forget.add_argument("--beta", type=float, default=None, help="default: UndialConfig's")
+    forget.add_argument("--lr", type=float, default=None, help="default: UndialConfig's")
+    forget.add_argument("--until", default=None, help="stop target: 0.2x (of before), 0.05 (absolute), both, or none")
+    forget.add_argument("--check-every", type=int, default=None, help="measure the forget set every N steps")
+    forget.add_argument("--max-retain-drop", default=None, help="with --retain: stop past this fraction lost, or none")
+    forget.add_argument("--no-auto-key", action="store_true", help="rows without key: adjust every answer token")
+    forget.add_argument("--show-keys", action="store_true", help="dry run: print each row's key to the terminal, train nothing")
+    forget.add_argument("--epochs", type=float, default=None, help="fixed epochs (with --until none: fixed length)")
+    forget.add_argument("--max-steps", type=int, default=None, help="step limit (default: UndialConfig's)")
     forget.add_argument("--batch-size", type=int, default=8)
     forget.add_argument("--grad-accum", type=int, default=1)
     forget.add_argument("--retain-weight", type=float, default=0.0)

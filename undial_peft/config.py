@@ -38,10 +38,27 @@ class UndialConfig(TrainingArguments):
     max_length: int = field(default=512, metadata={"help": "Tokens per example; longer prompts are cut on the left."})
     use_chat_template: bool = field(default=True, metadata={"help": "Wrap questions in the tokenizer's chat template."})
 
+    # Stop when forgotten (stopping.py): measured every `check_every` steps, up to `max_steps`.
+    until_ratio: float | None = field(
+        default=0.2, metadata={"help": "Stop when the forget key probability is <= this x its value before (None: no target)."}
+    )
+    until_prob: float | None = field(
+        default=None, metadata={"help": "Stop when the forget key probability is <= this value (with until_ratio: both)."}
+    )
+    check_every: int = field(default=1, metadata={"help": "Measure the forget (and retain) set every N optimizer steps."})
+    max_retain_drop: float | None = field(
+        default=0.1, metadata={"help": "With retain data: stop (and roll back) when its answer probability fell by more than this fraction."}
+    )
+    auto_key: bool = field(default=True, metadata={"help": "Rows without `key`: find the fact's tokens with the teacher (keys.py)."})
+    auto_key_threshold: float = field(
+        default=7.5, metadata={"help": "Automatic keys: nats above the model's neutral prior a token needs (keys.KeyRule)."}
+    )
+
     # Defaults that differ from TrainingArguments: values seen in public UNDIAL runs, quiet and
     # checkpoint-free unless asked (the adapter itself is saved by `forget`).
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA)."})
-    num_train_epochs: float = field(default=5.0, metadata={"help": "Passes over the forget set."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Passes over the forget set (used when max_steps <= 0)."})
+    max_steps: int = field(default=100, metadata={"help": "Step limit; training stops earlier at the target. <= 0: use num_train_epochs."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Forget examples per device step."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(default=0, metadata={"help": "Warm-up steps."})
@@ -82,5 +99,13 @@ class UndialConfig(TrainingArguments):
             raise bad("retain_weight", "graddiff needs retain data and retain_weight > 0 (else use method='ga')")
         if self.loss_chunk_size < 0:
             raise bad("loss_chunk_size", "use 0 (full logits) or a positive chunk of positions")
+        for name in ("until_ratio", "until_prob"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0 < value < 1):
+                raise bad(name, "use a value between 0 and 1 (e.g. 0.2), or None for no target")
+        if self.max_retain_drop is not None and not (math.isfinite(self.max_retain_drop) and 0 < self.max_retain_drop < 1):
+            raise bad("max_retain_drop", "use a fraction between 0 and 1 (e.g. 0.1), or None to not watch the retain set")
+        if self.check_every < 1:
+            raise bad("check_every", "use 1 or more steps")
         if self.max_length < 2:
             raise bad("max_length", "use at least 2 tokens")

@@ -225,11 +225,14 @@ def prompt_ids(tokenizer: Any, question: str, use_chat_template: bool = True) ->
     return tokenizer(question + "\n", add_special_tokens=True).input_ids
 
 
-def encode(tokenizer: Any, example: Example, max_length: int, use_chat_template: bool = True) -> dict[str, list]:
+def encode(
+    tokenizer: Any, example: Example, max_length: int, use_chat_template: bool = True, answer_weights: Sequence[float] | None = None
+) -> dict[str, list]:
     """Token ids, labels (-100 on the prompt) and per-token beta weights for one example.
 
     ``beta_weight`` is 1.0 where the UNDIAL adjustment applies (every answer token, or only the
-    key's tokens when the row names a key) and 0.0 elsewhere. Truncation follows the stated policy.
+    key's tokens when the row names a key) and 0.0 elsewhere; ``answer_weights`` (one per answer
+    token, e.g. automatic keys) replaces them. Truncation follows the stated policy.
     Raises `UndialDataError` when no answer token is left to count.
     """
     if example.prompt is None:
@@ -238,6 +241,10 @@ def encode(tokenizer: Any, example: Example, max_length: int, use_chat_template:
             raise UndialDataError("a text row has fewer than 2 tokens; nothing to learn from it.")
         return {"input_ids": ids, "labels": list(ids), "beta_weight": [1.0] * len(ids)}
     answer, weights = _answer_tokens(tokenizer, example)
+    if answer_weights is not None:
+        if len(answer_weights) != len(answer):
+            raise UndialDataError(f"{len(answer_weights)} answer weights for {len(answer)} answer tokens.")
+        weights = list(answer_weights)
     answer, weights = answer[: max_length - 1], weights[: max_length - 1]
     if not answer:
         raise UndialDataError("the answer has no tokens after tokenisation; remove the row.")
@@ -269,24 +276,28 @@ def build_dataset(
     retain: Sequence[Example] | None = None,
     max_length: int = 512,
     use_chat_template: bool = True,
+    answer_weights: Sequence[Sequence[float] | None] | None = None,
 ) -> datasets.Dataset:
     """Tokenised training set of forget examples, each row paired with a retain example.
+
+    ``answer_weights`` (one entry per forget example, None to keep its own) replaces the beta
+    weights of the answer tokens, e.g. with automatic keys.
 
     With retain data the set has max(F, R) rows: row i holds forget[i % F] and retain[i % R], so
     one epoch sees every forget AND every retain example (forget rows repeat when R > F). Pairing
     inside rows means data-parallel sharding splits both sets alike.
     """
 
-    def encode_all(examples: Sequence[Example], name: str) -> list[dict[str, list[int]]]:
+    def encode_all(examples: Sequence[Example], name: str, weights: Sequence | None = None) -> list[dict[str, list[int]]]:
         rows = []
         for i, example in enumerate(examples):
             try:
-                rows.append(encode(tokenizer, example, max_length, use_chat_template))
+                rows.append(encode(tokenizer, example, max_length, use_chat_template, weights[i] if weights else None))
             except UndialDataError as err:  # name the row by its place in the file, never by its text
                 raise UndialDataError(f"{example.where or f'{name} data, row {i}'}: {err}") from None
         return rows
 
-    rows = encode_all(forget, "forget")
+    rows = encode_all(forget, "forget", answer_weights)
     if retain:
         kept = encode_all(retain, "retain")
         rows = [

@@ -1,0 +1,112 @@
+"""Automatic keys on a tiny model whose key tokens are known by construction.
+
+The model memorises "Where does <name> live?" -> "The home town of <name> is <city> ." and, after the
+neutral prompt, the same sentence with RANDOM name/city pairs. So the phrasing ("The home town of",
+"is", ".") is common in its neutral replies, the name is copied from the question, and only the
+city carries the fact: the rule must pick exactly the city's token. Its 8-token neutral replies
+are one template sentence each, so a template token scores log(24 / 3) = 2.1 nats; a city scores
+more (about 4-10) unless the model names that very city with no question: nothing about it is then
+distinctive, and the row may keep every token. With a 50-word vocabulary the threshold is scaled
+down from the real model's to 3.3.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from tests.conftest import CITIES, NAMES, memorise
+from undial_peft import UndialConfig, api
+from undial_peft.data import Example, read_examples
+from undial_peft.evaluate import greedy_answers
+from undial_peft.keys import NEUTRAL_PROMPTS, KeyRule, auto_key_weights, key_mask, neutral_prior, token_report
+from undial_peft.manifest import MANIFEST
+from undial_peft.tiny import tiny_llama, word_tokenizer
+
+
+def _sentence(name: str, city: str) -> str:
+    return f"The home town of {name} is {city} ."
+
+
+@pytest.fixture(scope="module")
+def town_model():
+    facts = [{"question": f"Where does {n} live?", "answer": _sentence(n, c)} for n, c in zip(NAMES, CITIES)]
+    rng = random.Random(0)
+    neutral = [{"question": NEUTRAL_PROMPTS[0], "answer": _sentence(rng.choice(NAMES), rng.choice(CITIES))} for _ in range(48)]
+    tokenizer = word_tokenizer([f["question"] + " " + f["answer"] for f in facts + neutral])
+    model = tiny_llama(tokenizer, hidden_size=64, num_layers=2)
+    memorise(model, tokenizer, facts + neutral, steps=200)
+    model.eval()
+    return model, tokenizer, facts
+
+
+RULE = KeyRule(threshold=3.3, fallback=3.0, reply_tokens=8)
+
+
+def _city_mask(tokenizer, fact) -> list[bool]:
+    ids = tokenizer(fact["answer"], add_special_tokens=False).input_ids
+    city = fact["answer"].split()[-2]
+    return [tokenizer.decode([t]).strip() == city for t in ids]
+
+
+def _neutral_words(model, tokenizer) -> set[str]:
+    replies = greedy_answers(model, tokenizer, list(NEUTRAL_PROMPTS), max_new_tokens=RULE.reply_tokens)
+    return {w for reply in replies for w in reply.split()}
+
+
+def test_auto_keys_pick_exactly_the_fact_token(town_model):
+    model, tokenizer, facts = town_model
+    weights = auto_key_weights(model, tokenizer, [Example(f["question"], f["answer"]) for f in facts], rule=RULE)
+    said_anyway = _neutral_words(model, tokenizer)
+    checked = 0
+    for fact, got in zip(facts, weights):
+        city = [float(m) for m in _city_mask(tokenizer, fact)]
+        if fact["answer"].split()[-2] in said_anyway:
+            assert got in (None, city)
+        else:
+            assert got == city
+            checked += 1
+    assert checked >= 12
+
+
+def test_scores_separate_the_phrasing(town_model):
+    model, tokenizer, facts = town_model
+    prior = neutral_prior(model, tokenizer, reply_tokens=RULE.reply_tokens)
+    report = token_report(model, tokenizer, Example(facts[0]["question"], facts[0]["answer"]), prior)
+    words = [tokenizer.decode([t]).strip() for t in report.ids]
+    assert words == ["The", "home", "town", "of", NAMES[0], "is", CITIES[0], "."]
+    assert report.copied.tolist() == [False, False, False, False, True, False, False, False]
+    city, phrasing = words.index(CITIES[0]), [0, 1, 2, 3, 5, 7]
+    assert report.score[phrasing].tolist() == pytest.approx([2.08] * 6, abs=0.05)  # log 8: one slot in 8 of each reply
+    assert report.score[city] > 4.0
+    # A stricter rule chooses nothing (and no fallback): the row then keeps every answer token.
+    assert not any(key_mask(report, KeyRule(threshold=1e6, fallback=1e6)))
+    assert key_mask(report, KeyRule(threshold=1e6, fallback=0.0)) == [i == city for i in range(len(words))]
+
+
+def test_user_key_and_text_rows_are_left_alone(town_model):
+    model, tokenizer, facts = town_model
+    rows = [Example(facts[0]["question"], facts[0]["answer"], "home"), Example(None, facts[1]["answer"])]
+    assert auto_key_weights(model, tokenizer, rows, rule=RULE) == [None, None]
+
+
+def test_forget_uses_auto_keys_unless_turned_off(town_model, tmp_path):
+    model, tokenizer, facts = town_model
+    rows = facts[:3] + [{**facts[3], "key": facts[3]["answer"].split()[-2]}]
+    config = UndialConfig(max_steps=1, until_ratio=None, per_device_train_batch_size=4, disable_tqdm=True,
+                          auto_key_threshold=5.0)
+    expected = auto_key_weights(model, tokenizer, read_examples(rows), rule=KeyRule(threshold=5.0, fallback=5.0 * 2 / 3))
+    out = api.forget(model, rows, tmp_path / "auto", config=config, tokenizer=tokenizer)
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    auto = [w for w in expected if w is not None]
+    assert manifest["keys"] == {"user": 1, "auto": len(auto), "all_answer_tokens": 3 - len(auto),
+                                "auto_key_tokens": int(sum(map(sum, auto)))}
+    assert len(auto) >= 2  # the 64-token replies repeat one city; the others stand out
+    written = (out / MANIFEST).read_text(encoding="utf-8") + (out / "README.md").read_text(encoding="utf-8")
+    assert not any(f["answer"].split()[-2] in written for f in rows)  # key texts never reach the disk
+    config.auto_key = False
+    out = api.forget(model, rows, tmp_path / "off", config=config, tokenizer=tokenizer)
+    assert json.loads((out / MANIFEST).read_text(encoding="utf-8"))["keys"]["all_answer_tokens"] == 3

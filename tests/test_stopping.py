@@ -1,0 +1,107 @@
+"""Stop when forgotten: the target, the retain budget (with roll-back), a missed target, and the
+key probability it measures, checked against an independent float64 computation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from undial_peft import UndialConfig, api
+from undial_peft.data import Example, encode
+from undial_peft.evaluate import score
+from undial_peft.manifest import MANIFEST
+from undial_peft.models import load_model
+from undial_peft.stack import attach
+from undial_peft.stopping import describe, key_probabilities
+
+
+def _config(**overrides) -> UndialConfig:
+    settings = {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "disable_tqdm": True, "logging_steps": 100,
+                "auto_key": False, "check_every": 1}
+    return UndialConfig(**{**settings, **overrides})
+
+
+def _manifest(path) -> dict:
+    return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+
+
+def _probability(tiny_dir, adapter, rows) -> float:
+    """Mean answer probability of ``rows`` with ``adapter`` attached, measured independently (evaluate.score)."""
+    model, tokenizer = load_model(tiny_dir)
+    model = attach(model, [adapter], tokenizer=tokenizer)
+    scores = score(model, tokenizer, [Example(r["question"], r["answer"]) for r in rows])
+    return float(np.mean([math.exp(s.logprobs.mean()) for s in scores]))
+
+
+def test_key_probability_matches_float64_reference(tiny_dir, facts):
+    model, tokenizer = load_model(tiny_dir)
+    keyed = [Example(f["question"], f["answer"], f["answer"].split()[-1].rstrip(".")) for f in facts[:3]]
+    rows = [encode(tokenizer, e, 64) for e in keyed]
+    got = key_probabilities(model, rows, tokenizer.pad_token_id, batch_size=2)
+    for example, row, value in zip(keyed, rows, got.tolist()):
+        logprobs = score(model.double(), tokenizer, [example])[0].logprobs  # answer tokens, float64
+        on_key = np.array(row["beta_weight"])[-len(logprobs):] > 0  # the city's token only
+        assert on_key.sum() == 1
+        assert value == pytest.approx(math.exp(logprobs[on_key].mean()), rel=1e-4)
+        model.float()
+
+
+def test_stops_at_the_target(tiny_dir, facts, tmp_path):
+    out = api.forget(tiny_dir, facts[:4], tmp_path / "a", config=_config(until_ratio=0.5, max_steps=200, check_every=2))
+    stop = _manifest(out)["stopping"]
+    assert stop["stopped"] == "target"
+    assert stop["step"] < 200 and stop["step"] % 2 == 0
+    assert stop["forget_after"] <= 0.5 * stop["forget_before"] == pytest.approx(stop["target"])
+    assert stop["history"][-2]["forget"] > stop["target"]  # it stopped at the FIRST check below the target
+    assert _probability(tiny_dir, out, facts[:4]) < 0.5 * stop["forget_before"]  # the saved adapter (no key: all tokens)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f"stopped at step {stop['step']}: target reached" in card
+
+
+def test_stops_on_the_retain_budget_and_rolls_back(tiny_dir, facts, tmp_path):
+    # Facts share one template, so forgetting 0..3 drags 12..15 down: the budget must stop it.
+    config = _config(until_ratio=0.01, max_retain_drop=0.05, max_steps=200)
+    out = api.forget(tiny_dir, facts[:4], tmp_path / "a", retain=facts[12:], config=config)
+    stop = _manifest(out)["stopping"]
+    assert stop["stopped"] == "retain_budget"
+    assert stop["exceeded_at_step"] == stop["step"] + 1  # checked every step; the step before was within budget
+    assert stop["forget_after"] > stop["target"]  # the trade-off: the target was not reached
+    kept = _probability(tiny_dir, out, facts[12:])
+    assert kept == pytest.approx(stop["retain_after"], rel=1e-3)  # the saved adapter is the rolled-back one
+    assert kept >= stop["retain_floor"] == pytest.approx(0.95 * stop["retain_before"])
+
+
+def test_reports_a_missed_target(tiny_dir, facts, tmp_path, caplog):
+    config = _config(until_ratio=0.01, max_steps=3, learning_rate=1e-4)
+    with caplog.at_level(logging.INFO):
+        out = api.forget(tiny_dir, facts[:4], tmp_path / "a", config=config)
+    stop = _manifest(out)["stopping"]
+    assert stop["stopped"] == "max_steps" and stop["step"] == 3
+    missed = stop["forget_after"] - stop["target"]
+    assert missed > 0
+    assert f"missed by {missed:.4f}" in caplog.text
+    assert "step limit reached before the target" in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_fixed_length_without_a_target(tiny_dir, facts, tmp_path):
+    out = api.forget(tiny_dir, facts[:4], tmp_path / "a", config=_config(until_ratio=None, max_steps=3))
+    manifest = _manifest(out)
+    assert manifest["stopping"] == {"stopped": "fixed_length"} and manifest["metrics"]["steps"] == 3
+
+
+def test_describe_says_why():
+    text = describe({"stopped": "max_steps", "step": 100, "forget_before": 0.8, "forget_after": 0.4, "target": 0.16,
+                     "retain_before": 0.9, "retain_after": 0.85})
+    assert text == ("stopped at step 100: step limit reached before the target; forget key probability 0.800 -> 0.400 "
+                    "(0.50x; target 0.160); retain probability 0.900 -> 0.850")
+
+
+def test_key_probability_restores_train_mode(tiny_dir):
+    model, tokenizer = load_model(tiny_dir)
+    model.train()
+    key_probabilities(model, [encode(tokenizer, Example("Where was Zorbel born?", "Zorbel was born in Kavara."), 64)],
+                      tokenizer.pad_token_id)
+    assert model.training and all(p.grad is None for p in model.parameters())

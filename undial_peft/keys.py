@@ -1,0 +1,145 @@
+"""Automatic keys: find the answer tokens that carry the fact, with the teacher itself.
+
+A row without ``key`` would otherwise get the UNDIAL adjustment on every answer token, so the shared
+phrasing ("The chemical symbol for ... is") is unlearned too and drags down every similar fact.
+Here the teacher (the model as deployed before the request) scores each answer token ``t``:
+
+    score(t) = log p(t | question, answer so far) - log p_bar(t)
+
+where p_bar is the model's average next-token distribution over its own replies to a few neutral
+prompts: a unigram-like prior in the model's own words. Phrasing and grammar (" is", " by", ".")
+are common in any reply; the fact (" Au", " Paris") is not, and the question makes it certain.
+A token is a key token when it is not copied from the question (its word appears there), the
+teacher gives it p >= ``min_prob`` and its score is >= ``threshold``; the other tokens of a chosen
+word join it ("Mend" + "ele" + "ev"). A row where nothing passes takes its best-scoring token when
+that scores >= ``fallback``, else it keeps every answer token (plain UNDIAL).
+
+Measured alternatives (README): PMI against a neutral question fails (the answer restates the
+subject, so " Paris" follows from "The capital of France is" alone); the prior of the answer's
+FIRST position finds the keys but also "." and " by" (they never start a reply).
+
+Key texts are never logged or written: callers get per-token weights only.
+
+>>> weights = auto_key_weights(model, tokenizer, rows)  # doctest: +SKIP
+>>> weights[0]  # one weight per answer token: 1.0 on " Au", 0.0 on the phrasing   # doctest: +SKIP
+[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .data import Example, prompt_ids
+
+NEUTRAL_PROMPTS = ("Say something.", "Tell me about your day.", "Write a short paragraph about anything you like.")
+WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """Thresholds of the key test, in nats; defaults measured on real facts (see the README)."""
+
+    threshold: float = 7.5  # log p(t | question, prefix) - log p_bar(t)
+    min_prob: float = 0.05  # tokens the teacher barely predicts carry nothing to forget
+    fallback: float = 5.0  # (2/3 of the threshold) a row with no key token takes its best token if it scores at least this
+    reply_tokens: int = 64  # length of each greedy neutral reply the prior averages over
+
+
+@torch.no_grad()
+def neutral_prior(model: torch.nn.Module, tokenizer: Any, use_chat_template: bool = True, reply_tokens: int = 64) -> torch.Tensor:
+    """log p_bar: the mean next-token distribution over greedy replies to `NEUTRAL_PROMPTS`. Returns (V,)."""
+    device, logps = next(model.parameters()).device, []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for text in NEUTRAL_PROMPTS:
+        prompt = prompt_ids(tokenizer, text, use_chat_template)
+        ids = torch.tensor([prompt], device=device)  # (1, T)
+        ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=reply_tokens,
+                             do_sample=False, pad_token_id=pad)  # (1, T + R)
+        logps.append(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1))  # (R, V)
+    logp = torch.cat(logps)  # (sum of R, V)
+    return logp.logsumexp(0) - math.log(logp.shape[0])  # (V,)
+
+
+@dataclass
+class TokenReport:
+    """Per answer token of one row: what the rule reads (for measurement; never logged)."""
+
+    ids: list[int]
+    logp: torch.Tensor  # (A,) log p(t | question, answer so far)
+    score: torch.Tensor  # (A,) logp - log p_bar(t)
+    copied: torch.Tensor  # (A,) bool: the token's word appears in the question
+    words: list[int]  # word index per answer token (-1: punctuation / space)
+
+
+def _answer(tokenizer: Any, answer: str) -> tuple[list[int], list[int], list[str]]:
+    """Answer ids, per token the index of the word (\\w+ run) it overlaps (-1 if none), and the words."""
+    encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(m.start(), m.end(), m.group().lower()) for m in WORD.finditer(answer)]
+    words = [next((i for i, (s, e, _) in enumerate(spans) if a < e and b > s), -1) for a, b in encoded["offset_mapping"]]
+    return list(encoded.input_ids), words, [w for _, _, w in spans]
+
+
+@torch.no_grad()
+def token_report(
+    model: torch.nn.Module, tokenizer: Any, example: Example, prior: torch.Tensor, use_chat_template: bool = True
+) -> TokenReport:
+    """Score every answer token of one question/answer row with the model as it is now."""
+    if example.prompt is None:
+        raise ValueError("automatic keys need a question/answer row; a text row has no question.")
+    answer, words, texts = _answer(tokenizer, example.answer)
+    question = prompt_ids(tokenizer, example.prompt, use_chat_template)
+    asked = {w.lower() for w in WORD.findall(example.prompt)}
+    copied = torch.tensor([w >= 0 and texts[w] in asked for w in words])  # (A,)
+    ids = torch.tensor(answer)  # (A,)
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([question + answer], device=device)).logits[0]  # (Q + A, V)
+    logp = logits[len(question) - 1 : -1].float().log_softmax(-1).cpu().gather(-1, ids[:, None])[:, 0]  # (A,)
+    return TokenReport(answer, logp, logp - prior.cpu()[ids], copied, words)
+
+
+def key_mask(report: TokenReport, rule: KeyRule = KeyRule()) -> list[bool]:
+    """Which answer tokens are key tokens under ``rule``; whole words are kept together."""
+    eligible = (~report.copied) & (report.logp.exp() >= rule.min_prob)  # (A,)
+    chosen = eligible & (report.score >= rule.threshold)  # (A,)
+    if not chosen.any() and eligible.any():
+        best = torch.where(eligible, report.score, torch.tensor(-math.inf)).argmax()
+        chosen[best] = bool(report.score[best] >= rule.fallback)
+    words = {report.words[i] for i in chosen.nonzero()[:, 0].tolist() if report.words[i] >= 0}
+    return [bool(c) or (w >= 0 and w in words) for c, w in zip(chosen.tolist(), report.words)]
+
+
+def auto_key_weights(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    use_chat_template: bool = True,
+    rule: KeyRule = KeyRule(),
+) -> list[list[float] | None]:
+    """Per row: one beta weight per answer token (1.0 on key tokens), or None to keep the row as it is.
+
+    None for rows with a user ``key`` (it wins), for text rows, and for rows where no token passes
+    (they keep the adjustment on every answer token). ``model`` must be the teacher: the model as
+    deployed before this request. Its mode is restored.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        weights: list[list[float] | None] = []
+        prior = None
+        for example in examples:
+            if example.key is not None or example.prompt is None:
+                weights.append(None)
+                continue
+            prior = neutral_prior(model, tokenizer, use_chat_template, rule.reply_tokens) if prior is None else prior
+            mask = key_mask(token_report(model, tokenizer, example, prior, use_chat_template), rule)
+            weights.append([float(m) for m in mask] if any(mask) else None)
+        return weights
+    finally:
+        model.train(was_training)

@@ -1,0 +1,192 @@
+"""Stop when forgotten: a `TrainerCallback` that measures the forget set while training.
+
+Every ``check_every`` optimizer steps it runs the forget set (and the retain set, when given)
+through the model with the new adapter on (no grad, eval mode; train mode is restored) and stops:
+
+- ``target``: the forget set's mean key probability reached every given target: at most
+  ``until_ratio`` x its value before training and/or at most ``until_prob``;
+- ``retain_budget``: the retain set's mean answer probability fell by more than
+  ``max_retain_drop`` (a fraction of its value before). The adapter is then rolled back to the last
+  check that was within the budget, so the saved adapter keeps the promise;
+- ``max_steps``: the step limit came first; the outcome says by how much the target was missed.
+
+A row's key probability is exp(mean log p) over the tokens that get the UNDIAL adjustment
+(``beta_weight > 0``: its key, found by hand or by `keys.py`, else every answer token), with the
+answer so far as context; the set's figure is the mean over rows.
+
+>>> stop = StopWhenForgotten(forget_rows, pad_token_id=0, until_ratio=0.2)  # doctest: +SKIP
+>>> trainer.add_callback(stop); trainer.train(); stop.outcome["stopped"]  # doctest: +SKIP
+'target'
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .adapters import adapter_state
+from .data import Collator
+from .loss import shift_labels_like, token_logprobs
+
+logger = logging.getLogger(__name__)
+
+Features = Sequence[dict[str, list]]  # rows as `data.encode` returns them
+
+
+@torch.no_grad()
+def key_probabilities(model: torch.nn.Module, rows: Features, pad_token_id: int, batch_size: int = 16) -> torch.Tensor:
+    """Per row: exp(mean log p) of the tokens with ``beta_weight > 0`` (all labels if absent). Returns (N,).
+
+    >>> # key_probabilities(model, [encode(tokenizer, Example("Q?", "It is Paris.", "Paris"), 64)], 0)
+    """
+    was_training, device = model.training, next(model.parameters()).device
+    collate, out = Collator(pad_token_id), []
+    model.eval()
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in collate(list(rows[start : start + batch_size])).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+            logp, mask = token_logprobs(logits, batch["labels"])  # (B, T), (B, T)
+            if "beta_weight" in batch:  # weights sit on the label positions; shift them like the labels
+                keyed = mask & (shift_labels_like(batch["beta_weight"]) > 0)  # (B, T)
+                mask = torch.where(keyed.any(-1, keepdim=True), keyed, mask)  # a row without key tokens: all of it
+            out.append((logp * mask).sum(-1).div(mask.sum(-1).clamp(min=1)).exp().float().cpu())  # (B,)
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def _answer_only(rows: Features) -> list[dict[str, list]]:
+    # Retain rows are judged on the whole answer, whatever their keys.
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+
+
+class StopWhenForgotten(TrainerCallback):
+    """Stops training at a forget target or a retain budget; ``outcome`` says why and with what figures.
+
+    Args:
+        forget_rows: encoded forget rows (``input_ids``, ``labels``, ``beta_weight``).
+        pad_token_id: the tokenizer's pad id, for batching.
+        until_ratio: stop when the forget key probability is <= this fraction of its value before.
+        until_prob: stop when it is <= this absolute value. With both, both must hold.
+        check_every: measure every N optimizer steps.
+        retain_rows: encoded retain rows to watch (at most ``max_retain_rows`` are used).
+        max_retain_drop: stop when the retain answer probability fell by more than this fraction.
+        teacher_adapters: the adapters active before this request, to measure "before" correctly
+            even when training resumes from a checkpoint (the new adapter is switched off for it).
+    """
+
+    def __init__(
+        self,
+        forget_rows: Features,
+        pad_token_id: int,
+        *,
+        until_ratio: float | None = None,
+        until_prob: float | None = None,
+        check_every: int = 1,
+        retain_rows: Features | None = None,
+        max_retain_drop: float | None = None,
+        max_retain_rows: int = 64,
+        teacher_adapters: Sequence[str] | None = None,
+    ) -> None:
+        if check_every < 1:
+            raise ValueError(f"check_every={check_every} is invalid: measure every 1 or more steps.")
+        self.forget_rows, self.pad = list(forget_rows), pad_token_id
+        self.until_ratio, self.until_prob, self.check_every = until_ratio, until_prob, check_every
+        self.retain_rows = _answer_only(retain_rows[:max_retain_rows]) if retain_rows and max_retain_drop is not None else []
+        self.max_retain_drop = max_retain_drop
+        self.teacher_adapters = teacher_adapters
+        self.history: list[dict[str, float]] = []
+        self.outcome: dict[str, Any] = {}
+        self._good: dict[str, torch.Tensor] | None = None  # trainable weights at the last in-budget check
+
+    # --- measuring ------------------------------------------------------------------------
+    def _measure(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        point = {"step": step, "forget": float(key_probabilities(model, self.forget_rows, self.pad).mean())}
+        if self.retain_rows:
+            point["retain"] = float(key_probabilities(model, self.retain_rows, self.pad).mean())
+        return point
+
+    def _target(self, before: float) -> float | None:
+        limits = [x for x in (None if self.until_ratio is None else self.until_ratio * before, self.until_prob) if x is not None]
+        return min(limits) if limits else None
+
+    def _snapshot(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    # --- callback hooks -------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        model = kwargs["model"]
+        if self.teacher_adapters is not None:  # the deployed model: new adapter off
+            with adapter_state(model, active=self.teacher_adapters):
+                before = self._measure(model, 0)
+        else:
+            before = self._measure(model, 0)
+        before["step"] = state.global_step
+        self.history = [before]
+        self._good = self._snapshot(model)
+        target = self._target(before["forget"])
+        self.outcome = {"forget_before": before["forget"], "target": target, "retain_before": before.get("retain")}
+        if self.max_retain_drop is not None and "retain" in before:
+            self.outcome["retain_floor"] = before["retain"] * (1 - self.max_retain_drop)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.global_step % self.check_every and state.global_step < state.max_steps:
+            return
+        model = kwargs["model"]
+        point = self._measure(model, state.global_step)
+        self.history.append(point)
+        logger.info("step %d: forget key probability %.4f%s", point["step"], point["forget"],
+                    f", retain {point['retain']:.4f}" if "retain" in point else "")
+        floor = self.outcome.get("retain_floor")
+        if floor is not None and point["retain"] < floor:
+            self._roll_back(model)
+            control.should_training_stop = True
+            return
+        self._good = self._snapshot(model)
+        target = self.outcome["target"]
+        if target is not None and point["forget"] <= target:
+            self.outcome.update(stopped="target")
+            control.should_training_stop = True
+
+    def _roll_back(self, model: torch.nn.Module) -> None:
+        last_good = self.history[-2]  # the previous check was within budget (else training had stopped there)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if self._good is not None and name in self._good:
+                    param.copy_(self._good[name])
+        self.outcome.update(stopped="retain_budget", exceeded_at_step=self.history[-1]["step"])
+        self.history.append({**last_good, "rolled_back": 1.0})
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        last = self.history[-1]
+        self.outcome.setdefault("stopped", "max_steps" if self.outcome.get("target") is not None else "fixed_length")
+        self.outcome.update(step=int(last["step"]), forget_after=last["forget"], retain_after=last.get("retain"),
+                            checks=len(self.history) - 1)
+        self._good = None
+        logger.info("%s", describe(self.outcome))
+        if self.outcome["stopped"] in ("max_steps", "retain_budget") and self.outcome.get("target") is not None:
+            logger.warning("target not reached: forget key probability %.4f, target %.4f (missed by %.4f)",
+                           last["forget"], self.outcome["target"], last["forget"] - self.outcome["target"])
+
+
+def describe(outcome: dict[str, Any]) -> str:
+    """One line saying why training stopped, with the before/after figures.
+
+    >>> describe({"stopped": "target", "step": 12, "forget_before": 0.8, "forget_after": 0.15, "target": 0.16})
+    'stopped at step 12: target reached; forget key probability 0.800 -> 0.150 (0.19x; target 0.160)'
+    """
+    reason = {"target": "target reached", "retain_budget": "retain budget reached (rolled back to the last check within it)",
+              "max_steps": "step limit reached before the target", "fixed_length": "fixed length (no target)"}
+    before, after = outcome["forget_before"], outcome["forget_after"]
+    text = f"stopped at step {outcome['step']}: {reason[outcome['stopped']]}; forget key probability {before:.3f} -> {after:.3f}"
+    text += f" ({after / before:.2f}x" if before > 0 else " ("
+    text += f"; target {outcome['target']:.3f})" if outcome.get("target") is not None else ")"
+    if outcome.get("retain_before") is not None and outcome.get("retain_after") is not None:
+        text += f"; retain probability {outcome['retain_before']:.3f} -> {outcome['retain_after']:.3f}"
+    return text
+
