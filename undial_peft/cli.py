@@ -185,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="offline demo on the embedded SmolLM2-135M-Instruct")
     demo.add_argument("--model", default="default")
     demo.add_argument("--out", default=None, help="adapter directory (default adapters/demo-<time>)")
-    demo.add_argument("--epochs", type=float, default=8)
-    demo.add_argument("--lr", type=float, default=1e-3)
-    demo.add_argument("--beta", type=float, default=10.0)
+    demo.add_argument("--epochs", type=float, default=None, help="fixed epochs (default: stop when forgotten)")
+    demo.add_argument("--lr", type=float, default=None, help="default: UndialConfig's")
+    demo.add_argument("--beta", type=float, default=None, help="default: UndialConfig's")
     demo.set_defaults(run=_demo)
 
     forget = verbs.add_parser("forget", help="train one forget adapter")

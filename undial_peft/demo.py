@@ -21,14 +21,25 @@ import numpy as np
 from .config import UndialConfig
 from .data import Example, encode
 from .evaluate import greedy_answers, score
+from .manifest import read_manifest
 from .metrics import answer_probability
 from .stack import format_rows
+from .stopping import describe
+
+
+def _packaged(name: str) -> list[dict[str, str]]:
+    text = resources.files("undial_peft").joinpath(f"data/{name}").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def demo_facts() -> list[dict[str, str]]:
     """The packaged facts: question, answer, key word and split (forget / keep)."""
-    text = resources.files("undial_peft").joinpath("data/demo_facts.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return _packaged("demo_facts.jsonl")
+
+
+def real_facts() -> list[dict[str, str]]:
+    """Real facts the model knows (hand key probability >= 0.5): question, answer, key and topic."""
+    return _packaged("real_facts.jsonl")
 
 
 def measure_facts(model: Any, tokenizer: Any, facts: list[dict[str, str]], config: UndialConfig) -> list[dict[str, Any]]:
@@ -52,12 +63,16 @@ def _clip(text: str, width: int = 44) -> str:
 def run_demo(
     model: str = "default",
     output_dir: str | Path | None = None,
-    epochs: float = 8,
-    learning_rate: float = 1e-3,
-    beta: float = 10.0,
+    epochs: float | None = None,
+    learning_rate: float | None = None,
+    beta: float | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Forget the demo's "forget" facts; print and return the before/after table."""
+    """Forget the demo's "forget" facts; print and return the before/after table.
+
+    The request is plain question/answer rows (keys found automatically) trained with `forget`'s
+    defaults, stopping when forgotten; ``epochs`` switches to fixed-length training.
+    """
     from .api import forget
     from .models import load_model
     from .stack import attach
@@ -65,7 +80,9 @@ def run_demo(
     started = time.perf_counter()
     facts = demo_facts()
     forget_facts = [f for f in facts if f["split"] == "forget"]
-    config = UndialConfig(num_train_epochs=epochs, learning_rate=learning_rate, beta=beta,
+    chosen = {"learning_rate": learning_rate, "beta": beta}
+    fixed = {"num_train_epochs": epochs, "max_steps": -1, "until_ratio": None} if epochs is not None else {}
+    config = UndialConfig(**{k: v for k, v in chosen.items() if v is not None}, **fixed,
                           per_device_train_batch_size=len(forget_facts), logging_steps=1, disable_tqdm=True)
     log(f"[demo] loading {model} ...")
     base, tokenizer = load_model(model)
@@ -73,9 +90,15 @@ def run_demo(
     before = measure_facts(base, tokenizer, facts, config)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     output_dir = Path(output_dir or f"adapters/demo-{stamp}")
-    log(f"[demo] training a forget adapter on {len(forget_facts)} facts (beta={beta}, {epochs:g} epochs) ...")
-    forget(base, [{"question": f["question"], "answer": f["answer"], "key": f["key"]} for f in forget_facts], output_dir,
-           config=config, tokenizer=tokenizer, description="Demo: six well-known facts (capitals and authors).")
+    length = f"{epochs:g} epochs" if epochs is not None else f"until {config.until_ratio:g}x, at most {config.max_steps} steps"
+    log(f"[demo] training a forget adapter on {len(forget_facts)} plain rows (beta={config.beta:g}, lr={config.learning_rate:g}, "
+        f"{length}) ...")
+    started_training = time.perf_counter()
+    adapter = forget(base, [{"question": f["question"], "answer": f["answer"]} for f in forget_facts], output_dir,
+                     config=config, tokenizer=tokenizer, description="Demo: six well-known facts (capitals and authors).")
+    stopping = (read_manifest(adapter) or {}).get("stopping", {})
+    log(f"[demo] trained in {time.perf_counter() - started_training:.0f}s; "
+        + (describe(stopping) if "forget_after" in stopping else "fixed length"))
     log(f"[demo] saved {output_dir}; measuring again with the adapter attached ...")
     after = measure_facts(attach(base, [output_dir], tokenizer=tokenizer), tokenizer, facts, config)
     rows = [
