@@ -300,6 +300,9 @@ def test_evaluate_report_reference_and_table(tiny, tmp_path):
     assert "rouge_l_recall" not in again["splits"]["forget"]["summary"]
     table = format_table(report)
     assert "truth_ratio" in table and "forget_quality" not in table and "holdout" in table.splitlines()[0]
+    # the list of missing utility components is a note under the table, not a column that widens it
+    *numbers, note = table.splitlines()
+    assert note.startswith("model_utility_missing: real_authors/") and max(map(len, numbers)) < 90
     with pytest.raises(ValueError, match="different forget data"):
         evaluate(model, tok, splits["retain"], reference=report, generate=False, **kw)
 

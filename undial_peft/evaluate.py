@@ -301,18 +301,19 @@ def format_table(report: dict[str, Any]) -> str:
     splits = report["splits"]
     names = list(splits)
     rows = [["metric", *names], ["n_items", *(_fmt(splits[s]["n_items"]) for s in names)]]
+    notes = []  # lists (e.g. missing utility components) go under the table, not into a column
     for m in sorted({m for s in splits.values() for m in s["summary"]}):
         rows.append([m, *(_fmt(splits[s]["summary"].get(m)) for s in names)])
     for key, value in report.get("summary", {}).items():
         if isinstance(value, dict):
             rows.extend([f"{key}/{sub}", _fmt(v)] for sub, v in value.items())
         elif isinstance(value, list):
-            rows.append([key, ", ".join(value) or "-"])
+            notes.append(f"{key}: {', '.join(value) or '-'}")
         else:
             rows.append([key, _fmt(value)])
     widths = [max(len(r[c]) for r in rows if c < len(r)) for c in range(len(rows[0]))]
     lines = [" ".join([r[0].ljust(widths[0]), *(cell.rjust(widths[c]) for c, cell in enumerate(r) if c)]) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    return "\n".join([*(line.rstrip() for line in lines), *notes])
 
 
 def save_report(report: dict[str, Any], path: str | Path) -> None:
