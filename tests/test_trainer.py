@@ -133,3 +133,31 @@ def test_two_accumulation_steps_equal_one_double_batch(tiny_dir, tmp_path, metho
     assert trained > 1e-3, "the adapter did not train"
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-5, f"max |W(8 x 1) - W(4 x 2)| = {diff:.2e} after 3 steps (a step moves weights up to 1e-3)"
+def test_cached_adapter_switch_matches_peft_set_adapter(tiny_dir):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from undial_peft.adapters import _activate, _activate_with_peft
+
+    base, _ = load_model(tiny_dir)
+    model = build_trainable(base, default_lora_config())
+    model.add_adapter("other", default_lora_config())
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    ids = torch.tensor([[3, 4, 5, 6]])
+
+    def state():
+        layers = [tuple(m.active_adapters) for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        return layers, {n: p.requires_grad for n, p in model.named_parameters()}, tuple(model.base_model.active_adapters)
+
+    outputs = {}
+    for active in ([], [NEW], ["other"], ["other", NEW]):
+        for trainable in ((), [NEW], ["other"]):
+            _activate_with_peft(model, active, trainable)
+            expected = state()
+            _activate(model, [NEW], ())  # leave that state, then switch the cached way
+            _activate(model, active, trainable)
+            assert state() == expected, (active, trainable)
+        with torch.no_grad():
+            outputs[tuple(active)] = model(input_ids=ids).logits
+    assert len({round(o.sum().item(), 4) for o in outputs.values()}) == 4, "each active set computes its own output"
