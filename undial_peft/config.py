@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 
 METHODS = ("undial", "ga", "graddiff", "npo")
 RETAIN_LOSSES = ("nll", "kl")
+TEACHER_CACHES = ("auto", "memory", "disk", "off")
 
 
 class UndialConfigError(ValueError):
@@ -34,6 +35,9 @@ class UndialConfig(TrainingArguments):
     retain_loss: str = field(default="nll", metadata={"help": f"Retain loss: one of {RETAIN_LOSSES}."})
     loss_chunk_size: int = field(
         default=1024, metadata={"help": "Positions per chunk of the fused LM-head loss; 0 = full logits."}
+    )
+    teacher_cache: str = field(
+        default="auto", metadata={"help": f"Teacher outputs computed once before training: one of {TEACHER_CACHES}."}
     )
     max_length: int = field(default=512, metadata={"help": "Tokens per example; longer prompts are cut on the left."})
     use_chat_template: bool = field(default=True, metadata={"help": "Wrap questions in the tokenizer's chat template."})
@@ -97,6 +101,8 @@ class UndialConfig(TrainingArguments):
             raise bad("retain_loss", f"choose one of {RETAIN_LOSSES}")
         if self.method == "graddiff" and self.retain_weight == 0:
             raise bad("retain_weight", "graddiff needs retain data and retain_weight > 0 (else use method='ga')")
+        if self.teacher_cache not in TEACHER_CACHES:
+            raise bad("teacher_cache", f"choose one of {TEACHER_CACHES}")
         if self.loss_chunk_size < 0:
             raise bad("loss_chunk_size", "use 0 (full logits) or a positive chunk of positions")
         for name in ("until_ratio", "until_prob"):

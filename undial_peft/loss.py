@@ -151,14 +151,18 @@ def undial_loss_from_hidden(
 
     Args:
         student_hidden: (B, T, H) final hidden states of the student (requires grad).
-        teacher_hidden: (B, T, H) final hidden states of the teacher.
+        teacher_hidden: (B, T, H) final hidden states of the teacher, or (N, H): only its rows at
+            the counted positions, in row-major order (what a cached teacher stores).
         lm_head: the output projection, frozen.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     mask, targets, betas = _counted(labels, beta)
+    teacher_rows = teacher_hidden if teacher_hidden.dim() == 2 else teacher_hidden[mask]  # (N, H)
+    if teacher_rows.shape[0] != targets.shape[0]:
+        raise ValueError(f"teacher_hidden has {teacher_rows.shape[0]} counted rows, labels count {targets.shape[0]}")
     total = _FusedUndialHead.apply(
-        student_hidden[mask], teacher_hidden[mask].detach(), lm_head.weight, lm_head.bias, targets, betas, chunk_size
+        student_hidden[mask], teacher_rows.detach(), lm_head.weight, lm_head.bias, targets, betas, chunk_size
     )
     return total / _denominator(num_items, mask.sum())
 

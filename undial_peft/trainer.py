@@ -3,6 +3,10 @@
 The model is a PEFT model built by `adapters.build_trainable`: earlier forget adapters
 (``stack``) active and frozen, plus the trainable ``NEW`` adapter. The teacher is the same module
 with ``NEW`` switched off under ``torch.no_grad()``; there is never a second copy of the model.
+Before training, one teacher pass fills a `teacher_cache.TeacherCache` (``teacher_cache="auto"``)
+that the losses read instead of a live teacher pass per step; where the cache cannot equal the
+live teacher (dropout in the teacher, a head with soft-capping, too big) training uses the live
+teacher and logs why.
 
 >>> trainer = UndialTrainer(model=peft_model, args=UndialConfig(output_dir="ckpt"),  # doctest: +SKIP
 ...                         train_dataset=dataset, data_collator=collator, stack=[])
@@ -13,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -24,6 +30,7 @@ from transformers import Trainer
 from transformers.training_args import ParallelMode
 
 from . import loss as L
+from . import teacher_cache
 from .adapters import NEW, adapter_state
 from .config import UndialConfig
 from .manifest import WEIGHTS
@@ -48,6 +55,7 @@ class UndialTrainer(Trainer):
         # compute_loss normalises by num_items_in_batch (tokens) or by the accumulated number of
         # sequences itself, so the Trainer must not divide by the accumulation steps again.
         self.loss_is_scaled_for_ga = True
+        self.teacher_cache: teacher_cache.TeacherCache | None = None  # filled by train()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Restore only the ``NEW`` adapter from a checkpoint, in place.
@@ -81,10 +89,91 @@ class UndialTrainer(Trainer):
         with torch.no_grad(), adapter_state(self.model, active=self.stack):
             return model(**batch)
 
-    def _fused(self) -> bool:
+    def _plain_head(self) -> bool:
         config = self.model.config
-        plain_head = getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
-        return self.args.loss_chunk_size > 0 and plain_head
+        return getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
+
+    def _fused(self) -> bool:
+        return self.args.loss_chunk_size > 0 and self._plain_head()
+
+    # --- cached teacher -------------------------------------------------------------------
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``train``, after one teacher pass fills the cache (when it can hold)."""
+        self.teacher_cache = self._build_teacher_cache()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.teacher_cache = None  # frees the memory or the mapping
+
+    def _cache_plan(self) -> tuple[set[str], list[str]]:
+        """What to cache, and why anything the run needs stays live."""
+        args, needs, why = self.args, set(), []
+        if args.method == "undial":
+            needs.add("hidden")
+        elif args.method == "npo":
+            needs.add("logprob")  # only the sequence log-prob: one float per row
+        dataset = self.train_dataset
+        if args.retain_weight > 0 and args.retain_loss == "kl" and "retain_labels" in getattr(dataset, "column_names", ()):
+            needs.add("retain_hidden")
+        if not needs or args.teacher_cache == "off":
+            return set(), (["teacher_cache='off'"] if needs else [])
+        if not isinstance(dataset, datasets.Dataset):
+            return set(), [f"the training set is a {type(dataset).__name__}, not an indexable datasets.Dataset"]
+        if args.remove_unused_columns:
+            return set(), ["remove_unused_columns=True would drop the row index the cache is keyed by"]
+        if (dropout := teacher_cache.teacher_dropout(self.model, self.stack)) is not None:
+            return set(), [f"{dropout} makes the teacher random in training mode"]
+        if "hidden" in needs and not self._fused():
+            needs.discard("hidden")
+            why.append("the UNDIAL loss reads full teacher logits (logit soft-capping/scaling, or loss_chunk_size=0)")
+        if "retain_hidden" in needs and not self._plain_head():
+            needs.discard("retain_hidden")
+            why.append("the KL retain loss needs logits = lm_head(hidden) (this head soft-caps or scales them)")
+        return needs, why
+
+    def _build_teacher_cache(self) -> teacher_cache.TeacherCache | None:
+        needs, why = self._cache_plan()
+        cache = None
+        if needs:
+            dataset = self.train_dataset
+            if teacher_cache.INDEX in dataset.column_names:
+                dataset = dataset.remove_columns(teacher_cache.INDEX)
+            dataset = dataset.add_column(teacher_cache.INDEX, list(range(len(dataset))))
+            collate = self.data_collator
+            if not isinstance(collate, teacher_cache.IndexedCollator):
+                collate = teacher_cache.IndexedCollator(collate)
+            start, training = time.perf_counter(), self.model.training
+            # Training mode, as the live teacher runs (no dropout is active, checked above); an
+            # eval-mode forward would also repack 4-bit CPU weights into a kernel with no backward.
+            self.model.train()
+            try:
+                with self.compute_loss_context_manager():
+                    cache, where = teacher_cache.build(
+                        dataset, collate.inner, lambda **b: self._teacher(self.model, **b), needs,
+                        self.args.teacher_cache, Path(self.args.output_dir), self.args.per_device_train_batch_size,
+                        self.args.device,
+                    )
+            finally:
+                self.model.train(training)
+            if cache is None:
+                why.append(where)
+            else:
+                self.train_dataset, self.data_collator = dataset, collate
+                logger.info("teacher cache: %s for %d rows (%s), filled in %.1f s",
+                            where, len(dataset), ", ".join(sorted(needs)), time.perf_counter() - start)
+        for reason in why:
+            logger.warning("teacher cache: live teacher instead, because %s", reason)
+        return cache
+
+    def _cached(self, rows: teacher_cache.CachedRows | None, inputs: Batch, labels: torch.Tensor) -> torch.Tensor | None:
+        """Cached teacher rows for this batch, in the order of its counted positions: (N, W) or None."""
+        if rows is None or teacher_cache.INDEX not in inputs:
+            return None
+        index = inputs[teacher_cache.INDEX].cpu()  # (B,)
+        counted = (L.shift_labels(labels) != L.IGNORE_INDEX).sum(-1).cpu()  # (B,)
+        if not torch.equal(rows.counts(index), counted):
+            raise UndialTrainingError("the teacher cache does not fit this batch: the training set changed after it was built.")
+        return rows.gather(index).to(labels.device, non_blocking=True)
 
     # --- losses ---------------------------------------------------------------------------
     def _sequences(self, batch_size: int) -> int:
@@ -99,7 +188,9 @@ class UndialTrainer(Trainer):
             beta = self.args.beta * inputs["beta_weight"] if "beta_weight" in inputs else self.args.beta
             if self._fused():
                 head = {"output_hidden_states": True, "logits_to_keep": 1}  # skip the (B, T, V) logits
-                teacher = self._teacher(model, **batch, **head).hidden_states[-1]  # (B, T, H)
+                teacher = self._cached(self._cache_part("hidden"), inputs, labels)  # (N, H) counted rows
+                if teacher is None:
+                    teacher = self._teacher(model, **batch, **head).hidden_states[-1]  # (B, T, H)
                 student = model(**batch, **head).hidden_states[-1]  # (B, T, H)
                 lm_head = self.model.get_output_embeddings()
                 return L.undial_loss_from_hidden(
@@ -111,10 +202,17 @@ class UndialTrainer(Trainer):
         if method in ("ga", "graddiff"):
             return -L.nll_loss(student, labels, num_items)
         # npo
-        teacher_logp = L.sequence_logprob(self._teacher(model, **batch).logits, labels)  # (B,)
+        cached = self._cache_part("logprob")
+        if cached is not None and teacher_cache.INDEX in inputs:
+            teacher_logp = cached[inputs[teacher_cache.INDEX].cpu()].to(labels.device)  # (B,)
+        else:
+            teacher_logp = L.sequence_logprob(self._teacher(model, **batch).logits, labels)  # (B,)
         student_logp = L.sequence_logprob(student, labels)  # (B,)
         per_sequence = L.npo_loss(student_logp, teacher_logp, self.args.npo_beta)
         return per_sequence * labels.shape[0] / self._sequences(labels.shape[0])
+
+    def _cache_part(self, name: str) -> Any:
+        return None if self.teacher_cache is None else getattr(self.teacher_cache, name)
 
     def _retain_loss(self, model: torch.nn.Module, inputs: Batch) -> torch.Tensor:
         batch = {"input_ids": inputs["retain_input_ids"], "attention_mask": inputs["retain_attention_mask"]}
@@ -123,9 +221,14 @@ class UndialTrainer(Trainer):
         share = labels.shape[0] / self._sequences(labels.shape[0])  # 1 / accumulation steps
         if self.args.retain_loss == "nll":
             return L.nll_loss(student, labels) * share
-        teacher = self._teacher(model, **batch).logits  # (B, T, V)
         mask = L.shift_labels(labels) != L.IGNORE_INDEX  # (B, T)
-        teacher_logp = teacher[mask].float().log_softmax(-1)  # (N, V)
+        hidden = self._cached(self._cache_part("retain_hidden"), inputs, labels)  # (N, H)
+        if hidden is not None:
+            head = self.model.get_output_embeddings()
+            teacher = head(hidden.to(head.weight.dtype))  # (N, V): logits = lm_head(hidden), checked in _cache_plan
+        else:
+            teacher = self._teacher(model, **batch).logits[mask]  # (N, V)
+        teacher_logp = teacher.float().log_softmax(-1)  # (N, V)
         student_logp = student[mask].float().log_softmax(-1)  # (N, V)
         kl = torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
         return kl / mask.sum().clamp(min=1) * share

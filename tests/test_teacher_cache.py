@@ -1,0 +1,185 @@
+"""Cached teacher == live teacher: loss, gradients and whole training runs; and each fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from undial_peft import UndialConfig, teacher_cache
+from undial_peft.adapters import build_trainable, default_lora_config
+from undial_peft.api import forget
+from undial_peft.data import Collator, build_dataset, read_examples
+from undial_peft.models import load_model
+from undial_peft.trainer import UndialTrainer, UndialTrainingError
+
+TOL = 1e-5
+
+
+def _rows(facts: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Forget rows of different lengths (so batches pad) and a text row (every token counts)."""
+    rows = [dict(f) for f in facts[4:10]]
+    rows[1]["answer"] += " " + facts[11]["answer"]
+    rows[3]["answer"] += " " + facts[12]["answer"] + " " + facts[13]["answer"]
+    rows[5] = {"text": facts[14]["question"] + " " + facts[14]["answer"]}
+    return rows
+
+
+@pytest.fixture(scope="module")
+def stack_dir(tiny_dir, facts, tmp_path_factory) -> str:
+    """One earlier forget adapter: the teacher of the next request runs with it on."""
+    out = tmp_path_factory.mktemp("stack") / "req-0"
+    config = UndialConfig(max_steps=3, learning_rate=1e-2, per_device_train_batch_size=4, disable_tqdm=True,
+                          logging_steps=100)
+    return str(forget(tiny_dir, facts[:4], out, config=config))
+
+
+def _trainer(tiny_dir, facts, tmp_path, stack=(), retain=None, lora=None, **overrides):
+    base, tokenizer = load_model(tiny_dir)
+    torch.manual_seed(0)
+    model = build_trainable(base, lora or default_lora_config(), stack)
+    defaults = {"max_steps": 4, "per_device_train_batch_size": 3, "learning_rate": 1e-2, "disable_tqdm": True,
+                "logging_steps": 100, "seed": 5}
+    config = UndialConfig(output_dir=str(tmp_path / "ckpt"), **{**defaults, **overrides})
+    retain_rows = read_examples(retain, "retain") if retain else None
+    dataset = build_dataset(tokenizer, read_examples(_rows(facts)), retain_rows, max_length=64)
+    return UndialTrainer(model=model, args=config, train_dataset=dataset, data_collator=Collator(tokenizer.pad_token_id),
+                         stack=[f"stack_{i}" for i in range(len(stack))])
+
+
+def _new_adapter(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def _loss_and_grads(trainer, batch):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = TOL) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() / max(b[k].abs().max().item(), 1e-12) for k in a)
+    assert worst <= tol, worst
+
+
+@pytest.mark.parametrize("method", ["undial", "npo", "kl_retain"])
+def test_cached_loss_and_gradients_equal_live_on_a_stack_with_padding_and_shuffling(
+        tiny_dir, facts, stack_dir, tmp_path, method):
+    extra = ({"method": "undial", "retain_weight": 1.0, "retain_loss": "kl"} if method == "kl_retain"
+             else {"method": method})
+    retain = facts[12:16] if method == "kl_retain" else None
+    trainer = _trainer(tiny_dir, facts, tmp_path, stack=[stack_dir], retain=retain, **extra)
+    for name, param in trainer.model.named_parameters():
+        if "lora_B" in name and param.requires_grad:
+            param.data.normal_(0, 0.05)  # student != teacher
+    trainer.teacher_cache = trainer._build_teacher_cache()
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); NPO reads it
+    assert trainer.teacher_cache is not None
+    batch = next(iter(trainer.get_train_dataloader()))
+    index = batch[teacher_cache.INDEX].tolist()
+    assert index != sorted(index), "the batch should be shuffled"
+    widths = batch["attention_mask"].sum(-1)
+    assert widths.min() < widths.max(), "the batch should be padded"
+    cached = _loss_and_grads(trainer, batch)
+    live_cache, trainer.teacher_cache = trainer.teacher_cache, None
+    live = _loss_and_grads(trainer, batch)
+    assert cached[0].item() == pytest.approx(live[0].item(), rel=TOL)
+    _assert_close(cached[1], live[1])
+    # the cache really is read: a wrong row order gives another loss
+    if live_cache.hidden is not None:
+        trainer.teacher_cache = live_cache
+        batch[teacher_cache.INDEX] = batch[teacher_cache.INDEX].flip(0)
+        try:
+            wrong = trainer.compute_loss(trainer.model, batch).item()
+        except UndialTrainingError:  # the rows' counted lengths no longer fit the batch
+            wrong = None
+        assert wrong is None or wrong != pytest.approx(live[0].item(), rel=TOL)
+
+
+def test_training_with_the_cache_equals_live_under_accumulation(tiny_dir, facts, stack_dir, tmp_path, caplog):
+    runs = {}
+    for mode in ("auto", "off"):
+        with caplog.at_level(logging.INFO, logger="undial_peft.trainer"):
+            trainer = _trainer(tiny_dir, facts, tmp_path / mode, stack=[stack_dir], teacher_cache=mode,
+                               gradient_accumulation_steps=2, per_device_train_batch_size=2, max_steps=3)
+            trainer.train()
+        runs[mode] = _new_adapter(trainer)
+    assert "teacher cache: " in caplog.text and "in memory for 6 rows (hidden)" in caplog.text
+    _assert_close(runs["auto"], runs["off"], tol=1e-4)
+    assert max((v - 0).abs().max().item() for k, v in runs["auto"].items() if "lora_B" in k) > 1e-3, "nothing trained"
+
+
+def test_resume_with_the_cache_equals_an_uninterrupted_live_run(tiny_dir, facts, stack_dir, tmp_path):
+    settings = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "per_device_train_batch_size": 2}
+    live = _trainer(tiny_dir, facts, tmp_path / "live", stack=[stack_dir], teacher_cache="off", **settings)
+    live.train()
+    first = _trainer(tiny_dir, facts, tmp_path / "run", stack=[stack_dir], **settings)
+    first.train()
+    resumed = _trainer(tiny_dir, facts, tmp_path / "run", stack=[stack_dir], **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "ckpt" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    _assert_close(_new_adapter(resumed), _new_adapter(live), tol=1e-4)
+
+
+def test_disk_storage_is_mapped_unlinked_and_equal(tiny_dir, facts, tmp_path):
+    trainer = _trainer(tiny_dir, facts, tmp_path, teacher_cache="disk")
+    cache = trainer._build_teacher_cache()
+    assert cache is not None and "memory-mapped" in cache.where
+    assert not any(p.name.startswith(".teacher-cache-") for p in (tmp_path / "ckpt").iterdir()), "file left behind"
+    memory = _trainer(tiny_dir, facts, tmp_path / "m", teacher_cache="memory")._build_teacher_cache()
+    assert torch.allclose(cache.hidden.values, memory.hidden.values, atol=1e-6)
+    assert torch.equal(cache.hidden.offsets, memory.hidden.offsets)
+
+
+def _fallback(trainer, caplog) -> str:
+    with caplog.at_level(logging.WARNING, logger="undial_peft.trainer"):
+        assert trainer._build_teacher_cache() is None
+    return caplog.text
+
+
+def test_fallback_for_lora_dropout_on_a_stack_adapter(tiny_dir, facts, stack_dir, tmp_path, caplog):
+    trainer = _trainer(tiny_dir, facts, tmp_path, stack=[stack_dir])
+    lora = next(m for m in trainer.model.modules() if hasattr(m, "lora_dropout"))
+    lora.lora_dropout["stack_0"] = torch.nn.Dropout(0.1)
+    assert "LoRA dropout p=0.1 on stack adapter 'stack_0'" in _fallback(trainer, caplog)
+
+
+def test_new_adapter_dropout_keeps_the_cache(tiny_dir, facts, tmp_path):
+    lora = default_lora_config()
+    lora.lora_dropout = 0.1  # the teacher runs without the new adapter: its dropout does not matter
+    assert _trainer(tiny_dir, facts, tmp_path, lora=lora)._build_teacher_cache() is not None
+
+
+def test_fallback_for_base_dropout_and_soft_capping(tiny_dir, facts, tmp_path, caplog):
+    trainer = _trainer(tiny_dir, facts, tmp_path)
+    trainer.model.config.attention_dropout = 0.1
+    assert "attention_dropout=0.1 makes the teacher random" in _fallback(trainer, caplog)
+    trainer.model.config.attention_dropout = 0.0
+    trainer.model.config.final_logit_softcapping = 30.0
+    assert "logit soft-capping/scaling" in _fallback(trainer, caplog)
+
+
+def test_npo_cache_holds_with_full_logits(tiny_dir, facts, tmp_path):
+    trainer = _trainer(tiny_dir, facts, tmp_path, method="npo", loss_chunk_size=0)
+    cache = trainer._build_teacher_cache()
+    assert cache is not None and cache.hidden is None and cache.logprob.shape == (6,)
+
+
+def test_fallback_when_the_cache_is_too_big(tiny_dir, facts, tmp_path, caplog, monkeypatch):
+    trainer = _trainer(tiny_dir, facts, tmp_path)
+    monkeypatch.setattr(teacher_cache, "MEMORY_LIMIT", 100)
+    monkeypatch.setattr(teacher_cache, "DISK_SHARE", 0.0)
+    assert "over the 0 MiB memory limit" in _fallback(trainer, caplog)
+
+
+def test_storage_rule():
+    folder = __import__("pathlib").Path(".")
+    assert teacher_cache.choose_storage(10, "auto", folder, memory_limit=100)[0] == "memory"
+    assert teacher_cache.choose_storage(1000, "auto", folder, memory_limit=100)[0] == "disk"
+    assert teacher_cache.choose_storage(1000, "memory", folder, memory_limit=100)[0] == "memory"
+    assert teacher_cache.choose_storage(2**62, "auto", folder, memory_limit=100)[0] is None
+    # 1,000 rows x 20 answer tokens x 576 x 4 bytes: the README's SmolLM2-135M example
+    assert teacher_cache.estimate_bytes(torch.full((1000,), 20), 576, 4) == 46_080_000

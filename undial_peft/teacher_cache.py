@@ -1,0 +1,240 @@
+"""Cached teacher: the frozen teacher's outputs computed once, before training, and read back per step.
+
+The teacher (base + earlier stack, new adapter off, no dropout) never changes during training, so
+its output on a training row is the same every epoch. One no-grad pass over the training set
+stores, per row of the dataset:
+
+- UNDIAL: the final hidden states at the COUNTED positions only (those the loss reads), which
+  the fused head turns into logits; ``rows x counted tokens x hidden x bytes`` in all, e.g.
+  1,000 rows x 20 answer tokens x 576 x 4 bytes (fp32) = 46 MB for SmolLM2-135M;
+- NPO: the teacher's sequence log-prob log p(y | x), one float per row;
+- the KL retain loss: the retain rows' final hidden states at their counted positions.
+
+Rows are keyed by their index in the dataset (the trainer adds an ``example_index`` column and
+its collator passes it), so shuffling, padding, gradient accumulation and resuming all read the
+right rows. Storage: in memory up to `MEMORY_LIMIT` bytes; above it a memory-mapped file in the
+checkpoint folder, unlinked as soon as it is mapped (no trace on disk once the process ends),
+when it needs at most half the free space there; otherwise the live teacher.
+
+>>> hidden = CachedRows.allocate(torch.tensor([2, 1]), width=3, dtype=torch.float32)
+>>> hidden.write(torch.tensor([1]), torch.ones(1, 3)); hidden.gather(torch.tensor([1, 0])).shape
+torch.Size([3, 3])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .loss import IGNORE_INDEX, sequence_logprob, shift_labels
+
+logger = logging.getLogger(__name__)
+
+MEMORY_LIMIT = 2**30  # 1 GiB: bytes of cache kept in RAM; larger caches go to a memory-mapped file
+DISK_SHARE = 0.5  # a file cache may use at most this share of the free space where it lives
+INDEX = "example_index"  # dataset column / batch key naming the dataset row
+
+
+def choose_storage(nbytes: int, mode: str, folder: Path, memory_limit: int | None = None) -> tuple[str | None, str]:
+    """Where a cache of ``nbytes`` goes: ("memory" | "disk" | None for the live teacher, why).
+
+    ``mode`` "auto" picks memory up to ``memory_limit`` (default `MEMORY_LIMIT`), else disk;
+    "memory" and "disk" force one (disk still needs the space).
+    """
+    limit = MEMORY_LIMIT if memory_limit is None else memory_limit
+    if mode == "memory" or (mode == "auto" and nbytes <= limit):
+        return "memory", f"{nbytes / 2**20:.1f} MiB in memory"
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if nbytes <= DISK_SHARE * free:
+        return "disk", f"{nbytes / 2**20:.1f} MiB memory-mapped (over the {limit / 2**20:.0f} MiB memory limit)"
+    return None, (f"it needs {nbytes / 2**20:.0f} MiB: over the {limit / 2**20:.0f} MiB memory limit and over "
+                  f"{DISK_SHARE:.0%} of the {free / 2**20:.0f} MiB free beside the checkpoints")
+
+
+@dataclass
+class CachedRows:
+    """A variable number of rows per example, stored flat: example i owns rows offsets[i]:offsets[i+1]."""
+
+    values: torch.Tensor  # (total rows, width), in memory or memory-mapped
+    offsets: torch.Tensor  # (examples + 1,) int64
+
+    @classmethod
+    def allocate(cls, counts: torch.Tensor, width: int, dtype: torch.dtype, file_in: Path | None = None) -> CachedRows:
+        """Room for ``counts[i]`` rows of ``width`` values per example; in RAM, or mapped from a
+        file created in ``file_in`` and unlinked at once (the mapping keeps it alive)."""
+        offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+        offsets[1:] = counts.cumsum(0)
+        shape = (int(offsets[-1]), width)
+        if file_in is None:
+            return cls(torch.empty(shape, dtype=dtype), offsets)
+        numel = shape[0] * shape[1]
+        handle, path = tempfile.mkstemp(prefix=".teacher-cache-", dir=file_in)
+        try:
+            os.ftruncate(handle, max(numel, 1) * dtype.itemsize)
+            values = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+        finally:
+            os.close(handle)
+            os.unlink(path)
+        return cls(values, offsets)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+    def _rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Row numbers of the examples in ``index``, in order. (B,) -> (N,)"""
+        starts, ends = self.offsets[index], self.offsets[index + 1]
+        return torch.cat([torch.arange(int(s), int(e)) for s, e in zip(starts, ends)])
+
+    def counts(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows stored per example. (B,) -> (B,)"""
+        return self.offsets[index + 1] - self.offsets[index]
+
+    def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the rows of the examples in ``index`` (concatenated in that order). (B,), (N, W)"""
+        self.values[self._rows(index)] = values.to(self.values.dtype)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows of the examples in ``index``, concatenated in that order. (B,) -> (N, W)"""
+        return self.values[self._rows(index.cpu())]
+
+
+def counted_per_row(labels: list[list[int]]) -> torch.Tensor:
+    """Counted positions of each tokenised row: labels after the first that are not -100. -> (E,)"""
+    return torch.tensor([sum(1 for y in row[1:] if y != -100) for row in labels], dtype=torch.int64)
+
+
+def estimate_bytes(counts: torch.Tensor, hidden: int, itemsize: int) -> int:
+    """rows x counted tokens x hidden x bytes: what the hidden-state cache of these rows takes."""
+    return int(counts.sum()) * hidden * itemsize
+
+
+@dataclass
+class TeacherCache:
+    """What the loss reads instead of a live teacher pass; any field may be absent (not needed)."""
+
+    hidden: CachedRows | None = None  # forget rows: final hidden states at counted positions (UNDIAL)
+    logprob: torch.Tensor | None = None  # (E,) forget rows: teacher sequence log-prob (NPO)
+    retain_hidden: CachedRows | None = None  # retain rows: final hidden states at counted positions (KL)
+    where: str = ""  # "memory" or "disk", and the size, for the log
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.hidden, self.retain_hidden)
+        return sum(p.nbytes for p in parts if p is not None) + (0 if self.logprob is None else self.logprob.nbytes)
+
+
+Teacher = Callable[..., Any]  # teacher(**model inputs) -> model output, no grad, new adapter off
+
+
+def build(
+    dataset: Any,
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    teacher: Teacher,
+    needs: Collection[str],
+    mode: str,
+    folder: Path,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[TeacherCache | None, str]:
+    """One teacher pass over ``dataset`` in order, filling what ``needs`` names.
+
+    ``needs`` holds "hidden" (forget hidden states), "logprob" (forget sequence log-prob) and/or
+    "retain_hidden". Returns (cache, where) or (None, why not): storage is chosen once the first
+    batch shows the hidden size and dtype.
+    """
+    counts = {"hidden": counted_per_row(dataset["labels"])}
+    if "retain_hidden" in needs:
+        counts["retain_hidden"] = counted_per_row(dataset["retain_labels"])
+    cache = TeacherCache()
+    if "logprob" in needs:
+        cache.logprob = torch.empty(len(dataset), dtype=torch.float32)
+    for start in range(0, len(dataset), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(dataset)))  # (B,)
+        batch = {k: v.to(device) for k, v in collate([dataset[int(i)] for i in index]).items()}
+        outputs = {}
+        if "hidden" in needs or "logprob" in needs:
+            hidden_too = {"output_hidden_states": True} if "hidden" in needs else {}
+            keep = {} if "logprob" in needs else {"logits_to_keep": 1}  # NPO reads full logits
+            outputs[""] = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **hidden_too, **keep)
+        if "retain_hidden" in needs:
+            outputs["retain_"] = teacher(input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"],
+                                         output_hidden_states=True, logits_to_keep=1)
+        if start == 0:  # storage decided from the real hidden size and dtype
+            storage, where = _storage(counts, needs, outputs, len(dataset), mode, folder)
+            if storage is None:
+                return None, where
+            cache.where = where
+            sample = next((o.hidden_states[-1] for o in outputs.values() if o.hidden_states is not None), None)
+            for key in ("hidden", "retain_hidden"):
+                if key in needs:  # sample is (B, T, H)
+                    rows = CachedRows.allocate(counts[key], sample.shape[-1], sample.dtype, folder if storage == "disk" else None)
+                    setattr(cache, key, rows)
+        for prefix, out in outputs.items():
+            mask = shift_labels(batch[f"{prefix}labels"]) != IGNORE_INDEX  # (B, T)
+            rows = getattr(cache, f"{prefix}hidden")
+            if rows is not None:
+                rows.write(index, out.hidden_states[-1][mask].cpu())  # (N, H), example by example
+            if prefix == "" and cache.logprob is not None:
+                cache.logprob[index] = sequence_logprob(out.logits, batch["labels"]).float().cpu()  # (B,)
+    return cache, cache.where
+
+
+def _storage(counts: dict[str, torch.Tensor], needs: Collection[str], outputs: dict[str, Any], rows: int, mode: str,
+             folder: Path) -> tuple[str | None, str]:
+    nbytes = 4 * rows if "logprob" in needs else 0
+    for prefix, out in outputs.items():
+        key = f"{prefix}hidden"
+        if key in needs:
+            sample = out.hidden_states[-1]  # (B, T, H)
+            nbytes += estimate_bytes(counts[key], sample.shape[-1], sample.element_size())
+    return choose_storage(nbytes, mode, folder)
+
+
+@dataclass
+class IndexedCollator:
+    """Wraps a collator so each batch also carries its rows' dataset indices as ``example_index`` (B,).
+
+    >>> collate = IndexedCollator(lambda rows: {"n": torch.tensor([len(r) for r in rows])})
+    >>> collate([{"a": 1, INDEX: 7}, {"a": 2, INDEX: 3}])[INDEX].tolist()
+    [7, 3]
+    """
+
+    inner: Callable[[list[dict]], dict[str, torch.Tensor]]
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        index = [row[INDEX] for row in features] if features and INDEX in features[0] else None
+        batch = self.inner([{k: v for k, v in row.items() if k != INDEX} for row in features])
+        if index is not None:
+            batch[INDEX] = torch.tensor(index, dtype=torch.int64)
+        return batch
+
+
+def teacher_dropout(model: torch.nn.Module, stack: Collection[str]) -> str | None:
+    """What makes the teacher (stack on, ``NEW`` off) random in training mode, or None.
+
+    LoRA dropout of a stack adapter, a dropout module of the base, or a dropout rate in the config
+    (attention dropout is functional, so only the config shows it). The new adapter's own dropout
+    does not matter: the teacher runs without it.
+    """
+    for name, value in vars(getattr(model, "config", None) or object()).items():
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float) and value > 0:
+            return f"the model config's {name}={value}"
+    for name, module in model.named_modules():
+        if not (isinstance(module, torch.nn.Dropout) and module.p > 0):
+            continue
+        adapter = name.rsplit(".", 1)[-1] if ".lora_dropout." in name else None
+        if adapter is None:
+            return f"dropout p={module.p} in the base model ({name.rsplit('.', 2)[-2]})"
+        if adapter in stack:
+            return f"LoRA dropout p={module.p} on stack adapter {adapter!r}"
+    return None
