@@ -133,6 +133,8 @@ def test_two_accumulation_steps_equal_one_double_batch(tiny_dir, tmp_path, metho
     assert trained > 1e-3, "the adapter did not train"
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-5, f"max |W(8 x 1) - W(4 x 2)| = {diff:.2e} after 3 steps (a step moves weights up to 1e-3)"
+
+
 def test_cached_adapter_switch_matches_peft_set_adapter(tiny_dir):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
