@@ -39,8 +39,11 @@ import harness
 import torch
 from harness import fmt, random_batch, spawn, sync
 
-# Dimensions from the public configs of meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B.
+# Dimensions from the public configs of HuggingFaceTB/SmolLM2-360M, meta-llama/Llama-3.2-1B and
+# meta-llama/Llama-3.1-8B.
 SHAPES: dict[str, dict[str, Any]] = {
+    "360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15,
+             "num_key_value_heads": 5, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True},
     "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
            "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True},
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -77,16 +80,22 @@ def _tokenizer() -> Any:
 # --- children ---------------------------------------------------------------------------------
 
 
-def child_make(spec: dict[str, Any]) -> dict[str, Any]:
-    """Save a randomly initialised bf16 Llama with the shape's dimensions to ``spec["dir"]``."""
+def save_random(shape: str, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Save a randomly initialised Llama of ``shape`` and a stand-in tokenizer; returns the parameter count."""
     from transformers import LlamaForCausalLM
 
-    start = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(harness.device()):  # initialise on the GPU: seconds instead of minutes for 8B
-        model = LlamaForCausalLM._from_config(_config(spec["shape"]), dtype=torch.bfloat16)
-    model.save_pretrained(spec["dir"], max_shard_size="4GB")
-    params = sum(p.numel() for p in model.parameters())
+        model = LlamaForCausalLM._from_config(_config(shape), dtype=dtype)
+    model.save_pretrained(directory, max_shard_size="4GB")
+    _tokenizer().save_pretrained(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
+def child_make(spec: dict[str, Any]) -> dict[str, Any]:
+    """Save a randomly initialised bf16 Llama with the shape's dimensions to ``spec["dir"]``."""
+    start = time.perf_counter()
+    params = save_random(spec["shape"], spec["dir"])
     return {"params": params, "seconds": time.perf_counter() - start}
 
 
@@ -249,7 +258,7 @@ def report(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], pa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--models", nargs="+", default=["1b", "8b"], choices=["1b", "8b"])
+    parser.add_argument("--models", nargs="+", default=["1b", "8b"], choices=["360m", "1b", "8b"])
     parser.add_argument("--precisions", nargs="+", default=["bf16", "4bit"], choices=["bf16", "4bit"])
     parser.add_argument("--toy", action="store_true", help="toy shapes (CPU is fine): checks the script end to end")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (1024; toy 64)")

@@ -1,13 +1,16 @@
 """What one UNDIAL training step costs, against plain LoRA SFT and the deep-copy reference design.
 
 Every measurement runs in its own process (this script re-invoked with ``--child``), so a
-variant's peak memory is its own. Three sections, each printed as one table:
+variant's peak memory is its own. Four sections, each printed as one table:
 
 step     one optimizer step on random token ids (batch 4; labels on the second half), per variant:
            lora_sft       plain LoRA SFT (r=8, all-linear): NLL from ``model(labels=...)``
-           undial         `adapters.build_trainable` + `UndialTrainer.compute_loss` (fused head), as trained
-           undial_full    the same with ``loss_chunk_size=0``: full (B, T, V) fp32 logits
+           undial         `adapters.build_trainable` + `UndialTrainer.compute_loss` (fused head), live teacher
+           undial_cached  the same reading the cached teacher (`teacher_cache`): a step from the second
+                          epoch on; ``cache_s`` is the one teacher pass that fills the cache, paid once
+           undial_full    live teacher with ``loss_chunk_size=0``: full (B, T, V) fp32 logits
            undial_gc      UNDIAL with gradient checkpointing (activations recomputed in backward)
+           undial_4bit    UNDIAL on an NF4 (bitsandbytes) base, as ``forget --4bit``; _4bit_gc: + checkpointing
            reference      what public implementations do: deep-copied frozen teacher, FULL fine-tuning,
                           `undial_loss` on full logits
          Median step time after warm-up, and peak memory. CPU: ``rss`` is the process's peak RSS
@@ -15,14 +18,24 @@ step     one optimizer step on random token ids (batch 4; labels on the second h
          of the interpreter and libraries before any model existed, i.e. model + optimizer +
          activations, comparable to the CUDA number; ``maxrss`` is ``ru_maxrss`` of the whole
          child, model loading included. CUDA: ``peak`` is ``torch.cuda.max_memory_allocated``.
+         Where the reference does not fit in memory, ``--reference-bytes-per-param`` (measured on a
+         smaller shape) times the parameter count stands in for it, marked "estimated".
 loss     `undial_loss_from_hidden` vs `undial_loss` on full logits, forward + backward from hidden
          states (B=4, H=576, V=49152: SmolLM2's head), at several T: peak memory above the inputs.
 latency  forward latency (batch 1, seq 128) of the base, one adapter, a stack of 8 adapters attached
          as is, the 8 exported as ONE adapter (`stack.export_stack`), and the 8 merged into the base.
          The 8 adapters are trained with `forget` for one step each on the packaged demo facts.
+switch   milliseconds per teacher switch (enter + leave `adapters.adapter_state`): peft's
+         ``set_adapter`` walk (the previous code, kept as the fallback) vs the cached LoRA layers.
 
-Targets (checked at the end): step time UNDIAL / LoRA-SFT <= 1.40, peak memory UNDIAL / LoRA-SFT
-<= 1.10 and UNDIAL / reference <= 0.35; latency export / single <= 1.10 and merged / base ~ 1.
+``--shape 360m|1b|8b`` runs on a random-weight model with the shape of SmolLM2-360M,
+Llama-3.2-1B or Llama-3.1-8B (built by `gpu_memory.save_random`); memory and time do not depend
+on the values.
+
+Targets (checked at the end): step time UNDIAL / LoRA-SFT <= 1.40 (live teacher) and <= 1.05
+(cached); peak memory UNDIAL / LoRA-SFT <= 1.10; against the reference: UNDIAL <= 0.40, with
+checkpointing <= 0.25, 4-bit <= 0.20, 4-bit + checkpointing <= 0.12; latency export / single
+<= 1.10 and merged / base ~ 1.
 
 Commands (from the repository root)::
 
@@ -31,6 +44,9 @@ Commands (from the repository root)::
     python examples/benchmarks/step_cost.py --sections step --seqs 128
     python examples/benchmarks/step_cost.py --sections loss latency --json cost.json
     python examples/benchmarks/step_cost.py --model path/to/model_dir --threads 8
+    python examples/benchmarks/step_cost.py --shape 360m --sections step --seqs 128 --warmup 1 --steps 2
+    python examples/benchmarks/step_cost.py --shape 1b --sections step --seqs 128 --warmup 1 --steps 2 \
+        --variants undial undial_gc undial_4bit undial_4bit_gc lora_sft --reference-bytes-per-param 22.9
 
 Run it alone on the machine: other processes inflate the times (memory is not affected).
 """
@@ -40,11 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import gc
-import importlib.resources
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -55,149 +67,38 @@ from typing import Any
 import harness
 import torch
 from harness import fmt, random_batch, spawn, sync
+from steps import (
+    BATCH,
+    BETA,
+    STEP_VARIANTS,
+    PeakMemory,
+    build_step,
+    demo_rows,
+    maxrss_mib,
+    model_dir,
+    proc_status_mib,
+    settle,
+)
 
-STEP_VARIANTS = ("lora_sft", "undial", "undial_full", "undial_gc", "reference")
-BATCH, BETA, LR = 4, 10.0, 1e-4
 HEAD_HIDDEN, HEAD_VOCAB = 576, 49152  # SmolLM2-135M's LM head
 
-# --- memory and timing helpers (run in the child) ---------------------------------------------
 
-
-def _proc_status_mib(field: str) -> float | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
-def _settle() -> None:
-    """Free what setup left behind, so the peak measured next is the step's own."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class PeakMemory:
-    """Peak memory from `reset()` on: CUDA allocator peak, or the process's peak RSS (VmHWM).
-
-    Writing "5" to /proc/self/clear_refs resets VmHWM (Linux >= 4.0); where that is refused the
-    peak falls back to ``ru_maxrss``, which also counts model loading (``reset_ok`` says which).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.reset_ok = False
-
-    def current(self) -> float:
-        if self.cuda:
-            return torch.cuda.memory_allocated() / 2**20
-        return _proc_status_mib("VmRSS") or 0.0
-
-    def reset(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.reset_ok = True
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.reset_ok = True
-        except OSError:
-            self.reset_ok = False
-
-    def peak(self) -> float:
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2**20
-        hwm = _proc_status_mib("VmHWM")
-        return hwm if self.reset_ok and hwm is not None else _maxrss_mib()
-
-
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-# --- step variants (child) --------------------------------------------------------------------
-
-
-def _optimizer(args: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer the Trainer would build (AdamW, fused where available), for every variant alike."""
-    from transformers import Trainer
-
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, None)
-    return cls(params, **kwargs)
-
-
-def build_step(variant: str, model: torch.nn.Module, workdir: str) -> tuple[Any, torch.nn.Module]:
-    """A closure running one full training step of ``variant`` on a batch; returns (step, trained model)."""
-    from peft import get_peft_model
-
-    from undial_peft import loss as L
-    from undial_peft.adapters import build_trainable, default_lora_config
-    from undial_peft.config import UndialConfig
-    from undial_peft.trainer import UndialTrainer
-
-    torch.manual_seed(0)  # same LoRA A initialisation for every LoRA variant
-    args = UndialConfig(output_dir=workdir, beta=BETA, learning_rate=LR)
-    if variant == "lora_sft":
-        peft_model = get_peft_model(model, default_lora_config()).train()
-        optimizer = _optimizer(args, [p for p in peft_model.parameters() if p.requires_grad])
-
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return peft_model(**batch).loss  # transformers' causal-LM NLL over (B, T, V) logits
-
-        trained = peft_model
-    elif variant in ("undial", "undial_full", "undial_gc"):
-        chunk = 0 if variant == "undial_full" else args.loss_chunk_size
-        args = UndialConfig(output_dir=workdir, beta=BETA, learning_rate=LR, loss_chunk_size=chunk)
-        # undial_gc: gradient checkpointing, the setting for memory-bound runs (activations dominate at 135M)
-        peft_model = build_trainable(model, default_lora_config(), gradient_checkpointing=variant == "undial_gc").train()
-        trainer = UndialTrainer(model=peft_model, args=args)
-        optimizer = trainer.create_optimizer()
-
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return trainer.compute_loss(peft_model, batch)  # exactly the training loss
-
-        trained = peft_model
-    elif variant == "reference":
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the second full copy
-        model.train().requires_grad_(True)  # full fine-tuning
-        optimizer = _optimizer(args, list(model.parameters()))
-
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            with torch.no_grad():
-                teacher_logits = teacher(**inputs).logits  # (B, T, V)
-            student_logits = model(**inputs).logits  # (B, T, V)
-            return L.undial_loss(student_logits, teacher_logits, batch["labels"], BETA)
-
-        trained = model
-    else:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {STEP_VARIANTS}")
-
-    def step(batch: dict[str, torch.Tensor]) -> float:
-        loss = loss_fn(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return step, trained
+# --- one training step (child) ----------------------------------------------------------------
 
 
 def child_step(spec: dict[str, Any]) -> dict[str, Any]:
     from undial_peft.models import load_model
 
     device = harness.device()
-    model, _ = load_model(spec["model"])
-    model.to(device)
+    four_bit = "4bit" in spec["variant"]
+    model, _ = load_model(spec["model"], load_in_4bit=four_bit)
+    if not four_bit:  # bitsandbytes places 4-bit weights itself
+        model.to(device)
     with tempfile.TemporaryDirectory() as workdir:
-        step, trained = build_step(spec["variant"], model, workdir)
         batch = random_batch(model.config.vocab_size, spec["batch"], spec["seq"], device)
-        params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-        _settle()
+        step = build_step(spec["variant"], model, workdir, batch)
+        params = sum(p.numel() for p in step.trained.parameters() if p.requires_grad)
+        settle()
         memory = PeakMemory(device)
         before = memory.current()
         memory.reset()
@@ -215,9 +116,11 @@ def child_step(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_mib": peak,
         "net_mib": peak - spec["runtime_mib"],
         "before_mib": before,
-        "maxrss_mib": _maxrss_mib(),
+        "maxrss_mib": maxrss_mib(),
         "peak_reset": memory.reset_ok,
         "trainable": params,
+        "params": None if four_bit else sum(p.numel() for p in model.parameters()),  # 4-bit numel is packed
+        "cache_s": step.cache_s,
         "loss": losses[0],
     }
 
@@ -248,7 +151,7 @@ def child_loss(spec: dict[str, Any]) -> dict[str, Any]:
         student.grad = None
 
     run()  # warm-up (allocator, kernels); its peak is not counted
-    _settle()
+    settle()
     memory = PeakMemory(device)
     before = memory.current()
     memory.reset()
@@ -263,17 +166,12 @@ def child_loss(spec: dict[str, Any]) -> dict[str, Any]:
 # --- inference latency (child) ----------------------------------------------------------------
 
 
-def _demo_rows() -> list[dict[str, Any]]:
-    text = importlib.resources.files("undial_peft").joinpath("data/demo_facts.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def make_adapters(model: Any, tokenizer: Any, workdir: Path, count: int) -> list[Path]:
     """``count`` chained forget adapters, one `forget` step each on two demo facts (values do not matter)."""
     from undial_peft.api import forget
     from undial_peft.config import UndialConfig
 
-    rows = _demo_rows()
+    rows = demo_rows()
     config = UndialConfig(max_steps=1, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1000,
                           disable_tqdm=True)
     stack: list[Path] = []
@@ -330,7 +228,50 @@ def child_latency(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-CHILDREN = {"step": child_step, "loss": child_loss, "latency": child_latency}
+# --- adapter switching (child) ----------------------------------------------------------------
+
+
+def child_switch(spec: dict[str, Any]) -> dict[str, Any]:
+    """Milliseconds per teacher switch (enter + leave the teacher's adapter state), peft's walk vs cached."""
+    from undial_peft.adapters import NEW, _activate_with_peft, adapter_state, build_trainable, default_lora_config
+    from undial_peft.models import load_model
+
+    model, _ = load_model(spec["model"])
+    peft_model = build_trainable(model, default_lora_config()).train()
+
+    @contextlib.contextmanager
+    def with_peft_walk() -> Any:  # what adapter_state did before the cached switch, line for line
+        previous = list(peft_model.base_model.active_adapters)
+        grads = {name: p.requires_grad for name, p in peft_model.named_parameters()}
+        try:
+            _activate_with_peft(peft_model, [], ())
+            yield
+        finally:
+            peft_model.base_model.set_adapter(previous, inference_mode=True)
+            for name, p in peft_model.named_parameters():
+                p.requires_grad_(grads[name])
+
+    ms = {}
+    for name, switch in (("peft set_adapter", with_peft_walk), ("cached LoRA layers", lambda: adapter_state(peft_model, []))):
+        times = []
+        for _ in range(spec["reps"]):
+            start = time.perf_counter()
+            with switch():
+                pass
+            times.append(time.perf_counter() - start)
+        ms[name] = 1e3 * statistics.median(times)
+    assert list(peft_model.base_model.active_adapters) == [NEW]
+    return {"ms": ms, "layers": sum(1 for m in peft_model.modules() if hasattr(m, "lora_A"))}
+
+
+def report_switch(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return "switch: error: " + r["error"]
+    rows = [[name, f"{value:.2f}"] for name, value in r["ms"].items()]
+    return table(["teacher switch (enter + leave)", "ms"], rows) + f"\n({r['layers']} LoRA layers)"
+
+
+CHILDREN = {"step": child_step, "loss": child_loss, "latency": child_latency, "switch": child_switch}
 
 
 def run_child(spec_json: str) -> None:
@@ -344,9 +285,9 @@ def run_child(spec_json: str) -> None:
     import undial_peft.trainer  # noqa: F401
 
     transformers.logging.set_verbosity_error()
-    _settle()
+    settle()
     # What the interpreter and libraries hold before any model exists; "net" memory is above it.
-    spec["runtime_mib"] = 0.0 if harness.device().type == "cuda" else (_proc_status_mib("VmRSS") or 0.0)
+    spec["runtime_mib"] = 0.0 if harness.device().type == "cuda" else (proc_status_mib("VmRSS") or 0.0)
     result = CHILDREN[spec["section"]](spec)
     result["runtime_mib"] = spec["runtime_mib"]
     print("RESULT " + json.dumps(result), flush=True)
@@ -372,24 +313,46 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> floa
     return a[key] / b[key]
 
 
-def report_step(results: dict[tuple[str, int], dict[str, Any]], seqs: list[int], checks: list[tuple[str, float | None, float]]) -> str:
+def reference_estimate(results: dict[tuple[str, int], dict[str, Any]], seq: int, bytes_per_param: float | None) -> dict[str, Any] | None:
+    """The reference design's memory where it was not run (too big): measured bytes/param x parameters."""
+    params = next((r["params"] for (v, s), r in results.items() if s == seq and r.get("params")), None)
+    if bytes_per_param is None or params is None:
+        return None
+    return {"net_mib": bytes_per_param * params / 2**20, "estimated": True, "params": params}
+
+
+def report_step(results: dict[tuple[str, int], dict[str, Any]], seqs: list[int], checks: list[tuple[str, float | None, float]],
+                reference_bpp: float | None = None) -> str:
     rows = []
     for seq in seqs:
-        sft, undial, ref = (results.get((v, seq)) for v in ("lora_sft", "undial", "reference"))
-        for variant in STEP_VARIANTS:
-            r = results.get((variant, seq), {})
-            if "error" in r:
-                rows.append([variant, str(seq), "error: " + r["error"][:90], "", "", "", "", "", ""])
+        sft, undial, cached, ref = (results.get((v, seq)) for v in ("lora_sft", "undial", "undial_cached", "reference"))
+        if not ref or "error" in ref:
+            ref = reference_estimate(results, seq, reference_bpp)
+            if ref is not None:
+                results[("reference (estimated)", seq)] = ref
+        params = next((r["params"] for (v, s), r in results.items() if s == seq and r.get("params")), None)
+        for variant in [*STEP_VARIANTS, "reference (estimated)"]:
+            r = results.get((variant, seq))
+            if r is None:
                 continue
-            rows.append([variant, str(seq), fmt(r.get("step_s"), ".3f"), fmt(r.get("net_mib"), ".0f"),
-                         fmt(r.get("peak_mib"), ".0f"), fmt(r.get("maxrss_mib"), ".0f"),
+            if "error" in r:
+                rows.append([variant, str(seq), "error: " + r["error"][:90], "", "", "", "", "", "", "", ""])
+                continue
+            rows.append([variant, str(seq), fmt(r.get("step_s"), ".3f"), fmt(r.get("cache_s"), ".3f"),
+                         fmt(r.get("net_mib"), ".0f"), fmt(r.get("peak_mib"), ".0f"), fmt(r.get("maxrss_mib"), ".0f"),
                          f"{r.get('trainable', 0) / 1e6:.2f}M", fmt(_ratio(r, sft, "step_s")),
-                         fmt(_ratio(r, sft, "net_mib")), fmt(_ratio(r, ref, "net_mib"))])
+                         fmt(_ratio(r, sft, "net_mib")), fmt(_ratio(r, ref, "net_mib")),
+                         fmt(r["net_mib"] * 2**20 / params if params and "net_mib" in r else None, ".1f")])
         checks.append((f"T={seq} step time  UNDIAL / LoRA-SFT", _ratio(undial, sft, "step_s"), 1.40))
+        checks.append((f"T={seq} step time  UNDIAL cached / LoRA-SFT", _ratio(cached, sft, "step_s"), 1.05))
         checks.append((f"T={seq} peak mem   UNDIAL / LoRA-SFT", _ratio(undial, sft, "net_mib"), 1.10))
-        checks.append((f"T={seq} peak mem   UNDIAL / reference", _ratio(undial, ref, "net_mib"), 0.35))
-    header = ["variant", "T", "step_s", "peak_MiB", "rss_MiB", "maxrss_MiB", "trainable", "time/sft", "peak/sft", "peak/ref"]
-    return table(header, rows)
+        checks.append((f"T={seq} peak mem   UNDIAL / reference", _ratio(undial, ref, "net_mib"), 0.40))
+        for variant, limit in (("undial_gc", 0.25), ("undial_4bit", 0.20), ("undial_4bit_gc", 0.12)):
+            checks.append((f"T={seq} peak mem   {variant} / reference", _ratio(results.get((variant, seq)), ref, "net_mib"), limit))
+    header = ["variant", "T", "step_s", "cache_s", "peak_MiB", "rss_MiB", "maxrss_MiB", "trainable", "time/sft",
+              "peak/sft", "peak/ref", "B/param"]
+    return table(header, rows) + "\n(cache_s: the one teacher pass that fills the cache, paid once per run; " \
+        "step_s of undial_cached is a step from the second epoch on. B/param: peak bytes per model parameter.)"
 
 
 def report_loss(results: dict[tuple[str, int, int], dict[str, Any]]) -> str:
@@ -420,16 +383,35 @@ def report_latency(r: dict[str, Any], checks: list[tuple[str, float | None, floa
     return table(header, rows) + f"\n(8 adapters trained + exported in {r['setup_s']:.0f} s)"
 
 
-def _tiny_model_dir(workdir: Path) -> str:
-    """A small random Llama (word tokenizer over the demo facts) saved to ``workdir``, for --quick."""
-    from undial_peft.tiny import tiny_llama, word_tokenizer
+def fit_report(paths: list[Path], extrapolate_to: float) -> str:
+    """Bytes per parameter of each design, fitted over the step results of several shapes (``--json``
+    files), and the peak it predicts at ``extrapolate_to`` parameters.
 
-    texts = [row["question"] + " " + row["answer"] for row in _demo_rows()]
-    tokenizer = word_tokenizer(texts)
-    model = tiny_llama(tokenizer, hidden_size=64, num_layers=2)
-    model.save_pretrained(workdir)
-    tokenizer.save_pretrained(workdir)
-    return str(workdir)
+    The fit is least squares of peak bytes = a * parameters + b over the measured shapes (a alone
+    where one shape measured the design); estimated reference rows are not data and are skipped.
+    """
+    points: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for path in paths:
+        step = json.loads(path.read_text(encoding="utf-8")).get("step", {})
+        params = {key.split("@")[1]: r["params"] for key, r in step.items() if r.get("params")}
+        for key, r in step.items():
+            variant, seq = key.split("@")
+            if "net_mib" in r and seq in params:
+                points.setdefault((variant, int(seq)), []).append((params[seq], r["net_mib"] * 2**20))
+    rows = []
+    for (variant, seq), xy in sorted(points.items(), key=lambda kv: (kv[0][1], STEP_VARIANTS.index(kv[0][0]))):
+        x = torch.tensor([p for p, _ in xy], dtype=torch.float64)
+        y = torch.tensor([b for _, b in xy], dtype=torch.float64)
+        if len(xy) > 1:
+            design = torch.stack([x, torch.ones_like(x)], 1)  # (shapes, 2)
+            slope, intercept = torch.linalg.lstsq(design, y[:, None]).solution[:, 0].tolist()
+        else:
+            slope, intercept = float(y[0] / x[0]), 0.0
+        measured = "  ".join(f"{p / 1e6:.0f}M:{b / p:.1f}" for p, b in xy)
+        rows.append([variant, str(seq), measured, f"{slope:.2f}", f"{intercept / 2**20:.0f}",
+                     f"{(slope * extrapolate_to + intercept) / 2**30:.1f}"])
+    header = ["design", "T", "measured B/param (params:B/param)", "fit B/param", "fit + MiB", f"at {extrapolate_to / 1e9:.2f}B: GiB"]
+    return table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,7 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, short sequences, few steps")
     parser.add_argument("--model", default=None, help='"default" (SmolLM2-135M; the default), "tiny", or a model directory / .gguf')
-    parser.add_argument("--sections", nargs="+", default=["step", "loss", "latency"], choices=["step", "loss", "latency"])
+    parser.add_argument("--shape", default=None, choices=["360m", "1b", "8b"],
+                        help="a random-weight model with the shape of SmolLM2-360M, Llama-3.2-1B or Llama-3.1-8B")
+    parser.add_argument("--reference-bytes-per-param", type=float, default=None,
+                        help="where the reference variant is not run (does not fit): its measured bytes/param")
+    parser.add_argument("--sections", nargs="+", default=["step", "loss", "latency", "switch"],
+                        choices=["step", "loss", "latency", "switch"])
     parser.add_argument("--variants", nargs="+", default=list(STEP_VARIANTS), choices=STEP_VARIANTS)
     parser.add_argument("--seqs", nargs="+", type=int, default=None, help="sequence lengths of the step section (128 512)")
     parser.add_argument("--loss-seqs", nargs="+", type=int, default=None, help="T of the loss section (128 512 1024)")
@@ -447,9 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per child before it is killed")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--fit", type=Path, nargs="+", default=None,
+                        help="no run: fit bytes/param per design over these --json results of several shapes")
+    parser.add_argument("--extrapolate", type=float, default=8.03e9, help="parameters to extrapolate the fit to (8B shape)")
     args = parser.parse_args(argv)
     if args.child:
         run_child(args.child)
+        return 0
+    if args.fit:
+        print(fit_report(args.fit, args.extrapolate))
         return 0
 
     quick = args.quick
@@ -462,11 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     checks: list[tuple[str, float | None, float]] = []
     raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = model_name = args.model or ("tiny" if quick else "default")
-        if model == "tiny":
-            model = _tiny_model_dir(Path(tmp))
+        model_name = args.shape or args.model or ("tiny" if quick else "default")
+        model = model_dir(args.model or ("tiny" if quick else "default"), args.shape, Path(tmp))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        print(f"model={args.model or ('tiny' if quick else 'default')} device={device} threads={args.threads} "
+        print(f"model={model_name} device={device} threads={args.threads} "
               f"batch={BATCH} warmup={warmup} timed={steps}", flush=True)
         outputs = []
         if "step" in args.sections:
@@ -477,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                             "model": model, "warmup": warmup, "steps": steps}
                     results[(variant, seq)] = _spawn(spec, args.timeout)
             raw["step"] = {f"{v}@{s}": r for (v, s), r in results.items()}
-            outputs.append(report_step(results, seqs, checks))
+            outputs.append(report_step(results, seqs, checks, args.reference_bytes_per_param))
         if "loss" in args.sections:
             results = {}
             for seq in loss_seqs:
@@ -493,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
             result = _spawn(spec, args.timeout)
             raw["latency"] = result
             outputs.append(report_latency(result, checks))
+        if "switch" in args.sections:
+            result = _spawn({**common, "section": "switch", "model": model, "reps": 20 if quick else 50}, args.timeout)
+            raw["switch"] = result
+            outputs.append(report_switch(result))
     print("\n\n".join(outputs))
     if checks:
         note = " (tiny model: per-step overhead dominates; the targets are for the full run)" if model_name == "tiny" else ""
