@@ -184,6 +184,7 @@ def export_gguf(
     *,
     per_request: bool = False,
     tokenizer: Any = None,
+    base_gguf: str | Path | None = None,
     force: bool = False,
     overwrite: bool = False,
 ) -> list[Path]:
@@ -193,6 +194,8 @@ def export_gguf(
     concatenation). ``per_request=True``: ``output`` is a new directory with one file per adapter,
     ``NN-<id>.gguf``, to pass together (``--lora a.gguf --lora b.gguf``). The stack is verified like
     `attach` does (base fingerprint, parent chain); a loaded ``model`` is handed back unwrapped.
+    Tensor names and shapes are checked against ``base_gguf`` (default: ``model`` when it names a
+    GGUF file, as "default" does).
     """
     attached = attach(model, stack, tokenizer=tokenizer, force=force)
     try:
@@ -201,7 +204,7 @@ def export_gguf(
         groups = [[name] for name in names] if per_request else [names]
         sources = [[stack[i]] for i in range(len(stack))] if per_request else [list(stack)]
         files = [_gguf_file(attached, group, base.config) for group in groups]
-        base_gguf = base_gguf_path(model)
+        base_gguf = base_gguf or base_gguf_path(model)
         for tensors, _ in files:
             if base_gguf is not None:
                 check_against_base(tensors, base_gguf)
