@@ -13,7 +13,6 @@ once, by the HF tokenizer) and decode greedily from the same prompts, so only th
 (second.jsonl: any second request, e.g. two of the demo's keep facts with their keys.) The script
 writes ``demo.gguf``, ``stack.gguf`` (both adapters in one file) and ``parts/`` (one file per
 request) to a temporary directory, then prints the table and checks the stated tolerances.
-Recorded output: see the README section "llama.cpp".
 
 This file also holds the llama.cpp side (``--worker``): it runs under the llama-cpp-python
 environment, which needs neither torch nor this package.
