@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from undial_peft.cli import main
 from undial_peft.demo import demo_facts, run_demo
@@ -44,3 +47,30 @@ def test_demo_code_path_on_a_tiny_model(tmp_path):
     assert {"forget_p_before", "keep_p_after", "forget_p_key_after"} <= set(result["summary"])
     assert any("key probability" in line for line in lines)
     assert all(0.0 <= row[key] <= 1.0 for row in result["rows"] for key in ("p_before", "p_after", "p_key_after"))
+
+
+def test_help_is_clean_and_imports_no_bitsandbytes(tmp_path):
+    """`undial-peft --help` prints usage only: no library warnings, and bitsandbytes (whose import logs
+    a 'kernels' warning on AVX512-BF16 CPUs) is not imported unless 4-bit is asked for."""
+    probe = ("import sys\nfrom undial_peft.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "loaded = sys.modules.get('bitsandbytes')\nprint('bitsandbytes imported:', loaded is not None)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}  # show every warning once
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage: undial-peft") and "bitsandbytes imported: False" in run.stdout, run.stdout
+    assert run.stderr == "", run.stderr
+
+
+def test_forget_verb_prints_nothing_a_user_cannot_act_on(tiny_dir, facts, tmp_path):
+    """A whole training run from the command line: our own INFO lines and progress bars, no library
+    deprecation warnings or third-party INFO chatter."""
+    data = tmp_path / "forget.jsonl"
+    data.write_text("".join(json.dumps(f) + "\n" for f in facts[:2]), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    run = subprocess.run([sys.executable, "-m", "undial_peft.cli", "forget", "--model", tiny_dir, "--data", str(data),
+                          "--out", str(tmp_path / "r"), "--max-steps", "1", "--quiet", "--gradient-checkpointing"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = [line.split("\r")[-1] for line in run.stderr.splitlines() if line.strip()]
+    noise = [line for line in lines if not line.startswith("INFO undial_peft") and "it/s]" not in line]
+    assert noise == [], noise

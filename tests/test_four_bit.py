@@ -1,38 +1,53 @@
-"""4-bit (bitsandbytes NF4) LoRA gradients equal those of an fp32 model holding the dequantised weights."""
+"""4-bit (bitsandbytes NF4) LoRA gradients equal those of an fp32 model holding the dequantised weights,
+with the full-logit loss and with the fused head loss; on CUDA where present, on CPU otherwise."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from undial_peft.adapters import adapter_state, build_trainable, default_lora_config
 from undial_peft.data import Collator, encode, read_examples
 from undial_peft.evaluate import score
-from undial_peft.loss import undial_loss
-from undial_peft.models import load_model
+from undial_peft.loss import undial_loss, undial_loss_from_hidden
+from undial_peft.models import four_bit_config, load_model
 
 bnb = pytest.importorskip("bitsandbytes")
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-def _lora_grads(model, batch) -> dict[str, torch.Tensor]:
+
+def _lora_grads(model, batch, fused: bool) -> dict[str, torch.Tensor]:
     """UNDIAL loss after a teacher pass, as the trainer runs it; returns LoRA gradients by name."""
+    head = {"output_hidden_states": True, "logits_to_keep": 1} if fused else {}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **head}  # no labels: no HF loss
     with torch.no_grad(), adapter_state(model, active=[]):
-        teacher = model(**batch).logits
+        teacher = model(**inputs)
     model.zero_grad()
-    undial_loss(model(**batch).logits, teacher, batch["labels"], beta=10.0).backward()
+    student = model(**inputs)
+    if fused:  # (B, T, H) hidden states through the chunked head, as with loss_chunk_size > 0
+        loss = undial_loss_from_hidden(student.hidden_states[-1], teacher.hidden_states[-1],
+                                       model.get_output_embeddings(), batch["labels"], beta=10.0, chunk_size=8)
+    else:  # (B, T, V) logits
+        loss = undial_loss(student.logits, teacher.logits, batch["labels"], beta=10.0)
+    loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def test_four_bit_lora_gradients_match_dequantised_fp32(tiny_dir, facts):
-    quantised, tokenizer = load_model(tiny_dir, load_in_4bit=True)
+@pytest.mark.parametrize("fused", [False, True], ids=["full-logits", "fused-head"])
+def test_four_bit_lora_gradients_match_dequantised_fp32(tiny_dir, facts, fused):
+    quantised, tokenizer = load_model(tiny_dir, load_in_4bit=True)  # on CUDA when present (device_map)
     layers = [m for m in quantised.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers, "nothing was quantised"
+    assert quantised.device.type == DEVICE.type
     dense, _ = load_model(tiny_dir)
     dense_modules = dict(dense.named_modules())
     for name, module in quantised.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-            dense_modules[name].weight.data.copy_(weight.float())
+            dense_modules[name].weight.data.copy_(weight.float().cpu())
+    dense.to(DEVICE)
     models = [build_trainable(m, default_lora_config()) for m in (quantised, dense)]
     torch.manual_seed(0)
     shared = {name: torch.randn_like(p) * 0.05 for name, p in models[1].named_parameters() if p.requires_grad}
@@ -44,9 +59,23 @@ def test_four_bit_lora_gradients_match_dequantised_fp32(tiny_dir, facts):
     # An eval-mode no-grad forward first: on AVX512-BF16 CPUs this is what corrupts later gradients.
     score(models[0], tokenizer, rows)
     batch = Collator(tokenizer.pad_token_id)([encode(tokenizer, row, 64) for row in rows])
-    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
-    got, want = (_lora_grads(model.train(), batch) for model in models)
+    batch = {key: batch[key].to(DEVICE) for key in ("input_ids", "attention_mask", "labels")}  # where the models are
+    got, want = (_lora_grads(model.train(), batch, fused) for model in models)
     assert got.keys() == want.keys()
     worst = max(((got[k] - want[k]).norm() / want[k].norm()).item() for k in want)
-    print(f"4-bit vs dequantised fp32 LoRA gradients: worst relative error {worst:.2e} over {len(want)} tensors")
+    print(f"4-bit vs dequantised fp32 LoRA gradients ({DEVICE.type}, {'fused' if fused else 'full'} loss): "
+          f"worst relative error {worst:.2e} over {len(want)} tensors")
     assert worst <= 1e-4, worst
+
+
+def test_an_already_loaded_four_bit_model_gets_cpu_repacking_disabled(tiny_dir):
+    """load_model returns a caller's model as is, but must still switch off bitsandbytes' CPU repacking."""
+    _, tokenizer = load_model(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=four_bit_config())
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(hasattr(m, "support_avx512bf16_for_cpu") for m in layers)
+    for module in layers:
+        module.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on a CPU with AVX512-BF16
+    returned, _ = load_model(model, tokenizer=tokenizer)
+    assert returned is model
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)

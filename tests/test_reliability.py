@@ -38,7 +38,8 @@ from undial_peft import loss as loss_module
 from undial_peft.adapters import UndialAdapterError, build_trainable
 from undial_peft.cli import main as cli_main
 from undial_peft.config import UndialConfigError
-from undial_peft.data import data_sha256, read_examples
+from undial_peft.data import data_digest, read_examples
+from undial_peft.datakey import key_id
 from undial_peft.manifest import MANIFEST, WEIGHTS, atomic_directory
 from undial_peft.models import UndialModelError, load_model
 from undial_peft.trainer import UndialTrainingError
@@ -303,6 +304,6 @@ def test_no_forget_text_on_disk_or_in_logs(interrupted):
 
 def test_manifest_holds_only_a_hash_of_the_data(interrupted):
     manifest = json.loads((interrupted.out / MANIFEST).read_text())
-    assert manifest["data"] == {"sha256": data_sha256(read_examples(interrupted.data)), "examples": 4,
-                                "retain_sha256": None}
+    assert manifest["data"] == {"hmac_sha256": data_digest(read_examples(interrupted.data)), "examples": 4,
+                                "key_id": key_id(), "retain_hmac_sha256": None}
     assert manifest["description"] is None

@@ -322,15 +322,16 @@ def artefacts(trained, tiny_dir, facts, tmp_path_factory) -> Artefacts:
 
 def test_export_is_one_standard_lora_equal_to_the_stack(artefacts, trained, tiny_dir):
     config = json.loads((artefacts.export / CONFIG).read_text())
-    assert config["r"] == 24 and config["lora_alpha"] == 24 and not config.get("use_rslora")  # 8 + 8 + 8
-    assert int(artefacts.plain["export_rank"]) == 24
+    # 8 + 8 + 8 = 24, zero-padded to 32: a --max-lora-rank vLLM accepts
+    assert config["r"] == 32 and config["lora_alpha"] == 32 and not config.get("use_rslora")
+    assert int(artefacts.plain["export_rank"]) == 32
     with safe_open(artefacts.export / WEIGHTS, framework="pt") as handle:
         shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
-    assert all(shape[0] == 24 for key, shape in shapes.items() if "lora_A" in key)  # (R, in)
-    assert all(shape[1] == 24 for key, shape in shapes.items() if "lora_B" in key)  # (out, R)
+    assert all(shape[0] == 32 for key, shape in shapes.items() if "lora_A" in key)  # (R, in)
+    assert all(shape[1] == 32 for key, shape in shapes.items() if "lora_B" in key)  # (out, R)
     diff = _masked_max_diff(artefacts.plain["export"], artefacts.attached, artefacts.batch["attention_mask"])
     size = (artefacts.export / WEIGHTS).stat().st_size / 1024
-    print(f"\nexport: rank 24, {size:.1f} KB, max |logit diff| vs attached stack = {diff:.2e}")
+    print(f"\nexport: rank 24 (padded to 32), {size:.1f} KB, max |logit diff| vs attached stack = {diff:.2e}")
     assert diff < TOLERANCE, diff
     assert (artefacts.export / "stack.json").is_file()
     assert [a["manifest"]["id"] for a in json.loads((artefacts.export / "stack.json").read_text())["adapters"]] == [
@@ -386,7 +387,7 @@ def test_export_of_mixed_lora_settings_is_exact(tiny_dir, facts, tmp_path):
     want = _logits(attach(tiny_dir, stack), batch)
     exported = export_stack(tiny_dir, stack, tmp_path / "exported")
     got = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), exported), batch)
-    assert json.loads((exported / CONFIG).read_text())["r"] == 12  # 4 + 8 where both apply
+    assert json.loads((exported / CONFIG).read_text())["r"] == 16  # 4 + 8 where both apply, padded to 16
     diff = _masked_max_diff(got, want, batch["attention_mask"])
     assert diff < TOLERANCE, diff
     base = _logits(AutoModelForCausalLM.from_pretrained(tiny_dir), batch)

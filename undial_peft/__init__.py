@@ -7,14 +7,20 @@
 
 __version__ = "0.1.0"
 
-from .config import UndialConfig  # noqa: E402
-from .loss import undial_loss, undial_loss_from_hidden  # noqa: E402
-
 __all__ = ["UndialConfig", "__version__", "attach", "evaluate", "forget", "undial_loss", "undial_loss_from_hidden"]
 
 
 def __getattr__(name: str):
-    # The heavy entry points import transformers/peft; load them on first use.
+    # Everything imports torch/transformers/peft; load on first use, so that `undial-peft --help`
+    # and the CLI can decide what gets imported (see cli.main).
+    if name == "UndialConfig":
+        from .config import UndialConfig
+
+        return UndialConfig
+    if name in ("undial_loss", "undial_loss_from_hidden"):
+        from . import loss
+
+        return getattr(loss, name)
     if name == "forget":
         from .api import forget
 

@@ -171,7 +171,7 @@ def build_trainable(
     if getattr(base, "is_loaded_in_4bit", False):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     try:
         if stack:

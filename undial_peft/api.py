@@ -24,12 +24,13 @@ from transformers import PreTrainedModel, set_seed
 from . import __version__
 from .adapters import NEW, adapter_state, build_trainable, default_lora_config, stack_name
 from .config import UndialConfig
-from .data import Collator, DataSource, Example, build_dataset, data_sha256, encode, read_examples
+from .data import Collator, DataSource, Example, build_dataset, data_digest, encode, read_examples
+from .datakey import key_id
 from .evaluate import score
 from .keys import KeyRule, auto_key_weights
 from .manifest import FORMAT, save_adapter, verify_stack
 from .metrics import answer_probability
-from .models import fingerprint, load_model
+from .models import base_identity, load_model, source_name
 from .stopping import StopWhenForgotten
 from .trainer import UndialTrainer
 
@@ -102,15 +103,17 @@ def forget(
         raise ValueError("retain_weight > 0 needs retain data: pass retain=... (--retain FILE).")
 
     base, tokenizer = load_model(model, load_in_4bit=load_in_4bit, tokenizer=tokenizer)
-    base_print = fingerprint(base)
-    parents = verify_stack(stack, base_print, force=force)
+    identity = base_identity(base)
+    parents = verify_stack(stack, identity, force=force)
     dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, config.use_chat_template)  # validates
     set_seed(config.seed)  # LoRA A is initialised randomly here, before the Trainer seeds: same seed, same adapter
-    peft_model = build_trainable(base, lora or default_lora_config(), stack, config.gradient_checkpointing)
+    peft_model = build_trainable(base, lora or default_lora_config(), stack, config.activation_checkpointing)
     teacher = [stack_name(i) for i in range(len(stack))]
 
     try:
-        args = dataclasses.replace(config, output_dir=str(checkpoints), gradient_checkpointing=False)
+        # build_trainable has set up checkpointing; the Trainer must not redo it. (transformers 5
+        # resolves the deprecated gradient_checkpointing alias from activation_checkpointing.)
+        args = dataclasses.replace(config, output_dir=str(checkpoints), activation_checkpointing=False)
         weights = _auto_keys(peft_model, tokenizer, forget_rows, config, teacher)
         if any(w is not None for w in weights):
             dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, config.use_chat_template, weights)
@@ -135,10 +138,10 @@ def forget(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "method": config.method,
             "hyperparameters": _hyperparameters(config, peft_model.peft_config[NEW]),
-            "base": {"fingerprint": base_print, "source": None if isinstance(model, PreTrainedModel) else str(model)},
+            "base": {**identity, "source": source_name(model)},
             "parents": parents,
-            "data": {"sha256": data_sha256(forget_rows), "examples": len(forget_rows),
-                     "retain_sha256": data_sha256(retain_rows) if retain_rows else None},
+            "data": {"hmac_sha256": data_digest(forget_rows), "examples": len(forget_rows), "key_id": key_id(),
+                     "retain_hmac_sha256": data_digest(retain_rows) if retain_rows else None},
             "metrics": {"forget_probability_before": before, "forget_probability_after": after,
                         "train_loss": result.training_loss, "steps": result.global_step},
             "keys": _key_counts(forget_rows, weights),
@@ -179,7 +182,7 @@ def preview_keys(
     config = config or UndialConfig()
     rows = read_examples(data, "forget")
     base, tokenizer = load_model(model, tokenizer=tokenizer)
-    verify_stack(stack, fingerprint(base), force=force)
+    verify_stack(stack, base_identity(base), force=force)
     peft_model = build_trainable(base, default_lora_config(), stack)
     try:
         weights = _auto_keys(peft_model, tokenizer, rows, config, [stack_name(i) for i in range(len(stack))])

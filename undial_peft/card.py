@@ -38,7 +38,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         f"- Method: {manifest['method']} (UNDIAL: self-distillation with adjusted logits, arXiv 2402.10052)",
         f"- Base model fingerprint: `{manifest['base']['fingerprint'][:16]}`",
         f"- Stacked on: {', '.join(parents) if parents else 'the bare base model'}",
-        f"- Examples: {manifest.get('data', {}).get('examples', '?')} (only their sha256 is stored)",
+        f"- Examples: {manifest.get('data', {}).get('examples', '?')} (only a keyed hash of them is stored)",
         *_stopping(manifest.get("stopping")),
         "",
         "| hyperparameter | value |",

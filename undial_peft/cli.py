@@ -4,9 +4,10 @@
     undial-peft forget --model default --data forget.jsonl --out adapters/req-001 [--stack DIR ...] [--beta 10] [--4bit]
     undial-peft eval --model default [--adapters DIR ...] --forget F [--retain R] [--reference REF.json]
     undial-peft stack list DIR ...
-    undial-peft stack export --model M --out DIR DIR ...
-    undial-peft stack export --model M --format gguf --out FILE.gguf DIR ...    [--per-request: --out DIR]
+    undial-peft stack export [--model M] [--max-rank R] --out DIR DIR ...
+    undial-peft stack export [--model M] --format gguf --out FILE.gguf DIR ...    [--per-request: --out DIR]
     undial-peft stack merge --model M --out DIR DIR ...
+    undial-peft stack check [--max-lora-rank 16] DIR ...
     undial-peft bench [--quick] [--out DIR] [--seed N]
 """
 
@@ -15,22 +16,29 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from .config import METHODS, RETAIN_LOSSES, UndialConfigError
-from .data import UndialDataError
-from .manifest import UndialStackError
-from .models import UndialModelError
-from .trainer import UndialTrainingError
+# Library modules are imported only after the arguments are parsed (see main): importing
+# transformers' TrainingArguments or peft imports bitsandbytes whenever it is installed.
 
 # The names of evaluate.SPLITS and evaluate.MAX_NEW_TOKENS, repeated so that parsing arguments does
 # not import torch (tests/test_cli.py checks they agree).
 EVAL_SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts", "general")
 EVAL_MAX_NEW_TOKENS = 200
 
-USER_ERRORS = (UndialDataError, UndialConfigError, UndialStackError, UndialModelError, UndialTrainingError,
-               FileExistsError, ValueError)
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that print one line and exit 2: the message names the fix."""
+    from .config import UndialConfigError
+    from .data import UndialDataError
+    from .manifest import UndialStackError
+    from .models import UndialModelError
+    from .trainer import UndialTrainingError
+
+    return (UndialDataError, UndialConfigError, UndialStackError, UndialModelError, UndialTrainingError,
+            FileExistsError, ValueError)
 
 
 def _until(value: str) -> dict[str, float | None]:
@@ -63,7 +71,7 @@ def _forget_config(args: argparse.Namespace) -> Any:
         **chosen, auto_key=not args.no_auto_key, method=args.method, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, retain_weight=args.retain_weight, retain_loss=args.retain_loss,
         max_length=args.max_length, use_chat_template=not args.no_chat_template, seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing, disable_tqdm=args.quiet,
+        activation_checkpointing=args.gradient_checkpointing, disable_tqdm=args.quiet,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
     )
 
@@ -152,6 +160,10 @@ def _stack(args: argparse.Namespace) -> None:
     if args.action == "list":
         print(format_rows(describe(args.dirs)))
         return
+    if args.action == "check":
+        for directory in args.dirs:
+            _print_vllm_check(directory, args.max_lora_rank)
+        return
     if not args.out:
         raise ValueError(f"stack {args.action} needs --out DIR.")
     if args.format == "gguf" or args.per_request:
@@ -163,9 +175,36 @@ def _stack(args: argparse.Namespace) -> None:
                                 overwrite=args.overwrite):
             print(f"wrote {path}")
         return
-    action = export_stack if args.action == "export" else merge_stack
-    path = action(args.model, args.dirs, args.out, force=args.force, overwrite=args.overwrite)
+    if args.action == "export":
+        path = export_stack(args.model, args.dirs, args.out, force=args.force, overwrite=args.overwrite,
+                            max_rank=args.max_rank)
+        print(f"wrote {path}")
+        _print_vllm_check(path, None)
+        return
+    path = merge_stack(args.model, args.dirs, args.out, force=args.force, overwrite=args.overwrite)
     print(f"wrote {path}")
+
+
+def _print_vllm_check(directory: str, max_lora_rank: int | None) -> None:
+    """vLLM's verdict on one adapter directory, and the energy kept where it was rank-compressed."""
+    import json
+    from pathlib import Path
+
+    from .manifest import CONFIG, read_manifest
+    from .serving import check_vllm, vllm_max_lora_rank
+
+    problems = check_vllm(directory, max_lora_rank)
+    rank = json.loads((Path(directory) / CONFIG).read_text(encoding="utf-8"))["r"]
+    if problems:
+        print(f"{directory}: not loadable by vLLM as is: " + "; ".join(problems))
+    else:
+        print(f"{directory}: vLLM ok (rank {rank}); serve with --enable-lora --max-lora-rank "
+              f"{max_lora_rank or vllm_max_lora_rank(rank)}")
+    energy = ((read_manifest(directory) or {}).get("serving") or {}).get("energy_kept")
+    if energy:
+        worst = min(energy, key=energy.get)
+        print(f"rank budget: energy kept per module min {energy[worst]:.4f} ({worst}), "
+              f"mean {sum(energy.values()) / len(energy):.4f} over {len(energy)} modules (all in undial.json)")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -178,6 +217,8 @@ def _bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    from .config import METHODS, RETAIN_LOSSES
+
     parser = argparse.ArgumentParser(prog="undial-peft", description="Make an LLM forget data with LoRA adapters (UNDIAL).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -245,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
 
     stack = verbs.add_parser("stack", help="list, export or merge a stack of adapters")
-    stack.add_argument("action", choices=["list", "export", "merge"])
+    stack.add_argument("action", choices=["list", "export", "merge", "check"],
+                       help="check: vLLM's single-adapter rules for each DIR")
     stack.add_argument("dirs", nargs="+", metavar="DIR", help="adapter directories, in order")
-    stack.add_argument("--model", default="default")
+    stack.add_argument("--model", default=None, help="base model (default: the one the adapters' manifests name)")
     stack.add_argument("--out", default=None)
     stack.add_argument("--overwrite", action="store_true")
     stack.add_argument("--force", action="store_true")
@@ -255,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="export as a peft adapter directory, or a llama.cpp GGUF LoRA (--out FILE.gguf)")
     stack.add_argument("--per-request", action="store_true",
                        help="with --format gguf: one GGUF per adapter in the --out directory (llama.cpp sums them)")
+    stack.add_argument("--max-rank", type=int, default=None, metavar="R",
+                       help="export: compress each module's summed delta to rank <= R by SVD (exact where it fits)")
+    stack.add_argument("--max-lora-rank", type=int, default=None, help="check: the vLLM server's --max-lora-rank")
     stack.set_defaults(run=_stack)
 
     bench = verbs.add_parser("bench", add_help=False, help="offline benchmark: all methods on fictitious facts (see --help)")
@@ -262,18 +307,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_imports(argv: Sequence[str]) -> None:
+    """Keep the terminal to what a user can act on.
+
+    peft and transformers import bitsandbytes whenever it is installed, and on CPUs with
+    AVX512-BF16 that import logs a warning about an optional package ('kernels') that nothing
+    here uses. A command that does not ask for 4-bit never needs bitsandbytes, so it is hidden
+    (``sys.modules[name] = None`` reads as "not installed" to imports and ``find_spec``). The
+    other filters silence deprecation and device notices raised inside the libraries' own code.
+    """
+    if "--4bit" not in argv:
+        sys.modules.setdefault("bitsandbytes", None)  # no-op where it is already imported
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true.*", category=UserWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_imports(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.verb == "bench":
         args.args = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress at INFO; other libraries only when they warn (absl logs INFO on import).
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("undial_peft").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.run(args)
-    except USER_ERRORS as err:
+    except _user_errors() as err:
         print(f"undial-peft: error: {err}", file=sys.stderr)
         return 2
     return 0

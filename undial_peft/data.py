@@ -28,7 +28,6 @@ to the teacher unchanged, so shared phrasing ("The capital of ... is") is not un
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,6 +38,7 @@ from typing import Any
 import datasets
 import torch
 
+from .datakey import keyed_sha256
 from .loss import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -208,13 +208,14 @@ def read_examples(source: DataSource, name: str = "forget") -> list[Example]:
     return examples
 
 
-def data_sha256(examples: Sequence[Example]) -> str:
-    """A digest of the rows, for manifests: identifies the data without storing any of it."""
-    digest = hashlib.sha256()
-    for example in examples:
-        digest.update(json.dumps([example.prompt, example.answer, example.key], ensure_ascii=False).encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()
+def data_digest(examples: Sequence[Example]) -> str:
+    """A keyed digest of the rows (HMAC-SHA256 under the operator's key, see `datakey`): names the
+    data for whoever holds the key without storing any of it, and a guessed row cannot be
+    confirmed from a manifest or report without the key."""
+    return keyed_sha256(
+        json.dumps([example.prompt, example.answer, example.key], ensure_ascii=False).encode("utf-8") + b"\n"
+        for example in examples
+    )
 
 
 def prompt_ids(tokenizer: Any, question: str, use_chat_template: bool = True) -> list[int]:

@@ -13,7 +13,6 @@ forget quality and PrivLeak. Reports hold numbers and data digests, never the te
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 
 from . import metrics
 from .data import Example, _read_rows
+from .datakey import key_id, keyed_sha256
 from .scoring import MAX_NEW_TOKENS, TokenScores, greedy_answers, score
 
 __all__ = ["EvalItem", "MAX_NEW_TOKENS", "TokenScores", "evaluate", "format_table", "greedy_answers",
@@ -130,17 +130,18 @@ def option_nlls(model: Any, tokenizer: Any, items: Sequence[EvalItem], **run: An
     return out
 
 
-def items_sha256(items: Sequence[EvalItem]) -> str:
-    """Digest of every text field that a metric reads (paraphrases and perturbations included).
+def items_digest(items: Sequence[EvalItem]) -> str:
+    """Keyed digest (`datakey`) of every text field that a metric reads (paraphrases and perturbations
+    included): the reference check compares it; without the key, a guess cannot be confirmed from a report.
 
-    >>> items_sha256([EvalItem("Q?", "A.")]) != items_sha256([EvalItem("Q?", "A.", perturbed_answers=("B.",))])
+    >>> items_digest([EvalItem("Q?", "A.")]) != items_digest([EvalItem("Q?", "A.", perturbed_answers=("B.",))])
     True
     """
-    digest = hashlib.sha256()
-    for it in items:
-        fields = [it.question, it.answer, it.paraphrased_answer, list(it.perturbed_answers), it.paraphrased_question]
-        digest.update(json.dumps(fields, ensure_ascii=False).encode("utf-8") + b"\n")
-    return digest.hexdigest()
+    return keyed_sha256(
+        json.dumps([it.question, it.answer, it.paraphrased_answer, list(it.perturbed_answers), it.paraphrased_question],
+                   ensure_ascii=False).encode("utf-8") + b"\n"
+        for it in items
+    )
 
 
 def _split_report(
@@ -181,17 +182,23 @@ def _split_report(
             summary[name] = float(np.mean([per_item[name][i] for i in asked]))
         if keep:
             per_item["generations"] = [texts.get(i) for i in range(len(items))]
-    return {"n_items": len(items), "sha256": items_sha256(items), "summary": summary, "items": per_item}
+    return {"n_items": len(items), "hmac_sha256": items_digest(items), "key_id": key_id(), "summary": summary,
+            "items": per_item}
 
 
 def _check_same_data(report: dict, reference: dict, split: str) -> None:
     if split not in reference.get("splits", {}):
         raise ValueError(f"reference report has no {split!r} split; evaluate the reference with the same splits.")
-    mine, theirs = report["splits"][split]["sha256"], reference["splits"][split]["sha256"]
-    if mine != theirs:
+    mine, theirs = report["splits"][split], reference["splits"][split]
+    if theirs.get("key_id") != mine["key_id"]:
         raise ValueError(
-            f"reference report was computed on different {split} data (sha256 {theirs[:12]} vs {mine[:12]});"
-            f" evaluate the reference on the same {split} set."
+            f"reference report's data digest was made with another data key ({theirs.get('key_id')} vs "
+            f"{mine['key_id']}); evaluate the reference with the same UNDIAL_PEFT_DATA_KEY(_FILE)."
+        )
+    if mine["hmac_sha256"] != theirs["hmac_sha256"]:
+        raise ValueError(
+            f"reference report was computed on different {split} data (digest {theirs['hmac_sha256'][:12]} vs "
+            f"{mine['hmac_sha256'][:12]}); evaluate the reference on the same {split} set."
         )
 
 

@@ -97,14 +97,30 @@ def parent_entry(directory: str | Path) -> dict[str, str]:
     return {"id": manifest.get("id", Path(directory).name), "sha256": file_sha256(Path(directory) / WEIGHTS)}
 
 
-def verify_stack(stack: Sequence[str | Path], base_fingerprint: str | None, force: bool = False) -> list[dict[str, Any]]:
+def _base_problem(recorded: dict[str, Any], base: dict[str, Any]) -> str | None:
+    """Why the recorded base differs from ``base`` (both as `models.base_identity` gives them), or None."""
+    if recorded.get("fingerprint") != base.get("fingerprint"):
+        return "it was trained on a different base model (fingerprint differs)"
+    mine, theirs = recorded.get("linear_sample"), base.get("linear_sample")
+    # Comparable only when the same layers were sampled (a 4-bit load skips its quantised layers).
+    if mine and theirs and mine["layers"] == theirs["layers"] and mine["sha256"] != theirs["sha256"]:
+        return "the base's linear weights differ from those it was trained on (a merged or fine-tuned copy?)"
+    return None
+
+
+def verify_stack(
+    stack: Sequence[str | Path], base: str | dict[str, Any] | None, force: bool = False
+) -> list[dict[str, Any]]:
     """Check an ordered stack before use; returns each adapter's parent entry.
 
-    Hard (always): files present, safetensors readable, no pickle. Soft (skipped with ``force``,
-    logged instead): weight hash equals the manifest's, base fingerprint matches, and each
-    manifest's parents are exactly the adapters before it. A plain peft adapter without a manifest
-    is allowed with a warning: nothing about it can be verified.
+    ``base`` is `models.base_identity` of the model the stack goes on (a bare fingerprint string
+    also works; None skips the base check). Hard (always): files present, safetensors readable,
+    no pickle. Soft (skipped with ``force``, logged instead): weight hash equals the manifest's,
+    base fingerprint and linear-weight sample match, and each manifest's parents are exactly the
+    adapters before it. A plain peft adapter without a manifest is allowed with a warning:
+    nothing about it can be verified.
     """
+    identity = {"fingerprint": base} if isinstance(base, str) else base
     entries: list[dict[str, Any]] = []
     for position, directory in enumerate(stack):
         check_files(directory)
@@ -116,9 +132,8 @@ def verify_stack(stack: Sequence[str | Path], base_fingerprint: str | None, forc
         else:
             if manifest.get("weights_sha256") != entry["sha256"]:
                 problems.append(f"{WEIGHTS} does not match the sha256 in {MANIFEST} (tampered or replaced)")
-            recorded = manifest.get("base", {}).get("fingerprint")
-            if base_fingerprint is not None and recorded != base_fingerprint:
-                problems.append("it was trained on a different base model (fingerprint differs)")
+            if identity is not None and (problem := _base_problem(manifest.get("base", {}), identity)):
+                problems.append(problem)
             parents = [{"id": p["id"], "sha256": p["sha256"]} for p in manifest.get("parents", [])]
             if parents != entries[:position]:
                 expected = [p["id"] for p in parents] or "no parent"
@@ -130,6 +145,25 @@ def verify_stack(stack: Sequence[str | Path], base_fingerprint: str | None, forc
             logger.warning("%s (forced)", message)
         entries.append(entry)
     return entries
+
+
+def recorded_base(stack: Sequence[str | Path]) -> str:
+    """The base model the stack's manifests name (``base.source``), for commands run without ``--model``.
+
+    >>> recorded_base(["adapters/req-000", "adapters/req-001"])  # doctest: +SKIP
+    'default'
+    """
+    sources = {(read_manifest(directory) or {}).get("base", {}).get("source") for directory in stack}
+    if len(sources) != 1 or None in sources:
+        named = sorted(str(s) for s in sources)
+        raise UndialStackError(
+            f"the stack's manifests do not name one base model (found {named}: adapters trained on a loaded model "
+            "or plain peft adapters record none); pass the base with --model."
+        )
+    source = sources.pop()
+    if source != "default" and not Path(source).exists():
+        raise UndialStackError(f"the stack's recorded base {source!r} is not on this machine; pass the base with --model.")
+    return source
 
 
 def _fsync_dir(path: Path) -> None:

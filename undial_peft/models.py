@@ -75,6 +75,17 @@ def portable_name(model: str | Path) -> str:
     return Path(model).name if str(model).endswith(".gguf") else str(model)
 
 
+def source_name(model: str | Path | PreTrainedModel) -> str | None:
+    """How a manifest names a base so that commands run without ``--model`` can load it again:
+    "default", an absolute path for a local directory or file, the string as given otherwise
+    (a hub id), None for a loaded model."""
+    if isinstance(model, PreTrainedModel):
+        return None
+    if str(model) == DEFAULT_MODEL or not Path(model).exists():
+        return str(model)
+    return str(Path(model).resolve())
+
+
 def four_bit_config(compute_dtype: torch.dtype = torch.float32) -> Any:
     """bitsandbytes NF4 settings with double quantisation (the QLoRA recipe)."""
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -124,6 +135,7 @@ def load_model(
     if isinstance(model, PreTrainedModel):
         if tokenizer is None:
             raise UndialModelError("pass the tokenizer along with an already loaded model.")
+        disable_cpu_repacking(model)  # a caller's own 4-bit load needs it as much as ours
         return _plain_if_gguf(model), _with_pad_token(tokenizer)
     source, extra = _resolve(model)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -182,17 +194,61 @@ def _with_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
+MERGED_KEY = "undial_merged_stack"  # config field a merged model records its stack in
+
+
 def fingerprint(model: PreTrainedModel) -> str:
-    """A sha256 naming the base model: architecture fields plus the input-embedding values.
+    """A sha256 naming the base model: architecture fields, the input-embedding values, and the
+    stack merged into it, if any.
 
     Embeddings are hashed after rounding to bfloat16, so the fp32, bf16 and 4-bit (embeddings stay
-    unquantised) loads of one checkpoint share a fingerprint, while another checkpoint or a
-    fine-tuned copy does not. Hashing every weight would cost seconds per GB for no extra safety
-    against accidental mix-ups, which is what the fingerprint is for.
+    unquantised) loads of one checkpoint share a fingerprint, while another checkpoint does not.
+    A LoRA merge leaves the embeddings alone, so `stack.merge_stack` records the merged stack in
+    the model's config (``undial_merged_stack``), which is hashed too: a merged model never passes
+    for its base. `linear_sample` catches copies changed elsewhere (merged by other tools).
+
+    >>> fingerprint(tiny_llama(word_tokenizer(["a b"])))[:8]  # doctest: +SKIP
+    '5c1d0e2a'
     """
     config = model.config.to_dict()
     fields = {key: config.get(key) for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")}
+    if config.get(MERGED_KEY):  # only when present, so fingerprints recorded before this field still match
+        fields[MERGED_KEY] = config[MERGED_KEY]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     embedding = model.get_input_embeddings().weight.detach()
     digest.update(embedding.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
+
+
+def linear_sample(model: torch.nn.Module, per_layer: int = 64) -> dict[str, str] | None:
+    """sha256 of ``per_layer`` evenly spaced values of every unquantised linear weight (rounded to
+    bfloat16), and a short hash of which layers were sampled; None when there are none.
+
+    A cheap check (7 x 30 x 64 values for SmolLM2-135M) that tells a base from a copy with changed
+    linear weights, e.g. a LoRA merge. 4-bit layers are skipped (their values are not the base's),
+    so the sample is comparable only between loads that quantise the same layers: callers compare
+    the ``sha256`` only when ``layers`` match. Works on a peft-wrapped model too.
+
+    >>> linear_sample(model)  # doctest: +SKIP
+    {'layers': '0be5a2...', 'sha256': '77f0c1...'}
+    """
+    names: list[str] = []
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (not isinstance(module, torch.nn.Linear) or "lora_" in name or weight is None
+                or not weight.dtype.is_floating_point or weight.device.type == "meta"):
+            continue  # bitsandbytes' Linear4bit holds uint8 codes; peft's own lora_A/B layers are no base weight
+        flat = weight.detach().reshape(-1)  # (out * in,)
+        index = torch.linspace(0, flat.numel() - 1, min(per_layer, flat.numel()), device=flat.device).long()
+        digest.update(flat[index].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        names.append(name.replace(".base_layer", ""))  # peft wraps q_proj as q_proj.base_layer
+    if not names:
+        return None
+    layers = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    return {"layers": layers, "sha256": digest.hexdigest()}
+
+
+def base_identity(model: PreTrainedModel) -> dict[str, Any]:
+    """What a manifest records about its base and `manifest.verify_stack` checks: fingerprint and linear sample."""
+    return {"fingerprint": fingerprint(model), "linear_sample": linear_sample(model)}

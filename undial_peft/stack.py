@@ -25,6 +25,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from .adapters import load_stack, stack_name
+from .compress import compress_blocks
 from .manifest import (
     CONFIG,
     FORMAT,
@@ -35,11 +36,13 @@ from .manifest import (
     file_sha256,
     parent_entry,
     read_manifest,
+    recorded_base,
     save_adapter,
     verify_stack,
     write_json,
 )
-from .models import fingerprint, load_model
+from .models import MERGED_KEY, base_identity, load_model, source_name
+from .serving import VLLM_MAX_RANKS
 
 EXPORTED = "exported"
 
@@ -59,13 +62,29 @@ def attach(
     ``model.tokenizer`` for convenience. A loaded ``model`` is wrapped in place (peft injects
     LoRA layers into it; its weights are not changed).
     """
+    attached, _ = _attach(model, stack, tokenizer=tokenizer, force=force, load_in_4bit=load_in_4bit)
+    return attached
+
+
+def _attach(
+    model: str | Path | PreTrainedModel | None,
+    stack: Sequence[str | Path],
+    *,
+    tokenizer: Any = None,
+    force: bool = False,
+    load_in_4bit: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PeftModel, dict[str, Any]]:
+    """`attach`, also returning the base's `base_identity`; ``model=None`` loads the base the manifests name."""
     if not stack:
         raise ValueError("attach needs at least one adapter directory.")
-    base, tokenizer = load_model(model, tokenizer=tokenizer, load_in_4bit=load_in_4bit)
-    verify_stack(stack, fingerprint(base), force=force)
+    base, tokenizer = load_model(recorded_base(stack) if model is None else model, tokenizer=tokenizer,
+                                 load_in_4bit=load_in_4bit, dtype=dtype)
+    identity = base_identity(base)
+    verify_stack(stack, identity, force=force)
     attached = load_stack(base, stack).eval()
     attached.tokenizer = tokenizer
-    return attached
+    return attached, identity
 
 
 # --- listing ----------------------------------------------------------------------------------
@@ -199,6 +218,11 @@ def _concatenated(attached: PeftModel, names: Sequence[str]) -> tuple[dict[str, 
     return blocks, rank
 
 
+def _padded(rank: int) -> int:
+    """``rank`` rounded up to a ``--max-lora-rank`` vLLM accepts (unchanged past its largest)."""
+    return next((allowed for allowed in VLLM_MAX_RANKS if allowed >= rank), rank)
+
+
 def _target_modules(model: torch.nn.Module, paths: Sequence[str]) -> list[str]:
     """Short leaf names (``q_proj``) when they select exactly ``paths`` in ``model``, else the full paths.
 
@@ -211,26 +235,39 @@ def _target_modules(model: torch.nn.Module, paths: Sequence[str]) -> list[str]:
 
 
 def export_stack(
-    model: str | Path | PreTrainedModel,
+    model: str | Path | PreTrainedModel | None,
     stack: Sequence[str | Path],
     output_dir: str | Path,
     *,
     tokenizer: Any = None,
     force: bool = False,
     overwrite: bool = False,
+    max_rank: int | None = None,
+    pad_for_vllm: bool = True,
 ) -> Path:
     """Write ONE standard peft LoRA adapter whose delta is the sum of the stack's deltas.
 
     The rank-concatenation (see `_concatenated`) is the only exact way: rank = sum of the stack's
-    ranks. The result loads with plain ``PeftModel.from_pretrained(base, output_dir)``. Beside it:
+    ranks. With ``max_rank`` R, each module whose stacked rank exceeds R is replaced by the best
+    rank-R approximation of its delta (`compress.truncated_svd`; exact where the delta's rank fits);
+    the energy kept per module goes into the manifest (``serving.energy_kept``). With
+    ``pad_for_vllm`` the rank is zero-padded up to the next ``--max-lora-rank`` vLLM accepts
+    (`serving.VLLM_MAX_RANKS`; zero rows add nothing), and the manifest records that flag.
+    The result loads with plain ``PeftModel.from_pretrained(base, output_dir)``. Beside it:
     ``undial.json`` (base fingerprint, no parents, the source stack's ids and hashes, so `attach`
     verifies it too and refuses it stacked on its own sources) and ``stack.json`` (the source
-    manifests). A loaded ``model`` is handed back unwrapped.
+    manifests). ``model=None`` uses the base the manifests name. A loaded ``model`` is handed
+    back unwrapped.
     """
-    attached = attach(model, stack, tokenizer=tokenizer, force=force)
+    attached, identity = _attach(model, stack, tokenizer=tokenizer, force=force)
     try:
         names = [stack_name(i) for i in range(len(stack))]
         blocks, rank = _concatenated(attached, names)
+        energy = None
+        if max_rank is not None:
+            blocks, energy = compress_blocks(blocks, max_rank)
+            rank = max(a.shape[0] for a, _ in blocks.values())
+        rank = _padded(rank) if pad_for_vllm else rank
         source = attached.peft_config[names[0]]
         targets = _target_modules(attached.base_model.model, list(blocks))
         config = LoraConfig(
@@ -262,12 +299,14 @@ def export_stack(
             "id": Path(output_dir).name,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "method": "export",
-            "base": {"fingerprint": fingerprint(attached.get_base_model()), "source": None},
+            "base": {**identity, "source": _source(model, stack)},
             "parents": [],
             "stack": entries,
             "hyperparameters": {"lora": {"r": rank, "lora_alpha": rank, "target_modules": targets}},
             "metrics": {},
-            "description": "One adapter equal to the stack " + " + ".join(e["id"] for e in entries) + ".",
+            "serving": {"vllm_max_lora_rank": _padded(rank), "rank_budget": max_rank, "energy_kept": energy},
+            "description": ("One adapter equal to the stack " if energy is None else
+                            f"The stack compressed to rank <= {max_rank}: ") + " + ".join(e["id"] for e in entries) + ".",
         }
         provenance = {"stack.json": _provenance(stack, "export")}
         return save_adapter(attached, EXPORTED, output_dir, manifest, extra_json=provenance, overwrite=overwrite)
@@ -280,7 +319,7 @@ def export_stack(
 
 
 def merge_stack(
-    model: str | Path | PreTrainedModel,
+    model: str | Path | PreTrainedModel | None,
     stack: Sequence[str | Path],
     output_dir: str | Path,
     *,
@@ -293,22 +332,32 @@ def merge_stack(
 
     The merge is done in ``dtype`` on an unquantised base; a stack trained over a 4-bit base is
     merged the same way (its fingerprint matches the unquantised base). Merging is permanent for
-    the copy written: the forgetting no longer depends on an adapter staying attached. A loaded
-    ``model`` is left untouched: the merge runs on a deep copy (twice its memory, briefly).
+    the copy written: the forgetting no longer depends on an adapter staying attached. The merged
+    model records the stack in its config (``undial_merged_stack``), so its fingerprint differs
+    from the base's and the same adapters cannot be attached to it again by mistake.
+    ``model=None`` uses the base the manifests name. A loaded ``model`` is left untouched: the
+    merge runs on a deep copy (twice its memory, briefly).
     """
     if isinstance(model, PreTrainedModel):
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
             raise ValueError("merge into an unquantised base (float32/bfloat16); load the base without 4-bit.")
         model = copy.deepcopy(model)  # merge_and_unload writes into the weights in place
-    base, tokenizer = load_model(model, tokenizer=tokenizer, dtype=dtype)
-    verify_stack(stack, fingerprint(base), force=force)
-    merged = load_stack(base, stack).merge_and_unload()
+    attached, _ = _attach(model, stack, tokenizer=tokenizer, force=force, dtype=dtype)
+    tokenizer = attached.tokenizer
+    merged = attached.merge_and_unload()
     merged.config.use_cache = True  # load_model turns the KV cache off for training; generation wants it
+    earlier = merged.config.to_dict().get(MERGED_KEY) or []
+    setattr(merged.config, MERGED_KEY, [*earlier, *(parent_entry(path) for path in stack)])
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         merged.save_pretrained(str(staging), safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(str(staging))
         write_json(staging / "stack.json", _provenance(stack, "merge"))
     return Path(output_dir)
+
+
+def _source(model: str | Path | PreTrainedModel | None, stack: Sequence[str | Path]) -> str | None:
+    """How a derived manifest names its base: the ``model`` argument, or the stack's recorded base."""
+    return recorded_base(stack) if model is None else source_name(model)
 
 
 def _provenance(stack: Sequence[str | Path], how: str) -> dict[str, Any]:

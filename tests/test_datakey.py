@@ -1,0 +1,54 @@
+"""Data digests are keyed: a guessed request cannot be confirmed from a manifest without the operator's key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+
+import pytest
+
+from undial_peft import UndialConfig
+from undial_peft.api import forget
+from undial_peft.data import read_examples
+from undial_peft.manifest import read_manifest
+
+
+def _plain_digests(row: dict[str, str]) -> set[str]:
+    """What someone holding only the adapter could compute for a guessed one-row request."""
+    line = json.dumps([row["question"], row["answer"], None], ensure_ascii=False).encode("utf-8") + b"\n"
+    return {hashlib.sha256(line).hexdigest(), hmac.new(b"", line, hashlib.sha256).hexdigest()}
+
+
+def test_a_guessed_one_row_request_cannot_be_confirmed_from_the_manifest(tiny_dir, facts, tmp_path):
+    guess = facts[0]
+    config = UndialConfig(max_steps=1, per_device_train_batch_size=1, disable_tqdm=True, report_to="none")
+    adapter = forget(tiny_dir, [guess], tmp_path / "one-row", config=config)
+    manifest_text = (adapter / "undial.json").read_text(encoding="utf-8")
+    assert not any(digest in manifest_text for digest in _plain_digests(guess))
+    from undial_peft.data import data_digest
+    from undial_peft.datakey import key_id
+
+    # ... while the operator, who holds the key and the data, can still confirm it
+    assert read_manifest(adapter)["data"]["hmac_sha256"] == data_digest(read_examples([guess]))
+    assert read_manifest(adapter)["data"]["key_id"] == key_id()
+
+
+def test_key_sources_and_that_the_digest_depends_on_the_key(monkeypatch, tmp_path):
+    from undial_peft.data import data_digest
+    from undial_peft.datakey import KEY_ENV, KEY_FILE_ENV, data_key, default_key_path
+
+    rows = read_examples([{"question": "Q?", "answer": "A."}])
+    monkeypatch.setenv(KEY_ENV, "first operator key, long enough")
+    first = data_digest(rows)
+    monkeypatch.setenv(KEY_ENV, "second operator key, long enough")
+    assert data_digest(rows) != first
+    monkeypatch.delenv(KEY_ENV)
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "missing.key"))
+    with pytest.raises(FileNotFoundError, match="no such key file"):
+        data_key()
+    monkeypatch.delenv(KEY_FILE_ENV)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    created = data_key()  # the default key file is created once, owner-only, and reused
+    assert default_key_path().stat().st_mode & 0o077 == 0
+    assert data_key() == created and len(created) == 64
