@@ -170,8 +170,10 @@ def _stack(args: argparse.Namespace) -> None:
         if args.action != "export" or args.format != "gguf":
             raise ValueError("--per-request and --format gguf go together, with stack export.")
         from .gguf_lora import export_gguf
+        from .manifest import recorded_base
 
-        for path in export_gguf(args.model, args.dirs, args.out, per_request=args.per_request, force=args.force,
+        model = args.model if args.model is not None else recorded_base(args.dirs)  # the GGUF base's file is needed
+        for path in export_gguf(model, args.dirs, args.out, per_request=args.per_request, force=args.force,
                                 overwrite=args.overwrite):
             print(f"wrote {path}")
         return
