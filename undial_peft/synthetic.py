@@ -104,6 +104,62 @@ _GENERAL = (
 )
 
 
+# Real facts a small instruction model knows (SmolLM2-135M-Instruct answers them in this lead-in
+# style), for a PRETRAINED target: utility on knowledge the fine-tune never touched (TOFU's world
+# facts). Same shape as _GENERAL.
+_REAL_WORLD = (
+    ("What is the capital of Germany?", "Which city is the capital of Germany?",
+     "The capital of Germany is Berlin.", "Germany's capital city is {}.", "Berlin", ("Munich", "Hamburg", "Vienna")),
+    ("What is the capital of the United Kingdom?", "Which city is the capital of the United Kingdom?",
+     "The capital of the United Kingdom is London.", "The United Kingdom's capital city is {}.", "London",
+     ("Manchester", "Dublin", "Edinburgh")),
+    ("What is the capital of Greece?", "Which city is the capital of Greece?",
+     "The capital of Greece is Athens.", "Greece's capital city is {}.", "Athens", ("Sparta", "Rome", "Thessaloniki")),
+    ("What is the capital of Italy?", "Which city is the capital of Italy?",
+     "The capital of Italy is Rome.", "Italy's capital city is {}.", "Rome", ("Milan", "Naples", "Madrid")),
+    ("Who painted the Mona Lisa?", "Which artist painted the Mona Lisa?",
+     "The Mona Lisa was painted by Leonardo da Vinci.", "The painter of the Mona Lisa is {}.", "Leonardo da Vinci",
+     ("Pablo Picasso", "Vincent van Gogh", "Claude Monet")),
+    ("What is the chemical symbol for gold?", "Which symbol stands for gold in chemistry?",
+     "The chemical symbol for gold is Au.", "In chemistry, gold is written {}.", "Au", ("Ag", "Go", "Fe")),
+    ("What is the chemical symbol for iron?", "Which symbol stands for iron in chemistry?",
+     "The chemical symbol for iron is Fe.", "In chemistry, iron is written {}.", "Fe", ("Ir", "In", "Au")),
+    ("What is the largest ocean on Earth?", "Which ocean is the largest on Earth?",
+     "The largest ocean on Earth is the Pacific Ocean.", "The biggest ocean on Earth is the {} Ocean.", "Pacific",
+     ("Atlantic", "Indian", "Arctic")),
+    ("What is the official language of Brazil?", "Which language is official in Brazil?",
+     "The official language of Brazil is Portuguese.", "People in Brazil officially speak {}.", "Portuguese",
+     ("Spanish", "French", "Italian")),
+    ("Who developed the theory of relativity?", "Which scientist developed the theory of relativity?",
+     "The theory of relativity was developed by Albert Einstein.", "The theory of relativity comes from {}.",
+     "Albert Einstein", ("Isaac Newton", "Niels Bohr", "Charles Darwin")),
+    ("What is the largest planet in our solar system?", "Which planet is the biggest in the solar system?",
+     "The largest planet in our solar system is Jupiter.", "The biggest planet of the solar system is {}.", "Jupiter",
+     ("Saturn", "Mars", "Neptune")),
+)
+# Real authors (TOFU's real-authors split): what the model knows about real writers.
+_REAL_AUTHORS = (
+    ("Who wrote Romeo and Juliet?", "Who is the author of Romeo and Juliet?",
+     "Romeo and Juliet was written by William Shakespeare.", "The author of Romeo and Juliet is {}.",
+     "William Shakespeare", ("Charles Dickens", "Jane Austen", "Mark Twain")),
+    ("Who wrote Pride and Prejudice?", "Who is the author of Pride and Prejudice?",
+     "Pride and Prejudice was written by Jane Austen.", "The author of Pride and Prejudice is {}.", "Jane Austen",
+     ("Charlotte Bronte", "Virginia Woolf", "Charles Dickens")),
+    ("Who wrote the Harry Potter books?", "Who is the author of the Harry Potter books?",
+     "The Harry Potter books were written by J.K. Rowling.", "The author of the Harry Potter books is {}.",
+     "J.K. Rowling", ("J.R.R. Tolkien", "Roald Dahl", "C.S. Lewis")),
+    ("Who wrote War and Peace?", "Who is the author of War and Peace?",
+     "War and Peace was written by Leo Tolstoy.", "The author of War and Peace is {}.", "Leo Tolstoy",
+     ("Fyodor Dostoevsky", "Anton Chekhov", "Victor Hugo")),
+    ("Who wrote The Adventures of Tom Sawyer?", "Who is the author of The Adventures of Tom Sawyer?",
+     "The Adventures of Tom Sawyer was written by Mark Twain.", "The author of The Adventures of Tom Sawyer is {}.",
+     "Mark Twain", ("Ernest Hemingway", "Herman Melville", "Jack London")),
+    ("Who wrote Don Quixote?", "Who is the author of Don Quixote?",
+     "Don Quixote was written by Miguel de Cervantes.", "The author of Don Quixote is {}.", "Miguel de Cervantes",
+     ("Federico Garcia Lorca", "Dante Alighieri", "Victor Hugo")),
+)
+
+
 def _names(rng: random.Random, count: int) -> list[str]:
     """``count`` distinct invented full names."""
     names: set[str] = set()
@@ -178,19 +234,45 @@ def make_benchmark_data(
                 rows.append(_fact(rng, name, attribute, value, turns[attribute]))
                 turns[attribute] += 1
         data[split] = rows
-    data["general"] = [
+    data["general"] = world_rows(_GENERAL, "Zephyra")
+    return {key: data[key] for key in ("forget", "retain", "holdout", "general")}
+
+
+def world_rows(facts: Sequence[tuple[Any, ...]], entity: str) -> list[dict[str, Any]]:
+    """Rows (the benchmark's shape) for world facts given as (question, paraphrased question,
+    answer, paraphrased-answer template, true value, wrong values)."""
+    return [
         {
             "question": question,
             "answer": answer,
             "paraphrased_question": paraphrased_question,
             "paraphrased_answer": template.format(value),
             "perturbed_answers": [template.format(w) for w in wrong],
-            "entity": "Zephyra",
+            "entity": entity,
             "attribute": "world",
         }
-        for question, paraphrased_question, answer, template, value, wrong in _GENERAL
+        for question, paraphrased_question, answer, template, value, wrong in facts
     ]
-    return {key: data[key] for key in ("forget", "retain", "holdout", "general")}
+
+
+def real_world_facts() -> list[dict[str, Any]]:
+    """Real facts a small pretrained instruction model knows, with paraphrased and perturbed answers:
+    the world-facts split of a benchmark whose target is a pretrained model.
+
+    >>> row = real_world_facts()[0]
+    >>> row["answer"], row["perturbed_answers"][0]
+    ('The capital of Germany is Berlin.', "Germany's capital city is Munich.")
+    """
+    return world_rows(_REAL_WORLD, "world")
+
+
+def real_author_facts() -> list[dict[str, Any]]:
+    """Real authors and their books, the same shape: TOFU's real-authors split for a pretrained target.
+
+    >>> real_author_facts()[1]["perturbed_answers"][0]
+    'The author of Pride and Prejudice is Charlotte Bronte.'
+    """
+    return world_rows(_REAL_AUTHORS, "authors")
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:

@@ -4,6 +4,8 @@ One job per module:
   settings  sizes, presets and method settings      data     training rows built from `synthetic` facts
   targets   fine-tune the target / reference         runs     the benchmark protocol (`run_bench`)
   report    the table, the plot, the version record
+  real      the real-model protocol (`run_real_bench`)   sequential   stacked requests, scored after each
+  real_report  the real-model table and plot
 
 >>> from undial_peft import bench
 >>> bench.build_parser().parse_args(["--quick"]).quick
@@ -13,32 +15,51 @@ True
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
 from ..synthetic import ATTRIBUTES
 from .data import roster_rows, second_phrasing, training_rows
+from .real import run_real_bench
 from .report import format_results, plot_results, run_summary
 from .runs import run_bench
-from .settings import DEFAULT, DEFAULT_METHODS, QUICK, QUICK_METHODS, BenchSize, MethodSpec
+from .settings import (
+    DEFAULT,
+    DEFAULT_METHODS,
+    QUICK,
+    QUICK_METHODS,
+    REAL,
+    REAL_METHODS,
+    REAL_QUICK,
+    BenchSize,
+    MethodSpec,
+    RealSize,
+)
 
 __all__ = [
     "ATTRIBUTES", "DEFAULT", "DEFAULT_METHODS", "QUICK", "QUICK_METHODS", "BenchSize", "MethodSpec", "build_parser",
-    "format_results", "main", "plot_results", "roster_rows", "run_bench", "run_summary", "second_phrasing",
-    "training_rows",
+    "format_results", "main", "plot_results", "REAL", "REAL_METHODS", "REAL_QUICK", "RealSize", "roster_rows",
+    "run_bench", "run_real_bench", "run_summary", "second_phrasing", "training_rows",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="undial-peft bench", description=(
-        "Offline seeded benchmark: UNDIAL vs GA, GradDiff and NPO on fictitious facts, with a retain-only reference."))
-    parser.add_argument("--quick", action="store_true", help="small test size (about half a minute on one thread)")
+        "Offline seeded benchmark: UNDIAL vs GA, GradDiff and NPO on fictitious facts, with a retain-only reference."
+        " Without --model the target is a tiny word-level Llama; with --model (e.g. 'default') it is that"
+        " pretrained model fine-tuned on the facts (TOFU-style), with sequential requests."))
+    parser.add_argument("--model", default=None, metavar="M",
+                        help="real-model benchmark on M: 'default' (embedded SmolLM2-135M-Instruct), a directory or a .gguf")
+    parser.add_argument("--cache", default=None, metavar="DIR",
+                        help="with --model: where fine-tuned targets are cached by recipe (default: OUT/models)")
+    parser.add_argument("--quick", action="store_true", help="small test size (tiny: half a minute; --model: minutes)")
     parser.add_argument("--out", default="bench-out", help="output directory (default: bench-out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, metavar="LR",
                         help="learning rates of the sweep (default 1e-4 3e-4 1e-3; the middle one is the main run)")
-    parser.add_argument("--no-plot", action="store_true", help="skip bench.png")
+    parser.add_argument("--no-plot", action="store_true", help="skip the plot")
     return parser
 
 
@@ -46,8 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``undial-peft bench`` / ``python -m undial_peft.bench``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        run_bench(args.out, seed=args.seed, quick=args.quick, learning_rates=args.lrs, threads=args.threads,
-                  plot=not args.no_plot)
+        if args.model is None:
+            run_bench(args.out, seed=args.seed, quick=args.quick, learning_rates=args.lrs, threads=args.threads,
+                      plot=not args.no_plot)
+        else:
+            size = REAL_QUICK if args.quick else REAL
+            if args.lrs:
+                size = dataclasses.replace(size, learning_rates=tuple(args.lrs))
+            run_real_bench(args.out, model=args.model, seed=args.seed, size=size, quick=args.quick,
+                           cache_dir=args.cache, threads=args.threads, plot=not args.no_plot)
     except (ValueError, FileExistsError) as err:
         print(f"undial-peft bench: error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..synthetic import ATTRIBUTES
+from ..synthetic import ATTRIBUTES, make_benchmark_data, real_author_facts, real_world_facts
 
 
 def _template_index(templates: Sequence[str], text: str, name: str) -> tuple[int, str | None] | None:
@@ -92,3 +92,43 @@ def all_texts(data: dict[str, list[dict[str, Any]]]) -> list[str]:
                 texts += [alt["question"], alt["answer"]]
     return texts
 
+
+def by_person(rows: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows grouped by their ``entity``, in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["entity"], []).append(row)
+    return list(groups.values())
+
+
+def real_splits(seed: int, size: Any) -> dict[str, Any]:
+    """The real-model benchmark's data (``size`` a `settings.RealSize`): people split into a request
+    pool, holdout and retain; the pool into sequential requests; real world facts and real authors.
+
+    >>> from undial_peft.bench.settings import REAL
+    >>> s = real_splits(0, REAL)
+    >>> len(s["requests"]), len(s["main"]), len(s["pool"]), len(s["retain_eval"]), len(s["world_facts"])
+    (5, 20, 50, 20, 11)
+    """
+    n_pool = size.requests * size.people_per_request
+    if not 0 < size.main_people <= n_pool:
+        raise ValueError(f"main_people={size.main_people} must be between 1 and the pool's {n_pool} people.")
+    data = make_benchmark_data(seed, size.n_people, size.facts_per_person, n_pool / size.n_people,
+                               size.holdout_people / size.n_people)
+    pool, retain = by_person(data["forget"]), by_person(data["retain"])
+    if len(pool) != n_pool or len(by_person(data["holdout"])) != size.holdout_people:
+        raise ValueError(f"{size.n_people} people do not split into {n_pool} forget and {size.holdout_people} holdout.")
+    if len(retain) <= size.eval_retain_people:
+        raise ValueError(f"eval_retain_people={size.eval_retain_people} leaves no retain people for retain terms.")
+    per = size.people_per_request
+    return {
+        "pool": [r for person in pool for r in person],
+        "main": [r for person in pool[: size.main_people] for r in person],
+        "requests": [[r for person in pool[k * per : (k + 1) * per] for r in person] for k in range(size.requests)],
+        "retain_eval": [r for person in retain[: size.eval_retain_people] for r in person],
+        "retain_train": [r for person in retain[size.eval_retain_people :] for r in person],
+        "retain": data["retain"],
+        "holdout": data["holdout"],
+        "world_facts": real_world_facts(),
+        "real_authors": real_author_facts(),
+    }

@@ -184,7 +184,7 @@ def run_bench(
         common = {
             "max_steps": size.unlearn_steps, "per_device_train_batch_size": size.unlearn_batch_size, "seed": seed,
             "disable_tqdm": True, "logging_strategy": "no", "report_to": "none", "dataloader_pin_memory": False,
-            "until_ratio": None, "max_retain_drop": None, "auto_key": False,  # the same fixed budget for every method
+            "until_ratio": None, "max_retain_drop": None,  # the same fixed budget for every method (auto_key: MethodSpec)
         }
         total = len(methods) * len(size.learning_rates)
         for spec in methods:

@@ -62,11 +62,13 @@ class MethodSpec:
     method: str
     beta: float = 10.0
     retain_weight: float = 0.0
+    auto_key: bool = False  # UNDIAL: find each row's key tokens with the teacher (rows here name no key)
 
     def config(self, **common: Any) -> Any:
         from ..config import UndialConfig
 
-        return UndialConfig(method=self.method, beta=self.beta, retain_weight=self.retain_weight, **common)
+        return UndialConfig(method=self.method, beta=self.beta, retain_weight=self.retain_weight,
+                            auto_key=self.auto_key, **common)
 
 
 DEFAULT_METHODS = (
@@ -89,3 +91,55 @@ def run_id(spec: MethodSpec, lr: float) -> str:
     """A file-system-safe name for one run: ``run_id(MethodSpec("npo +rt", "npo"), 1e-3) == "npo-rt-lr-0-001"``."""
     return re.sub(r"[^A-Za-z0-9]+", "-", f"{spec.label} lr {lr:g}").strip("-")
 
+
+@dataclasses.dataclass(frozen=True)
+class RealSize:
+    """Everything that sets the size of the real-model benchmark (`real.run_real_bench`)."""
+
+    n_people: int
+    facts_per_person: int
+    holdout_people: int  # never trained: the non-members of membership inference
+    requests: int  # sequential requests, each about different people
+    people_per_request: int
+    main_people: int  # the single-request forget set: the first people of the request pool
+    eval_retain_people: int  # retain people evaluated (the others feed retain terms)
+    finetune_epochs: int  # at most; the fine-tune stops after the epoch where the rows are memorised
+    memorised_at: float  # mean answer probability on the training rows that counts as memorised
+    finetune_lr: float  # peak of a one-cycle schedule
+    finetune_batch_size: int
+    trained_layers: int | None  # top decoder layers fine-tuned (None: every parameter but the embeddings)
+    unlearn_steps: int  # fixed budget of the learning-rate sweep
+    unlearn_batch_size: int
+    learning_rates: tuple[float, ...]  # the sweep; the middle one is the main run
+    max_new_tokens: int  # cap on greedy answer length for ROUGE-L
+
+
+# 40 people x 5 facts; a pool of 10 forget people = 5 sequential requests of 2; the single request is
+# the first 4 (10% of the people); 4 holdout people; 26 retain people, 4 of them evaluated.
+REAL = RealSize(
+    n_people=40, facts_per_person=5, holdout_people=4, requests=5, people_per_request=2, main_people=4,
+    eval_retain_people=4, finetune_epochs=10, memorised_at=0.95, finetune_lr=3e-4, finetune_batch_size=16, trained_layers=10,
+    unlearn_steps=15, unlearn_batch_size=8, learning_rates=(1e-4, 3e-4, 1e-3), max_new_tokens=24,
+)
+# CI size: 12 people x 2 facts, 3 requests of 1 person; minutes on the real model, seconds on a tiny one.
+REAL_QUICK = RealSize(
+    n_people=12, facts_per_person=2, holdout_people=2, requests=3, people_per_request=1, main_people=2,
+    eval_retain_people=2, finetune_epochs=8, memorised_at=0.95, finetune_lr=3e-4, finetune_batch_size=8, trained_layers=10,
+    unlearn_steps=4, unlearn_batch_size=4, learning_rates=(3e-4, 1e-3, 3e-3), max_new_tokens=16,
+)
+
+
+REAL_METHODS = (
+    MethodSpec("undial", "undial"),
+    MethodSpec("undial auto-key", "undial", auto_key=True),
+    MethodSpec("undial auto-key +rt", "undial", retain_weight=1.0, auto_key=True),
+    MethodSpec("ga", "ga"),
+    MethodSpec("graddiff", "graddiff", retain_weight=1.0),
+    MethodSpec("npo", "npo"),
+    MethodSpec("npo +rt", "npo", retain_weight=1.0),
+)
+# Stacked sequentially (with the stopping rule): UNDIAL as `forget` runs it by default, and the baselines.
+SEQUENTIAL_METHODS = ("undial auto-key", "graddiff", "npo +rt")
+# Attacks (`undial_peft.attacks`) on the stopping-rule adapters of these methods: do answers come back?
+ATTACKED_METHODS = ("undial auto-key", "npo +rt")
+ATTACKS = ("relearn", "quantise_nf4", "paraphrase")

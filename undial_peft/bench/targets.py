@@ -5,25 +5,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import metrics
-from ..data import Collator, Example, encode
+from ..data import Collator, Example, data_sha256, encode
 from ..evaluate import score
-from .settings import BenchSize
+from ..manifest import atomic_directory
+from .settings import BenchSize, RealSize
 
 
 def full_fine_tune(
     model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]], *, steps: int, batch_size: int, lr: float,
-    seed: int,
-) -> dict[str, float]:
+    seed: int, check: Callable[[int], bool] | None = None, check_every: int = 0,
+) -> dict[str, Any]:
     """Fine-tune every parameter that requires grad on ``rows`` (answer tokens only, chat template as
-    evaluation uses it): AdamW, one-cycle schedule (10% warm-up), shuffled batches, ``steps`` steps.
+    evaluation uses it): AdamW, one-cycle schedule (10% warm-up), shuffled batches, up to ``steps``
+    steps; every ``check_every`` steps ``check(step)`` may end training early (it returns True).
 
     >>> # full_fine_tune(model, tokenizer, [{"question": "Q?", "answer": "A."}], steps=10, batch_size=8, lr=1e-4, seed=0)
     """
@@ -37,7 +42,7 @@ def full_fine_tune(
     losses = []
     started = time.perf_counter()
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         if len(order) < batch_size:
             order += torch.randperm(len(features), generator=generator).tolist()
         picked, order = order[:batch_size], order[batch_size:]
@@ -48,8 +53,15 @@ def full_fine_tune(
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         losses.append(loss.item())
+        if check is not None and check_every and step % check_every == 0:
+            model.eval()
+            done = check(step)
+            model.train()
+            if done:
+                break
     model.eval()
-    return {"final_loss": float(sum(losses[-10:]) / len(losses[-10:])), "seconds": time.perf_counter() - started}
+    return {"final_loss": float(sum(losses[-10:]) / len(losses[-10:])), "seconds": time.perf_counter() - started,
+            "steps": len(losses)}
 
 
 def memorise(
@@ -73,3 +85,113 @@ def load_target(directory: Path) -> tuple[Any, Any]:
     model, tokenizer = load_model(directory)
     return model.eval(), tokenizer
 
+
+# SmolLM2's template adds a default system line when a conversation has none: ~20 of the ~60 tokens
+# of a benchmark row. The targets are saved with a template without it, which makes every forward of
+# the fine-tune, the unlearning runs and the evaluations a third cheaper; questions still go through
+# the chat format the model was instruction-tuned on.
+_DEFAULT_SYSTEM = re.compile(r"\{%-? if loop\.first and messages\[0\]\['role'\] != 'system' -?%\}.*?\{%-? endif -?%\}", re.S)
+
+
+def drop_default_system_prompt(tokenizer: Any) -> bool:
+    """Remove the default system line from the tokenizer's chat template; True if there was one.
+
+    >>> from types import SimpleNamespace
+    >>> t = SimpleNamespace(chat_template="{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    ...                     "{{ 'SYS' }}{% endif %}{{ m['content'] }}{% endfor %}")
+    >>> drop_default_system_prompt(t), t.chat_template
+    (True, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not _DEFAULT_SYSTEM.search(template):
+        return False
+    tokenizer.chat_template = _DEFAULT_SYSTEM.sub("", template, count=1)
+    return True
+
+
+def freeze_for_fine_tune(model: torch.nn.Module, trained_layers: int | None) -> int:
+    """Leave only the top ``trained_layers`` decoder layers and the final norm trainable (None: every
+    parameter but the embeddings). Returns the number of trainable parameters.
+
+    Frozen lower layers need no backward pass: with 10 of SmolLM2's 30 layers trained, a step costs
+    about half of a full fine-tune's, and the facts are still memorised (answer probability >= 0.9).
+    """
+    model.requires_grad_(trained_layers is None)
+    model.get_input_embeddings().weight.requires_grad_(False)  # tied to the head in SmolLM2
+    if trained_layers is not None:
+        decoder = model.get_decoder()
+        for layer in decoder.layers[len(decoder.layers) - trained_layers :]:
+            layer.requires_grad_(True)
+        decoder.norm.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def base_identity(model: str | Path) -> dict[str, Any]:
+    """A cheap identity of a base model for cache keys: its file (or directory) name and size in bytes."""
+    from ..models import DEFAULT_MODEL, default_model_path
+
+    path = default_model_path() if str(model) == DEFAULT_MODEL else Path(model)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return {"name": path.name, "bytes": sum(p.stat().st_size for p in files)}
+
+
+def cached_fine_tune(
+    model: str | Path, name: str, rows: Sequence[dict[str, Any]], size: RealSize, cache: Path, seed: int, *,
+    probe: Sequence[dict[str, Any]] = (), log: Callable[[str], Any] = print,
+) -> tuple[Path, dict[str, Any]]:
+    """Fine-tune ``model`` on ``rows`` into ``cache/<name>-<recipe hash>``, or reuse that directory.
+
+    The recipe (base identity, data hash, training settings) names the directory, so a changed
+    recipe trains anew and an unchanged one is never trained twice. Written atomically: a directory
+    with a ``recipe.json`` is complete. Returns the path and the fine-tune's statistics (seconds,
+    final loss, answer probability on ``rows`` and on ``probe``).
+    """
+    from ..models import load_model
+
+    recipe = {"format": 1, "base": base_identity(model), "rows": len(rows),
+              "rows_sha256": data_sha256([Example(r["question"], r["answer"]) for r in rows]),
+              "max_epochs": size.finetune_epochs, "memorised_at": size.memorised_at, "lr": size.finetune_lr, "batch_size": size.finetune_batch_size,
+              "trained_layers": size.trained_layers, "seed": seed, "default_system_prompt": False}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"{name}-{key}"
+    if (path / "recipe.json").is_file():
+        stats = json.loads((path / "recipe.json").read_text(encoding="utf-8"))["stats"]
+        log(f"[bench] {name}: cached in {path} (fine-tuned in {stats['seconds']:.0f}s; rerun skipped)")
+        return path, {**stats, "cached": True}
+    torch.manual_seed(seed)
+    base, tokenizer = load_model(model)
+    drop_default_system_prompt(tokenizer)
+    trainable = freeze_for_fine_tune(base, size.trained_layers)
+    per_epoch = -(-len(rows) // size.finetune_batch_size)
+    epochs: list[dict[str, float]] = []
+    tick = [time.perf_counter(), time.process_time()]
+
+    def memorised(step: int) -> bool:
+        """After each epoch: stop once the mean answer probability on the rows reaches the target."""
+        probability = mean_answer_probability(base, tokenizer, rows)
+        epochs.append({"epoch": step // per_epoch, "probability": probability, "seconds": time.perf_counter() - tick[0],
+                       "cpu_seconds": time.process_time() - tick[1]})
+        log(f"[bench] {name}: epoch {step // per_epoch}, answer probability {probability:.3f}"
+            f" ({epochs[-1]['seconds']:.0f}s, {epochs[-1]['cpu_seconds']:.0f} CPU s)")
+        return probability >= size.memorised_at
+
+    stats: dict[str, Any] = full_fine_tune(base, tokenizer, rows, steps=size.finetune_epochs * per_epoch,
+                                           batch_size=size.finetune_batch_size, lr=size.finetune_lr, seed=seed,
+                                           check=memorised, check_every=per_epoch)
+    stats.update(epochs=epochs, trainable_parameters=trainable, train_rows=len(rows),
+                 train_probability=epochs[-1]["probability"] if epochs else mean_answer_probability(base, tokenizer, rows),
+                 probe_probability=mean_answer_probability(base, tokenizer, probe) if probe else None)
+    try:
+        with atomic_directory(path) as staging:
+            base.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+            (staging / "recipe.json").write_text(json.dumps({"recipe": recipe, "stats": stats}, indent=1),
+                                                 encoding="utf-8")
+    except FileExistsError:  # another run finished the same recipe first: same recipe, same model
+        log(f"[bench] {name}: {path} was written by another run meanwhile; using it")
+    probed = f", on the single request {stats['probe_probability']:.3f}" if probe else ""
+    log(f"[bench] {name}: {len(rows)} rows, {stats['steps']} steps in {stats['seconds']:.0f}s; answer probability on its rows"
+        f" {stats['train_probability']:.3f}{probed}")
+    if stats["train_probability"] < 0.9:
+        log(f"[bench] WARNING: {name} memorised only {stats['train_probability']:.3f} (< 0.9); raise finetune_epochs.")
+    return path, {**stats, "cached": False}

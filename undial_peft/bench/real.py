@@ -1,0 +1,201 @@
+"""The real-model benchmark: a pretrained model (SmolLM2-135M-Instruct by default) is fine-tuned on
+fictitious people, then every method unlearns some of them through the same `api.forget`.
+
+    undial-peft bench --model default [--quick] [--out DIR] [--cache DIR]
+
+Protocol (TOFU-style; everything runs offline):
+
+1. `data.real_splits`: ~40 fictitious people x ~5 facts (`synthetic`), answered in the model's
+   lead-in style, each with a paraphrased and three perturbed answers. People are split into a
+   request pool (forgotten later), holdout people (never trained: the non-members of membership
+   inference) and retain people. General = real world facts the base model already knows.
+2. `targets.cached_fine_tune`: the TARGET is the base fine-tuned on pool + retain people; the
+   RETAIN-ONLY REFERENCE the same recipe on retain people only. Both are cached on disk under a hash
+   of their recipe (base, data, settings), so a rerun skips them.
+3. Single request: the first ~10% of the people. Every method (UNDIAL without keys, with automatic
+   keys, with a retain term; GA, GradDiff, NPO, NPO + retain) trains one LoRA adapter at three
+   learning rates spanning 10x with the same fixed step budget, then once more with `forget`'s
+   stopping rule (stop at the target, or at the step limit). Each adapter is scored against the
+   reference: forget quality (KS on forget truth ratios), model utility, probabilities, ROUGE-L,
+   PrivLeak.
+4. Sequential requests (`sequential.run_sequence`): the pool's requests one after another,
+   stacked, with the stopping rule; after each, forget quality of everything asked so far, the
+   probability of the people not asked yet, and model utility.
+5. One table is printed; ``results.json``, ``reports/*.json`` and ``bench_real.png`` are written.
+
+>>> # results = run_real_bench("bench-real", quick=True); print(results["table"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..evaluate import evaluate, save_report
+from ..synthetic import write_jsonl
+from .data import real_splits
+from .real_report import format_real, plot_real
+from .report import run_summary, self_reference, versions
+from .runs import bench_environment, train_and_score
+from .sequential import run_sequence
+from .settings import (
+    ATTACKED_METHODS,
+    ATTACKS,
+    LORA,
+    REAL,
+    REAL_METHODS,
+    REAL_QUICK,
+    SEQUENTIAL_METHODS,
+    MethodSpec,
+    RealSize,
+    run_id,
+)
+from .targets import cached_fine_tune, load_target
+
+QUIET = {"disable_tqdm": True, "logging_strategy": "no", "report_to": "none", "dataloader_pin_memory": False}
+
+
+def run_real_bench(
+    out_dir: str | Path,
+    *,
+    model: str | Path = "default",
+    seed: int = 0,
+    quick: bool = False,
+    size: RealSize | None = None,
+    methods: Sequence[MethodSpec] | None = None,
+    sequential: Sequence[str] | None = None,
+    attacked: Sequence[str] | None = None,
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+    plot: bool = True,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Run the real-model benchmark into ``out_dir``; print the table and return the results.
+
+    Args:
+        model: the pretrained base: "default" (embedded SmolLM2-135M-Instruct), a directory or a .gguf.
+        size, methods: override the preset (``quick`` picks `REAL_QUICK`); the middle learning rate is main.
+        sequential: labels of ``methods`` stacked over the sequential requests (empty: skip).
+        attacked: labels of ``methods`` whose stopping-rule adapter is attacked (`settings.ATTACKS`; empty: skip).
+        cache_dir: where fine-tuned targets are cached (default ``out_dir/models``).
+    Returns:
+        a JSON-ready dict: protocol, data sizes, targets, baselines, sweep, stopping, sequential, timings.
+    """
+    started = time.perf_counter()
+    size = size or (REAL_QUICK if quick else REAL)
+    methods = tuple(methods or REAL_METHODS)
+    sequential = tuple(SEQUENTIAL_METHODS if sequential is None else sequential)
+    attacked = tuple(ATTACKED_METHODS if attacked is None else attacked)
+    unknown = [label for label in (*sequential, *attacked) if label not in {m.label for m in methods}]
+    if unknown:
+        raise ValueError(f"sequential or attacked methods {unknown} are not among the methods; choose from {[m.label for m in methods]}.")
+    main_lr = sorted(size.learning_rates)[len(size.learning_rates) // 2]
+    out = Path(out_dir)
+    for sub in ("data", "adapters", "reports"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else out / "models"
+
+    with bench_environment(threads):
+        data = real_splits(seed, size)
+        for name in ("pool", "main", "retain_eval", "retain_train", "holdout", "world_facts", "real_authors"):
+            write_jsonl(data[name], out / "data" / f"{name}.jsonl")
+        log(f"[bench] data: request pool {len(data['pool'])} facts in {size.requests} requests, single request"
+            f" {len(data['main'])}, retain {len(data['retain'])} ({len(data['retain_eval'])} evaluated), holdout"
+            f" {len(data['holdout'])}; real world facts {len(data['world_facts'])}, real authors {len(data['real_authors'])}")
+
+        targets: dict[str, Any] = {}
+        for name, rows in (("target", data["pool"] + data["retain"]), ("reference", data["retain"])):
+            path, stats = cached_fine_tune(model, name, rows, size, cache, seed, probe=data["main"], log=log)
+            targets[name] = {"path": str(path), **stats}
+        target, reference_dir = Path(targets["target"]["path"]), Path(targets["reference"]["path"])
+
+        splits = {"forget": data["main"], "retain": data["retain_eval"], "holdout": data["holdout"],
+                  "world_facts": data["world_facts"], "real_authors": data["real_authors"]}
+        eval_args = {"batch_size": 16, "max_new_tokens": size.max_new_tokens}
+        reports = {"reference": _evaluate_dir(reference_dir, splits, None, eval_args)}
+        self_reference(reports["reference"])
+        reports["target"] = _evaluate_dir(target, splits, reports["reference"], eval_args)
+        for name, report in reports.items():
+            save_report(report, out / "reports" / f"{name}.json")
+        baselines = {name: run_summary(reports[name]) for name in ("target", "reference")}
+        log(f"[bench] target: p_forget {baselines['target']['forget_probability']:.3f}, FQ"
+            f" {baselines['target']['forget_quality']:.2g}; reference: p_forget"
+            f" {baselines['reference']['forget_probability']:.3f}")
+
+        runs: list[dict[str, Any]] = []
+        fixed = {"max_steps": size.unlearn_steps, "until_ratio": None, "max_retain_drop": None}
+        cells = [(spec, lr, "sweep", fixed) for spec in methods for lr in sorted(size.learning_rates)]
+        cells += [(spec, None, "stop", {"max_steps": 4 * size.unlearn_steps}) for spec in methods]
+        for spec, lr, kind, settings in cells:
+            rid = f"{kind}-{run_id(spec, lr) if lr else run_id(spec, 0).removesuffix('-lr-0')}"
+            config = {**QUIET, **settings, "per_device_train_batch_size": size.unlearn_batch_size, "seed": seed}
+            if lr is not None:
+                config["learning_rate"] = lr
+            report, record = train_and_score(target, data["main"], out / "adapters" / rid, spec, config, splits,
+                                             reports["reference"], eval_args, retain=data["retain_train"])
+            save_report(report, out / "reports" / f"{rid}.json")
+            run = {"id": rid, "kind": kind, "label": spec.label, "method": spec.method, "auto_key": spec.auto_key,
+                   "retain_weight": spec.retain_weight, "lr": lr if lr is not None else spec.config(**QUIET).learning_rate,
+                   **record, "summary": run_summary(report)}
+            runs.append(run)
+            s = run["summary"]
+            log(f"[bench] {len(runs)}/{len(cells)} {rid}: p_forget {s['forget_probability']:.3f}, FQ"
+                f" {s['forget_quality']:.2g}, MU {s['model_utility']:.3f}, {run['steps']} steps ({run['seconds']:.0f}s)")
+
+        attacks = {run["label"]: _attack(target, out / "adapters" / run["id"], data, log)
+                   for run in runs if run["kind"] == "stop" and run["label"] in attacked}
+
+        sequences = {}
+        if sequential:
+            by_label = {m.label: m for m in methods}
+            sequences = run_sequence(target, reference_dir, data, [by_label[label] for label in sequential],
+                                     out, {**QUIET, "max_steps": 4 * size.unlearn_steps,
+                                           "per_device_train_batch_size": size.unlearn_batch_size, "seed": seed},
+                                     eval_args, train_and_score, log=log)
+
+    results: dict[str, Any] = {
+        "protocol": {"seed": seed, "quick": quick, "model": str(model), "size": dataclasses.asdict(size),
+                     "learning_rates": sorted(size.learning_rates), "main_lr": main_lr,
+                     "methods": [dataclasses.asdict(m) for m in methods], "sequential_methods": list(sequential),
+                     "attacks": list(ATTACKS) if attacked else [],
+                     "lora": LORA},
+        "data": {name: len(data[name]) for name in ("pool", "main", "retain", "retain_eval", "retain_train", "holdout",
+                                                     "world_facts", "real_authors")},
+        "targets": targets,
+        "baselines": baselines,
+        "runs": runs,
+        "sequential": sequences,
+        "attacks": attacks,
+        "versions": versions(),
+    }
+    results["table"] = format_real(results)
+    log(results["table"])
+    plot_path = plot_real(results, out / "bench_real.png") if plot else None
+    results["paths"] = {"results": str(out / "results.json"), "plot": str(plot_path) if plot_path else None}
+    results["seconds"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    log(f"[bench] wrote {out / 'results.json'}{' and ' + str(plot_path) if plot_path else ''} in {results['seconds']:.0f}s")
+    return results
+
+
+def _evaluate_dir(directory: Path, splits: dict[str, Any], reference: dict[str, Any] | None,
+                  eval_args: dict[str, Any]) -> dict[str, Any]:
+    model, tokenizer = load_target(directory)
+    return evaluate(model, tokenizer, **splits, reference=reference, **eval_args)
+
+
+def _attack(target: Path, adapter: Path, data: dict[str, Any], log: Callable[[str], Any]) -> dict[str, Any]:
+    """`attacks.run_attacks` on one adapter over the single request's facts; per attack its result."""
+    from ..attacks import run_attacks
+    from ..stack import attach
+
+    model = attach(target, [adapter])
+    results = run_attacks(model, model.tokenizer, data["main"], ATTACKS, batch_size=16)["results"]
+    log(f"[bench] attacks on {adapter.name}: " + ", ".join(
+        f"{name} {r['recovered'].get('probability') or 0:.2f}" if "recovered" in r else f"{name} skipped"
+        for name, r in results.items()))
+    return results
