@@ -298,8 +298,9 @@ def train_and_score(
     model = attach(target, [*stack, adapter])
     report = evaluate(model, model.tokenizer, **splits, reference=reference, **eval_args)
     del model
-    metrics = (read_manifest(adapter) or {}).get("metrics", {})
+    manifest = read_manifest(adapter) or {}
+    metrics = manifest.get("metrics", {})
     record = {"steps": metrics.get("steps"), "train_loss": metrics.get("train_loss"), "train_seconds": trained,
               "seconds": time.perf_counter() - tick}
-    record.update({key: metrics[key] for key in ("stopping", "keys") if key in metrics})
+    record.update({key: manifest[key] for key in ("stopping", "keys") if key in manifest})  # why it stopped; key counts
     return report, record
