@@ -16,7 +16,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from tests.conftest import CITIES, NAMES, memorise
 from undial_peft import UndialConfig, api

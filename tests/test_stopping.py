@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+
 from undial_peft import UndialConfig, api
 from undial_peft.data import Example, encode
 from undial_peft.evaluate import score

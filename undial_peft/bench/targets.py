@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import metrics
-from ..data import Collator, Example, data_sha256, encode
+from ..data import Collator, Example, data_digest, encode
 from ..evaluate import score
 from ..manifest import atomic_directory
 from .settings import BenchSize, RealSize
@@ -149,7 +149,7 @@ def cached_fine_tune(
     from ..models import load_model
 
     recipe = {"format": 1, "base": base_identity(model), "rows": len(rows),
-              "rows_sha256": data_sha256([Example(r["question"], r["answer"]) for r in rows]),
+              "rows_digest": data_digest([Example(r["question"], r["answer"]) for r in rows]),
               "max_epochs": size.finetune_epochs, "memorised_at": size.memorised_at, "lr": size.finetune_lr, "batch_size": size.finetune_batch_size,
               "trained_layers": size.trained_layers, "seed": seed, "default_system_prompt": False}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
