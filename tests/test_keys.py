@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from tests.conftest import CITIES, NAMES, memorise
+from conftest import CITIES, NAMES, memorise
 from undial_peft import UndialConfig, api
 from undial_peft.data import Example, read_examples
 from undial_peft.evaluate import greedy_answers
