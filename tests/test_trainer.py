@@ -163,3 +163,18 @@ def test_cached_adapter_switch_matches_peft_set_adapter(tiny_dir):
         with torch.no_grad():
             outputs[tuple(active)] = model(input_ids=ids).logits
     assert len({round(o.sum().item(), 4) for o in outputs.values()}) == 4, "each active set computes its own output"
+
+
+def test_cached_adapter_switch_sees_an_adapter_deleted_and_added_again(tiny_dir):
+    # Same adapter names before and after, new weights: a switch cached by name alone would set
+    # requires_grad on the deleted weights and leave the new ones frozen.
+    from undial_peft.adapters import adapter_state
+
+    base, _ = load_model(tiny_dir)
+    model = build_trainable(base, default_lora_config())
+    for _ in range(2):
+        model.add_adapter("again", default_lora_config())
+        with adapter_state(model, [NEW, "again"], trainable=["again"]):
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            assert trainable and all(".again." in n for n in trainable), sorted(trainable)[:3]
+        model.delete_adapter("again")

@@ -58,6 +58,17 @@ class _Switch:
     layers: list[BaseTunerLayer]
     params: list[torch.nn.Parameter]  # every parameter, for restoring requires_grad
     lora: list[tuple[str | None, torch.nn.Parameter]]  # (adapter name, parameter) of the LoRA weights
+    probes: list[tuple[str, torch.nn.Parameter]]  # (name, parameter): one LoRA weight per adapter
+
+    def is_current(self, model: PeftModel) -> bool:
+        """Whether the model still holds these LoRA weights. Deleting an adapter and adding one of the
+        same name gives the same adapter names but new weights, so names alone cannot tell."""
+        if self.adapters != tuple(model.peft_config):
+            return False
+        try:
+            return all(model.get_parameter(name) is param for name, param in self.probes)
+        except AttributeError:  # the probed weight is gone
+            return False
 
 
 _SWITCHES: weakref.WeakKeyDictionary[PeftModel, _Switch] = weakref.WeakKeyDictionary()
@@ -68,14 +79,15 @@ def _switch(model: PeftModel) -> _Switch | None:
     auxiliary wrappers such as modules_to_save, variants with frozen sub-weights)."""
     adapters = tuple(model.peft_config)
     cached = _SWITCHES.get(model)
-    if cached is None or cached.adapters != adapters:
+    if cached is None or not cached.is_current(model):
         modules = list(model.modules())
         if any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules):
             return None
         layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
         named = list(model.named_parameters())
         lora = [(next((a for a in adapters if _is_param_of(n, [a])), None), p) for n, p in named if "lora_" in n]
-        cached = _SWITCHES[model] = _Switch(adapters, layers, [p for _, p in named], lora)
+        probes = {a: (n, p) for n, p in reversed(named) for a in adapters if _is_param_of(n, [a])}
+        cached = _SWITCHES[model] = _Switch(adapters, layers, [p for _, p in named], lora, list(probes.values()))
     if any(layer.merged or getattr(layer, "frozen_peft_weight_names", None) for layer in cached.layers):
         return None
     return cached
