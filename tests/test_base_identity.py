@@ -67,3 +67,15 @@ def test_stack_export_and_merge_without_model_use_the_recorded_base(r0, tiny_dir
     (orphan / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     assert cli_main(["stack", "export", "--out", str(tmp_path / "e2"), str(orphan)]) == 2
     assert "pass the base with --model" in capsys.readouterr().err
+
+
+def test_linear_sample_reaches_the_last_value_of_a_large_weight():
+    # SmolLM2's tied head is 49152 x 576 = 28,311,552 values: a float32 linspace to the last index
+    # rounds up past the end. The sample must include the last value and stay in bounds.
+    from undial_peft.models import linear_sample
+
+    head = torch.nn.Linear(576, 49152, bias=False)
+    before = linear_sample(head)
+    with torch.no_grad():
+        head.weight[-1, -1] += 1.0  # only the last value changes
+    assert linear_sample(head)["sha256"] != before["sha256"]

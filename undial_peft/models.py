@@ -240,7 +240,9 @@ def linear_sample(model: torch.nn.Module, per_layer: int = 64) -> dict[str, str]
                 or not weight.dtype.is_floating_point or weight.device.type == "meta"):
             continue  # bitsandbytes' Linear4bit holds uint8 codes; peft's own lora_A/B layers are no base weight
         flat = weight.detach().reshape(-1)  # (out * in,)
-        index = torch.linspace(0, flat.numel() - 1, min(per_layer, flat.numel()), device=flat.device).long()
+        count = min(per_layer, flat.numel())
+        # integer spacing: a float32 linspace rounds the last index of a 28M-value embedding up past the end
+        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
         digest.update(flat[index].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
         names.append(name.replace(".base_layer", ""))  # peft wraps q_proj as q_proj.base_layer
     if not names:
