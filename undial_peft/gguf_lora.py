@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 from .adapters import stack_name
 from .manifest import atomic_directory, parent_entry
 from .models import DEFAULT_MODEL, default_model_path, fingerprint
-from .stack import _concatenated, attach
+from .stack import attach, concatenated_deltas
 
 # transformers model_type -> llama.cpp architecture, for the architectures whose tensor names and
 # row order we map; anything else is refused rather than exported with guessed names.
@@ -91,7 +91,7 @@ def gguf_lora_tensors(
     """GGUF tensors (name -> float32 array) and ``adapter.lora.alpha`` for per-module LoRA blocks.
 
     ``blocks`` maps HF module paths to (A, B) with every scaling already folded into A, so the
-    module's delta is B @ A (what `stack._concatenated` returns). llama.cpp multiplies by
+    module's delta is B @ A (what `stack.concatenated_deltas` returns). llama.cpp multiplies by
     alpha / r_t, r_t being the module's own rank, so A is written as A * r_t / alpha with one
     alpha for the file (the largest rank: scale 1 wherever the rank is full).
     """
@@ -232,7 +232,7 @@ def export_gguf(
 
 
 def _gguf_file(attached: Any, names: Sequence[str], config: Any) -> tuple[dict[str, np.ndarray], float]:
-    blocks, _ = _concatenated(attached, names)
+    blocks, _ = concatenated_deltas(attached, names)
     return gguf_lora_tensors(blocks, config)
 
 

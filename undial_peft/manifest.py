@@ -230,7 +230,10 @@ def save_adapter(
     from .card import model_card
 
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
-        model.save_pretrained(str(staging), selected_adapters=[adapter], safe_serialization=True)
+        # save_embedding_layers=False: we never resize the vocabulary, and peft's "auto" would look the
+        # base up on the hub (a portable name such as the hub id) to check, which offline only warns or hangs.
+        model.save_pretrained(str(staging), selected_adapters=[adapter], safe_serialization=True,
+                              save_embedding_layers=False)
         saved = staging / adapter  # peft writes a non-default adapter into a sub-folder named after it
         for name in (WEIGHTS, CONFIG):
             (saved / name).rename(staging / name)

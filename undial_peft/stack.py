@@ -175,7 +175,7 @@ def _lora_pairs(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor
     return pair
 
 
-def _concatenated(attached: PeftModel, names: Sequence[str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+def concatenated_deltas(attached: PeftModel, names: Sequence[str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
     """Per LoRA module path: (A_cat, B_cat) with the scalings folded into A; and the exported rank R.
 
     For one module touched by adapters i = 1..k (ranks r_i, scalings s_i = alpha_i / r_i, or
@@ -188,6 +188,9 @@ def _concatenated(attached: PeftModel, names: Sequence[str]) -> tuple[dict[str, 
     Every module gets the same rank R = max over modules of sum r_i (= the sum of the ranks for
     adapters that target the same modules); a module with a smaller sum is zero-padded, which adds
     nothing. The exported adapter uses lora_alpha = R, i.e. scaling 1, and no rsLoRA.
+
+    >>> blocks, rank = concatenated_deltas(attached, ["stack_0", "stack_1"])  # doctest: +SKIP
+    >>> a_cat, b_cat = blocks["model.layers.0.self_attn.q_proj"]  # doctest: +SKIP
 
     Why not peft's ``add_weighted_adapter(combination_type="cat")`` (peft 0.21.2)? It computes the
     same blocks and, for adapters with identical plain-LoRA settings (what `forget` writes by
@@ -247,7 +250,7 @@ def export_stack(
 ) -> Path:
     """Write ONE standard peft LoRA adapter whose delta is the sum of the stack's deltas.
 
-    The rank-concatenation (see `_concatenated`) is the only exact way: rank = sum of the stack's
+    The rank-concatenation (see `concatenated_deltas`) is the only exact way: rank = sum of the stack's
     ranks. With ``max_rank`` R, each module whose stacked rank exceeds R is replaced by the best
     rank-R approximation of its delta (`compress.truncated_svd`; exact where the delta's rank fits);
     the energy kept per module goes into the manifest (``serving.energy_kept``). With
@@ -262,7 +265,7 @@ def export_stack(
     attached, identity = _attach(model, stack, tokenizer=tokenizer, force=force)
     try:
         names = [stack_name(i) for i in range(len(stack))]
-        blocks, rank = _concatenated(attached, names)
+        blocks, rank = concatenated_deltas(attached, names)
         energy = None
         if max_rank is not None:
             blocks, energy = compress_blocks(blocks, max_rank)
@@ -370,4 +373,4 @@ def _provenance(stack: Sequence[str | Path], how: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["attach", "describe", "export_stack", "format_rows", "merge_stack"]
+__all__ = ["attach", "concatenated_deltas", "describe", "export_stack", "format_rows", "merge_stack"]
