@@ -58,6 +58,23 @@ def leak_scan(folder: Path, needles: list[str], skip: tuple[str, ...] = ()) -> d
     return found
 
 
+def random_adapters(tiny_dir: str, where: Path, configs: list, prefix: str = "a") -> list[Path]:
+    """One plain peft adapter per LoraConfig, with random non-zero B (no training needed for equality checks)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    paths = []
+    for i, lora in enumerate(configs):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), lora)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.05)
+        model.save_pretrained(where / f"{prefix}{i}")
+        paths.append(where / f"{prefix}{i}")
+    return paths
+
+
 def memorise(model: torch.nn.Module, tokenizer, facts: list[dict[str, str]], steps: int = 150) -> None:
     """Full fine-tune until the answers are near-certain (a stand-in for pretraining knowledge)."""
     features = [encode(tokenizer, Example(f["question"], f["answer"]), 64) for f in facts]

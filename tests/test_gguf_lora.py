@@ -16,7 +16,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from conftest import random_adapters
+from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
@@ -39,17 +40,7 @@ def plain_stack(tiny_dir, tmp_path_factory) -> list[Path]:
                    layers_to_transform=[0], layers_pattern="layers", lora_dropout=0.0),
         LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
     ]
-    root = tmp_path_factory.mktemp("gguf-stack")
-    torch.manual_seed(0)
-    stack = []
-    for i, lora in enumerate(configs):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), lora)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.05)
-        model.save_pretrained(root / f"req{i}")
-        stack.append(root / f"req{i}")
-    return stack
+    return random_adapters(tiny_dir, tmp_path_factory.mktemp("gguf-stack"), configs, prefix="req")
 
 
 def _read(path: Path) -> tuple[dict[str, object], dict[str, np.ndarray]]:

@@ -16,8 +16,8 @@ import json
 import random
 
 import pytest
-
 from conftest import CITIES, NAMES, memorise
+
 from undial_peft import UndialConfig, api
 from undial_peft.data import Example, read_examples
 from undial_peft.evaluate import greedy_answers

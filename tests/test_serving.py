@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from conftest import random_adapters
+from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -111,18 +112,9 @@ def test_truncated_svd_matches_the_dense_svd_and_is_exact_when_the_rank_fits():
 
 
 def _random_adapters(tiny_dir: str, where: Path, count: int) -> list[Path]:
-    """Plain peft r=8 adapters with random non-zero B (no training needed for equality checks)."""
-    torch.manual_seed(0)
-    paths = []
-    for i in range(count):
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
-                                    LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.05)
-        peft_model.save_pretrained(where / f"a{i}")
-        paths.append(where / f"a{i}")
-    return paths
+    """``count`` plain peft r=8 adapters on every linear layer, with random non-zero B."""
+    return random_adapters(tiny_dir, where, [LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                        lora_dropout=0.0) for _ in range(count)])
 
 
 def _logits(model, tokenizer) -> torch.Tensor:
