@@ -10,12 +10,17 @@ pytestmark = [
 ]
 
 
-def test_real_demo_forgets_keys_and_keeps_other_facts(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
     from undial_peft.demo import run_demo
 
-    result = run_demo(output_dir=tmp_path / "demo", log=lambda line: None)
-    s = result["summary"]
-    # Bounds measured on the packaged facts: key probability 0.82 -> ~0.02 (forget), 0.79 -> ~0.67 (keep).
+    return run_demo(output_dir=tmp_path_factory.mktemp("demo") / "demo", log=lambda line: None)
+
+
+def test_real_demo_forgets_keys_and_keeps_other_facts(demo):
+    s = demo["summary"]
+    # Measured with the defaults (15 steps at least): key probability 0.695 -> 0.054 (forget), 0.785 -> 0.653
+    # (keep; 0.533 when it stopped at the first check below the target, step 5).
     assert s["forget_p_key_before"] > 0.6
     assert s["forget_p_key_after"] < 0.2 * s["forget_p_key_before"]
     assert s["keep_p_key_after"] > 0.7 * s["keep_p_key_before"]

@@ -21,7 +21,7 @@ from undial_peft.stopping import describe, key_probabilities
 
 def _config(**overrides) -> UndialConfig:
     settings = {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "disable_tqdm": True, "logging_steps": 100,
-                "auto_key": False, "check_every": 1}
+                "auto_key": False, "check_every": 1, "min_steps": 0}
     return UndialConfig(**{**settings, **overrides})
 
 
@@ -60,6 +60,16 @@ def test_stops_at_the_target(tiny_dir, facts, tmp_path):
     assert _probability(tiny_dir, out, facts[:4]) < 0.5 * stop["forget_before"]  # the saved adapter (no key: all tokens)
     card = (out / "README.md").read_text(encoding="utf-8")
     assert f"stopped at step {stop['step']}: target reached" in card
+
+
+def test_min_steps_holds_the_target_back(tiny_dir, facts, tmp_path):
+    early = _manifest(api.forget(tiny_dir, facts[:4], tmp_path / "a", config=_config(until_ratio=0.5, max_steps=200)))
+    first = early["stopping"]["step"]  # the first check below the target
+    late = _manifest(api.forget(tiny_dir, facts[:4], tmp_path / "b",
+                                config=_config(until_ratio=0.5, max_steps=200, min_steps=first + 3)))["stopping"]
+    assert late["stopped"] == "target" and late["step"] >= first + 3
+    assert late["history"][-1]["forget"] <= late["target"]
+    assert any(p["forget"] <= late["target"] for p in late["history"][1:-1])  # below the target earlier: held back
 
 
 def test_stops_on_the_retain_budget_and_rolls_back(tiny_dir, facts, tmp_path):

@@ -239,7 +239,7 @@ def _stopper(
 
     return StopWhenForgotten(
         rows(forget_rows, weights), tokenizer.pad_token_id, until_ratio=config.until_ratio, until_prob=config.until_prob,
-        check_every=config.check_every, retain_rows=rows(retain_rows) if watch_retain else None,
+        check_every=config.check_every, min_steps=config.min_steps, retain_rows=rows(retain_rows) if watch_retain else None,
         max_retain_drop=config.max_retain_drop, teacher_adapters=teacher,
     )
 

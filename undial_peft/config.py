@@ -49,6 +49,9 @@ class UndialConfig(TrainingArguments):
     until_prob: float | None = field(
         default=None, metadata={"help": "Stop when the forget key probability is <= this value (with until_ratio: both)."}
     )
+    min_steps: int = field(
+        default=15, metadata={"help": "Train at least this many steps before the target may stop training (README: why)."}
+    )
     check_every: int = field(default=1, metadata={"help": "Measure the forget (and retain) set every N optimizer steps."})
     max_retain_drop: float | None = field(
         default=0.1, metadata={"help": "With retain data: stop (and roll back) when its answer probability fell by more than this fraction."}

@@ -74,6 +74,10 @@ class StopWhenForgotten(TrainerCallback):
         until_ratio: stop when the forget key probability is <= this fraction of its value before.
         until_prob: stop when it is <= this absolute value. With both, both must hold.
         check_every: measure every N optimizer steps.
+        min_steps: the target does not stop training before this step. Past the target, UNDIAL's
+            key probability settles near its adjusted-target floor while the distillation of the
+            other tokens undoes collateral damage (measured in the README), so stopping at the
+            first check below the target is not what keeps other facts.
         retain_rows: encoded retain rows to watch (at most ``max_retain_rows`` are used).
         max_retain_drop: stop when the retain answer probability fell by more than this fraction.
         teacher_adapters: the adapters active before this request, to measure "before" correctly
@@ -88,6 +92,7 @@ class StopWhenForgotten(TrainerCallback):
         until_ratio: float | None = None,
         until_prob: float | None = None,
         check_every: int = 1,
+        min_steps: int = 0,
         retain_rows: Features | None = None,
         max_retain_drop: float | None = None,
         max_retain_rows: int = 64,
@@ -96,7 +101,10 @@ class StopWhenForgotten(TrainerCallback):
         if check_every < 1:
             raise ValueError(f"check_every={check_every} is invalid: measure every 1 or more steps.")
         self.forget_rows, self.pad = list(forget_rows), pad_token_id
+        if min_steps < 0:
+            raise ValueError(f"min_steps={min_steps} is invalid: use 0 (stop at the first check below the target) or more.")
         self.until_ratio, self.until_prob, self.check_every = until_ratio, until_prob, check_every
+        self.min_steps = min_steps
         self.retain_rows = _answer_only(retain_rows[:max_retain_rows]) if retain_rows and max_retain_drop is not None else []
         self.max_retain_drop = max_retain_drop
         self.teacher_adapters = teacher_adapters
@@ -149,7 +157,7 @@ class StopWhenForgotten(TrainerCallback):
             return
         self._good = self._snapshot(model)
         target = self.outcome["target"]
-        if target is not None and point["forget"] <= target:
+        if target is not None and point["forget"] <= target and state.global_step >= self.min_steps:
             self.outcome.update(stopped="target")
             control.should_training_stop = True
 
@@ -163,8 +171,10 @@ class StopWhenForgotten(TrainerCallback):
         self.history.append({**last_good, "rolled_back": 1.0})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        last = self.history[-1]
-        self.outcome.setdefault("stopped", "max_steps" if self.outcome.get("target") is not None else "fixed_length")
+        last, target = self.history[-1], self.outcome.get("target")
+        if target is not None and "stopped" not in self.outcome and last["forget"] <= target:
+            self.outcome["stopped"] = "target"  # reached, at a step limit below min_steps
+        self.outcome.setdefault("stopped", "max_steps" if target is not None else "fixed_length")
         self.outcome.update(step=int(last["step"]), forget_after=last["forget"], retain_after=last.get("retain"),
                             checks=len(self.history) - 1)
         self._good = None
