@@ -43,8 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/rank-budget")
     parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--epochs", type=float, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default: forget's (each request stops at its target)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32])
     args = parser.parse_args()
     root = Path(args.out)
@@ -52,8 +51,9 @@ def main() -> None:
     facts = demo_facts() + extra
     forget_facts = [f for f in facts if f["split"] == "forget"][: 2 * args.requests]
     measured_facts = forget_facts + [f for f in facts if f["split"] == "keep"]
-    config = UndialConfig(num_train_epochs=args.epochs, learning_rate=args.lr, per_device_train_batch_size=2,
-                          disable_tqdm=True, logging_steps=1000, report_to="none")
+    settings = {"learning_rate": args.lr} if args.lr is not None else {}
+    config = UndialConfig(**settings, per_device_train_batch_size=2, disable_tqdm=True, logging_steps=1000,
+                          report_to="none")
     base, tokenizer = load_model("default")
     results: dict[str, dict] = {"base": _summary(measured_facts, measure_facts(base, tokenizer, measured_facts, config))}
     print("base", results["base"], flush=True)
