@@ -1,4 +1,4 @@
-"""The real demo on the embedded SmolLM2-135M-Instruct (about 2 minutes on 2 CPU cores)."""
+"""The real demo on the embedded SmolLM2-135M-Instruct (a few minutes on 2 CPU cores)."""
 
 import importlib.util
 
