@@ -67,7 +67,8 @@ class UndialConfig(TrainingArguments):
     num_train_epochs: float = field(default=5.0, metadata={"help": "Passes over the forget set (used when max_steps <= 0)."})
     max_steps: int = field(default=100, metadata={"help": "Step limit; training stops earlier at the target. <= 0: use num_train_epochs."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Forget examples per device step."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
+    # "constant" would silently ignore warmup_steps; with 0 warm-up steps this is the same constant rate.
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(default=0, metadata={"help": "Warm-up steps."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints ('steps' for --resume)."})
