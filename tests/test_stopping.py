@@ -70,6 +70,11 @@ def test_min_steps_holds_the_target_back(tiny_dir, facts, tmp_path):
     assert late["stopped"] == "target" and late["step"] >= first + 3
     assert late["history"][-1]["forget"] <= late["target"]
     assert any(p["forget"] <= late["target"] for p in late["history"][1:-1])  # below the target earlier: held back
+    # A step limit below min_steps: the target was reached, and the outcome says so.
+    capped = _manifest(api.forget(tiny_dir, facts[:4], tmp_path / "c",
+                                  config=_config(until_ratio=0.5, max_steps=first + 2, min_steps=first + 10)))["stopping"]
+    assert capped["step"] == first + 2 and capped["forget_after"] <= capped["target"]
+    assert capped["stopped"] == "target"
 
 
 def test_stops_on_the_retain_budget_and_rolls_back(tiny_dir, facts, tmp_path):

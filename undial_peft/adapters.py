@@ -85,9 +85,13 @@ def _switch(model: PeftModel) -> _Switch | None:
             return None
         layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
         named = list(model.named_parameters())
-        lora = [(next((a for a in adapters if _is_param_of(n, [a])), None), p) for n, p in named if "lora_" in n]
-        probes = {a: (n, p) for n, p in reversed(named) for a in adapters if _is_param_of(n, [a])}
-        cached = _SWITCHES[model] = _Switch(adapters, layers, [p for _, p in named], lora, list(probes.values()))
+        owned = [(next((a for a in adapters if _is_param_of(n, [a])), None), n, p) for n, p in named if "lora_" in n]
+        probes: dict[str, tuple[str, torch.nn.Parameter]] = {}
+        for adapter, name, param in owned:  # the first LoRA weight of each adapter
+            if adapter is not None:
+                probes.setdefault(adapter, (name, param))
+        cached = _SWITCHES[model] = _Switch(adapters, layers, [p for _, p in named], [(a, p) for a, _, p in owned],
+                                            list(probes.values()))
     if any(layer.merged or getattr(layer, "frozen_peft_weight_names", None) for layer in cached.layers):
         return None
     return cached
