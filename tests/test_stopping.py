@@ -67,9 +67,10 @@ def test_min_steps_holds_the_target_back(tiny_dir, facts, tmp_path):
     first = early["stopping"]["step"]  # the first check below the target
     late = _manifest(api.forget(tiny_dir, facts[:4], tmp_path / "b",
                                 config=_config(until_ratio=0.5, max_steps=200, min_steps=first + 3)))["stopping"]
-    assert late["stopped"] == "target" and late["step"] >= first + 3
+    # Held back: the target was reached at step `first`, so the first check, at min_steps, stops it.
+    assert late["stopped"] == "target" and late["step"] == first + 3
     assert late["history"][-1]["forget"] <= late["target"]
-    assert any(p["forget"] <= late["target"] for p in late["history"][1:-1])  # below the target earlier: held back
+    assert [p["step"] for p in late["history"]] == [0, first + 3]  # no check before min_steps: none could stop
     # A step limit below min_steps: the target was reached, and the outcome says so.
     capped = _manifest(api.forget(tiny_dir, facts[:4], tmp_path / "c",
                                   config=_config(until_ratio=0.5, max_steps=first + 2, min_steps=first + 10)))["stopping"]

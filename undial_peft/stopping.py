@@ -1,7 +1,9 @@
 """Stop when forgotten: a `TrainerCallback` that measures the forget set while training.
 
 Every ``check_every`` optimizer steps it runs the forget set (and the retain set, when given)
-through the model with the new adapter on (no grad, eval mode; train mode is restored) and stops:
+through the model with the new adapter on (no grad, eval mode; train mode is restored) and stops;
+without a retain set, checks start at ``min_steps`` (none could stop training earlier), and a
+fixed-length run (no target) is measured once, after its last step:
 
 - ``target``: the forget set's mean key probability reached every given target: at most
   ``until_ratio`` x its value before training and/or at most ``until_prob``;
@@ -143,7 +145,7 @@ class StopWhenForgotten(TrainerCallback):
             self.outcome["retain_floor"] = before["retain"] * (1 - self.max_retain_drop)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if state.global_step % self.check_every and state.global_step < state.max_steps:
+        if not self._due(state.global_step, state.max_steps):
             return
         model = kwargs["model"]
         point = self._measure(model, state.global_step)
@@ -160,6 +162,16 @@ class StopWhenForgotten(TrainerCallback):
         if target is not None and point["forget"] <= target and state.global_step >= self.min_steps:
             self.outcome.update(stopped="target")
             control.should_training_stop = True
+
+    def _due(self, step: int, max_steps: int) -> bool:
+        if step >= max_steps:
+            return True  # the last step is always measured: it gives the figures after training
+        if step % self.check_every:
+            return False
+        # Without a retain set to guard, a check can only stop training at the target from min_steps
+        # on; before that (or without a target) it would cost a forward pass over the forget set for
+        # nothing, about as much as a training step on a small request.
+        return bool(self.retain_rows) or (self.outcome["target"] is not None and step >= self.min_steps)
 
     def _roll_back(self, model: torch.nn.Module) -> None:
         last_good = self.history[-2]  # the previous check was within budget (else training had stopped there)
