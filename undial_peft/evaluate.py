@@ -14,7 +14,7 @@ forget quality and PrivLeak. Reports hold numbers and data digests, never the te
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ UTILITY_COMPONENTS = (
     "world_facts/probability_w_options", "world_facts/rouge_l_recall", "world_facts/truth_ratio",
 )
 OPTION_SPLITS = ("real_authors", "world_facts")  # probability normalised over the answer options
+GENERATED_SPLITS = tuple(s for s in SPLITS if s != "holdout")  # holdout: membership inference only
 FORGET_LIKE = ("forget", "holdout")  # truth ratio summarised as closeness to 1, not preference for the truth
 
 
@@ -242,7 +243,7 @@ def evaluate(
     use_chat_template: bool = True,
     max_length: int = 512,
     batch_size: int = 8,
-    generate: bool = True,
+    generate: bool | Collection[str] = True,
     max_new_tokens: int = MAX_NEW_TOKENS,
     k: float = metrics.MIN_K_FRACTION,
     keep_generations: bool = False,
@@ -254,6 +255,8 @@ def evaluate(
     report on the same data; ``privleak["min_k"]`` is MUSE's PrivLeak), ``model_utility`` (TOFU's:
     retain, real_authors and world_facts, each with perturbed answers; see `model_utility`),
     ``fluency_perplexity`` (retain). ``general`` is scored and reported, but is not part of utility.
+    ``generate``: the splits answered greedily for ROUGE-L; True = `GENERATED_SPLITS` (all but
+    holdout, which only serves membership inference), False = none.
 
     >>> # report = evaluate(model, tok, "forget.jsonl", retain="retain.jsonl", holdout="holdout.jsonl")
     >>> # print(format_table(report)); save_report(report, "reference.json")
@@ -262,9 +265,10 @@ def evaluate(
     gen = {"max_new_tokens": max_new_tokens, "use_chat_template": use_chat_template, "batch_size": batch_size}
     sources = {"forget": forget, "retain": retain, "holdout": holdout, "real_authors": real_authors,
                "world_facts": world_facts, "general": general}
-    gen_or_none = gen if generate else None
+    generated = set(GENERATED_SPLITS if generate is True else generate or ())
     splits = {
-        name: _split_report(model, tokenizer, read_eval_items(src), name, run, k, gen_or_none, keep_generations)
+        name: _split_report(model, tokenizer, read_eval_items(src), name, run, k, gen if name in generated else None,
+                            keep_generations)
         for name, src in sources.items()
         if src is not None
     }
