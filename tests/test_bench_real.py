@@ -17,7 +17,7 @@ from undial_peft.tiny import tiny_llama, word_tokenizer
 # 7 people: 2 asked (one per request), 1 holdout, 4 retain. The tiny base knows nothing, so its
 # fine-tune needs a tiny model's learning rate and more passes.
 SIZE = dataclasses.replace(
-    bench.REAL_QUICK, n_people=7, facts_per_person=2, holdout_people=1, requests=2, people_per_request=1, main_people=2,
+    bench.REAL_QUICK, n_people=7, facts_per_person=2, holdout_people=1, requests=2, stacked_requests=2, people_per_request=1, main_people=2,
     eval_retain_people=1, unlearn_steps=3, finetune_lr=5e-3, finetune_epochs=40, trained_layers=None,
 )
 METHODS = tuple(m for m in bench.REAL_METHODS if m.label in ("undial auto-key +rt", "npo"))
@@ -43,8 +43,8 @@ def tiny_base(tmp_path_factory):
 def quick(tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("real")
     lines: list[str] = []
-    results = bench.run_real_bench(out, model=tiny_base, size=SIZE, methods=METHODS, sequential=SEQUENTIAL,
-                                   attacked=("npo",), log=lines.append)
+    results = bench.run_real_bench(out, model=tiny_base, size=SIZE, methods=METHODS, swept=[m.label for m in METHODS],
+                                   sequential=SEQUENTIAL, attacked=("npo",), log=lines.append)
     return out, results, lines
 
 
@@ -88,7 +88,7 @@ def test_sequential_requests_stack_and_score_each(quick):
     seq = results["sequential"]
     for label in SEQUENTIAL:
         steps = seq[label]
-        assert [s["request"] for s in steps] == list(range(1, SIZE.requests + 1))
+        assert [s["request"] for s in steps] == list(range(1, SIZE.stacked_requests + 1))
         assert steps[-1]["summary"]["not_asked_probability"] is None  # everyone has been asked
         assert all(s["summary"]["asked_probability"] is not None for s in steps)
     # each request's adapter names the previous one as its parent: a real stack
@@ -110,7 +110,7 @@ def test_rerun_reuses_the_cached_targets(quick, tiny_base, tmp_path):
     lines: list[str] = []
     # the learning rates are no part of the fine-tune's recipe: one is enough here
     again = bench.run_real_bench(tmp_path, model=tiny_base, size=dataclasses.replace(SIZE, learning_rates=(3e-3,)),
-                                 methods=METHODS[1:], sequential=(), attacked=(), cache_dir=out / "models", log=lines.append)
+                                 methods=METHODS[1:], swept=(), sequential=(), attacked=(), cache_dir=out / "models", log=lines.append)
     for name in ("target", "reference"):
         assert first["targets"][name]["cached"] is False and again["targets"][name]["cached"] is True
         assert again["targets"][name]["path"] == first["targets"][name]["path"]
@@ -147,7 +147,7 @@ def test_drop_default_system_prompt_only_touches_that_line():
 def test_cli_arguments():
     args = bench.build_parser().parse_args(["--model", "default", "--quick", "--cache", "c"])
     assert (args.model, args.quick, args.cache) == ("default", True, "c")
-    assert bench.build_parser().parse_args([]).model is None
+    assert bench.build_parser().parse_args([]).model is None and not bench.build_parser().parse_args([]).sweep_all
 
 
 @pytest.mark.slow
@@ -158,4 +158,4 @@ def test_quick_on_the_embedded_model(tmp_path):
     # the tiny stand-in memorises less than the real model in its epoch budget (measured: 0.90 after 40)
     assert results["targets"]["target"]["train_probability"] > 0.8
     assert target["forget_probability"] > results["baselines"]["reference"]["forget_probability"]
-    assert len(results["sequential"]["undial auto-key"]) == bench.REAL_QUICK.requests
+    assert len(results["sequential"]["undial auto-key"]) == bench.REAL_QUICK.stacked_requests

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, metavar="LR",
                         help="learning rates of the sweep (default 1e-4 3e-4 1e-3; the middle one is the main run)")
+    parser.add_argument("--sweep-all", action="store_true",
+                        help="with --model: every method at every learning rate (default: UNDIAL auto-key and NPO + retain)")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot")
     return parser
 
@@ -74,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             size = REAL_QUICK if args.quick else REAL
             if args.lrs:
                 size = dataclasses.replace(size, learning_rates=tuple(args.lrs))
-            run_real_bench(args.out, model=args.model, seed=args.seed, size=size, quick=args.quick,
+            swept = [m.label for m in REAL_METHODS] if args.sweep_all else None
+            run_real_bench(args.out, model=args.model, seed=args.seed, size=size, quick=args.quick, swept=swept,
                            cache_dir=args.cache, threads=args.threads, plot=not args.no_plot)
     except (ValueError, FileExistsError) as err:
         print(f"undial-peft bench: error: {err}", file=sys.stderr)

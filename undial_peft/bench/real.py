@@ -13,12 +13,13 @@ Protocol (TOFU-style; everything runs offline):
    RETAIN-ONLY REFERENCE the same recipe on retain people only. Both are cached on disk under a hash
    of their recipe (base, data, settings), so a rerun skips them.
 3. Single request: the first ~10% of the people. Every method (UNDIAL without keys, with automatic
-   keys, with a retain term; GA, GradDiff, NPO, NPO + retain) trains one LoRA adapter at three
-   learning rates spanning 10x with the same fixed step budget, then once more with `forget`'s
-   stopping rule (stop at the target, or at the step limit). Each adapter is scored against the
+   keys, with a retain term; GA, GradDiff, NPO, NPO + retain) trains one LoRA adapter with
+   `forget`'s stopping rule (stop at the target, or at the step limit); the swept methods
+   (`settings.SWEEP_METHODS`, or all with ``--sweep-all``) also at three learning rates spanning
+   10x with the same fixed step budget. Each adapter is scored against the
    reference: forget quality (KS on forget truth ratios), model utility, probabilities, ROUGE-L,
    PrivLeak.
-4. Sequential requests (`sequential.run_sequence`): the pool's requests one after another,
+4. Sequential requests (`sequential.run_sequence`): the pool's first requests one after another,
    stacked, with the stopping rule; after each, forget quality of everything asked so far, the
    probability of the people not asked yet, and model utility.
 5. One table is printed; ``results.json``, ``reports/*.json`` and ``bench_real.png`` are written.
@@ -50,6 +51,7 @@ from .settings import (
     REAL_METHODS,
     REAL_QUICK,
     SEQUENTIAL_METHODS,
+    SWEEP_METHODS,
     MethodSpec,
     RealSize,
     run_id,
@@ -67,6 +69,7 @@ def run_real_bench(
     quick: bool = False,
     size: RealSize | None = None,
     methods: Sequence[MethodSpec] | None = None,
+    swept: Sequence[str] | None = None,
     sequential: Sequence[str] | None = None,
     attacked: Sequence[str] | None = None,
     cache_dir: str | Path | None = None,
@@ -79,7 +82,9 @@ def run_real_bench(
     Args:
         model: the pretrained base: "default" (embedded SmolLM2-135M-Instruct), a directory or a .gguf.
         size, methods: override the preset (``quick`` picks `REAL_QUICK`); the middle learning rate is main.
-        sequential: labels of ``methods`` stacked over the sequential requests (empty: skip).
+        swept: labels of ``methods`` run at every learning rate with the fixed step budget (default
+            `settings.SWEEP_METHODS`; every method still runs once with the stopping rule).
+        sequential: labels of ``methods`` stacked over the first ``size.stacked_requests`` requests (empty: skip).
         attacked: labels of ``methods`` whose stopping-rule adapter is attacked (`settings.ATTACKS`; empty: skip).
         cache_dir: where fine-tuned targets are cached (default ``out_dir/models``).
     Returns:
@@ -88,11 +93,13 @@ def run_real_bench(
     started = time.perf_counter()
     size = size or (REAL_QUICK if quick else REAL)
     methods = tuple(methods or REAL_METHODS)
+    swept = tuple(SWEEP_METHODS if swept is None else swept)
     sequential = tuple(SEQUENTIAL_METHODS if sequential is None else sequential)
     attacked = tuple(ATTACKED_METHODS if attacked is None else attacked)
-    unknown = [label for label in (*sequential, *attacked) if label not in {m.label for m in methods}]
+    unknown = [label for label in (*swept, *sequential, *attacked) if label not in {m.label for m in methods}]
     if unknown:
-        raise ValueError(f"sequential or attacked methods {unknown} are not among the methods; choose from {[m.label for m in methods]}.")
+        raise ValueError(f"swept, sequential or attacked methods {unknown} are not among the methods; choose from"
+                         f" {[m.label for m in methods]}.")
     main_lr = sorted(size.learning_rates)[len(size.learning_rates) // 2]
     out = Path(out_dir)
     for sub in ("data", "adapters", "reports"):
@@ -128,7 +135,7 @@ def run_real_bench(
 
         runs: list[dict[str, Any]] = []
         fixed = {"max_steps": size.unlearn_steps, "until_ratio": None, "max_retain_drop": None}
-        cells = [(spec, lr, "sweep", fixed) for spec in methods for lr in sorted(size.learning_rates)]
+        cells = [(spec, lr, "sweep", fixed) for spec in methods if spec.label in swept for lr in sorted(size.learning_rates)]
         cells += [(spec, None, "stop", {"max_steps": 4 * size.unlearn_steps}) for spec in methods]
         for spec, lr, kind, settings in cells:
             rid = f"{kind}-{run_id(spec, lr) if lr else run_id(spec, 0).removesuffix('-lr-0')}"
@@ -152,15 +159,17 @@ def run_real_bench(
         sequences = {}
         if sequential:
             by_label = {m.label: m for m in methods}
-            sequences = run_sequence(target, reference_dir, data, [by_label[label] for label in sequential],
-                                     out, {**QUIET, "max_steps": 4 * size.unlearn_steps,
-                                           "per_device_train_batch_size": size.unlearn_batch_size, "seed": seed},
+            sequences = run_sequence(target, reference_dir, {**data, "requests": data["requests"][: size.stacked_requests]},
+                                     [by_label[label] for label in sequential], out,
+                                     {**QUIET, "max_steps": 4 * size.unlearn_steps,
+                                      "per_device_train_batch_size": size.unlearn_batch_size, "seed": seed},
                                      eval_args, train_and_score, log=log)
 
     results: dict[str, Any] = {
         "protocol": {"seed": seed, "quick": quick, "model": str(model), "size": dataclasses.asdict(size),
                      "learning_rates": sorted(size.learning_rates), "main_lr": main_lr,
-                     "methods": [dataclasses.asdict(m) for m in methods], "sequential_methods": list(sequential),
+                     "methods": [dataclasses.asdict(m) for m in methods], "swept_methods": list(swept),
+                     "sequential_methods": list(sequential),
                      "attacks": list(ATTACKS) if attacked else [],
                      "lora": LORA},
         "data": {name: len(data[name]) for name in ("pool", "main", "retain", "retain_eval", "retain_train", "holdout",

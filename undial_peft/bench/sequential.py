@@ -75,6 +75,8 @@ def run_sequence(
     """
     splits = {"forget": data["pool"], "retain": data["retain_eval"], "world_facts": data["world_facts"],
               "real_authors": data["real_authors"]}
+    # The pool is scored, not answered: its ROUGE is not reported, and generating it would double the cost.
+    eval_args = {**eval_args, "generate": ("retain", "world_facts", "real_authors")}
     model, tokenizer = load_target(reference_dir)
     reference = evaluate(model, tokenizer, **splits, **eval_args)
     model, tokenizer = load_target(target)
