@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from undial_peft.cli import main
 from undial_peft.demo import demo_facts, run_demo
 from undial_peft.manifest import file_sha256
@@ -59,6 +61,18 @@ def test_help_is_clean_and_imports_no_bitsandbytes(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("usage: undial-peft") and "bitsandbytes imported: False" in run.stdout, run.stdout
     assert run.stderr == "", run.stderr
+
+
+@pytest.mark.parametrize("argv", [["eval", "--attacks"], ["bench", "--model", "default"], ["forget", "--4bit"]])
+def test_commands_that_quantise_can_import_bitsandbytes(argv):
+    """The re-quantisation attacks (eval --attacks, the real-model bench) and --4bit need bitsandbytes: it is
+    hidden only from the other commands (the bench once crashed at its attack stage when it was hidden)."""
+    probe = (f"from undial_peft.cli import _quiet_imports\n_quiet_imports({argv!r})\n"
+             "import bitsandbytes.functional\nprint('quantiser', bitsandbytes.functional.quantize_4bit.__name__)\n"
+             "_quiet_imports(['eval'])\n")  # already imported: hiding it now is a no-op
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0 and "quantiser quantize_4bit" in run.stdout, run.stderr
 
 
 def test_forget_verb_prints_nothing_a_user_cannot_act_on(tiny_dir, facts, tmp_path):

@@ -27,6 +27,7 @@ from typing import Any
 # not import torch (tests/test_cli.py checks they agree).
 EVAL_SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts", "general")
 EVAL_MAX_NEW_TOKENS = 200
+NEEDS_BITSANDBYTES = ("--4bit", "--attacks", "bench")  # arguments of the commands that may use it
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -316,11 +317,13 @@ def _quiet_imports(argv: Sequence[str]) -> None:
 
     peft and transformers import bitsandbytes whenever it is installed, and on CPUs with
     AVX512-BF16 that import logs a warning about an optional package ('kernels') that nothing
-    here uses. A command that does not ask for 4-bit never needs bitsandbytes, so it is hidden
-    (``sys.modules[name] = None`` reads as "not installed" to imports and ``find_spec``). The
-    other filters silence deprecation and device notices raised inside the libraries' own code.
+    here uses. A command that asks for no 4-bit base, no attacks (the re-quantisation attacks use
+    bitsandbytes' quantiser) and is no benchmark (the real-model one runs them) never needs
+    bitsandbytes, so it is hidden (``sys.modules[name] = None`` reads as "not installed" to imports
+    and ``find_spec``). The other filters silence deprecation and device notices raised inside the
+    libraries' own code.
     """
-    if "--4bit" not in argv:
+    if not any(arg in argv for arg in NEEDS_BITSANDBYTES):
         sys.modules.setdefault("bitsandbytes", None)  # no-op where it is already imported
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true.*", category=UserWarning)
