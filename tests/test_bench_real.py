@@ -105,6 +105,21 @@ def test_attacks_run_on_the_stopping_rule_adapter(quick):
     assert "recovered" in attacked["paraphrase"]
 
 
+def test_rerun_into_the_same_directory_reuses_finished_cells(quick, tiny_base):
+    out, first, _ = quick
+    lines: list[str] = []
+    again = bench.run_real_bench(out, model=tiny_base, size=SIZE, methods=METHODS, swept=[m.label for m in METHODS],
+                                 sequential=(), attacked=(), log=lines.append)
+    assert [r["id"] for r in again["runs"]] == [r["id"] for r in first["runs"]]
+    assert all(r["reused"] for r in again["runs"]) and sum("reused" in line for line in lines) == len(first["runs"])
+    assert [r["summary"] for r in again["runs"]] == json.loads(json.dumps([r["summary"] for r in first["runs"]]))
+    # another step budget is another cell: trained anew
+    changed = dataclasses.replace(SIZE, unlearn_steps=SIZE.unlearn_steps + 1)
+    fresh = bench.run_real_bench(out, model=tiny_base, size=changed, methods=METHODS[:1], swept=(), sequential=(),
+                                 attacked=(), log=lines.append)
+    assert [r.get("reused") for r in fresh["runs"]] == [None] and fresh["runs"][0]["steps"] >= 1
+
+
 def test_rerun_reuses_the_cached_targets(quick, tiny_base, tmp_path):
     out, first, _ = quick
     lines: list[str] = []

@@ -23,6 +23,8 @@ Protocol (TOFU-style; everything runs offline):
    stacked, with the stopping rule; after each, forget quality of everything asked so far, the
    probability of the people not asked yet, and model utility.
 5. One table is printed; ``results.json``, ``reports/*.json`` and ``bench_real.png`` are written.
+   Each finished single-request cell leaves ``reports/<id>.run.json``, keyed by what it depends
+   on: a rerun into the same directory (e.g. after an interruption) reuses it.
 
 >>> # results = run_real_bench("bench-real", quick=True); print(results["table"])
 """
@@ -30,12 +32,15 @@ Protocol (TOFU-style; everything runs offline):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
+from ..data import Example, data_digest
 from ..evaluate import evaluate, save_report
 from ..synthetic import write_jsonl
 from .data import real_splits
@@ -142,16 +147,22 @@ def run_real_bench(
             config = {**QUIET, **settings, "per_device_train_batch_size": size.unlearn_batch_size, "seed": seed}
             if lr is not None:
                 config["learning_rate"] = lr
-            report, record = train_and_score(target, data["main"], out / "adapters" / rid, spec, config, splits,
-                                             reports["reference"], eval_args, retain=data["retain_train"])
-            save_report(report, out / "reports" / f"{rid}.json")
-            run = {"id": rid, "kind": kind, "label": spec.label, "method": spec.method, "auto_key": spec.auto_key,
-                   "retain_weight": spec.retain_weight, "lr": lr if lr is not None else spec.config(**QUIET).learning_rate,
-                   **record, "summary": run_summary(report)}
+            key = cell_key(target, rid, spec, config, data["main"], eval_args)
+            done = out / "reports" / f"{rid}.run.json"
+            run = _finished(done, key)
+            if run is None:
+                report, record = train_and_score(target, data["main"], out / "adapters" / rid, spec, config, splits,
+                                                 reports["reference"], eval_args, retain=data["retain_train"])
+                save_report(report, out / "reports" / f"{rid}.json")
+                run = {"id": rid, "kind": kind, "label": spec.label, "method": spec.method, "auto_key": spec.auto_key,
+                       "retain_weight": spec.retain_weight, "lr": lr if lr is not None else spec.config(**QUIET).learning_rate,
+                       **record, "summary": run_summary(report), "cell_key": key}
+                _write_atomic(done, json.dumps(run, indent=1))
             runs.append(run)
             s = run["summary"]
             log(f"[bench] {len(runs)}/{len(cells)} {rid}: p_forget {s['forget_probability']:.3f}, FQ"
-                f" {s['forget_quality']:.2g}, MU {s['model_utility']:.3f}, {run['steps']} steps ({run['seconds']:.0f}s)")
+                f" {s['forget_quality']:.2g}, MU {s['model_utility']:.3f}, {run['steps']} steps ({run['seconds']:.0f}s)"
+                f"{'' if 'reused' not in run else ', finished in an earlier run: reused'}")
 
         attacks = {run["label"]: _attack(target, out / "adapters" / run["id"], data, log)
                    for run in runs if run["kind"] == "stop" and run["label"] in attacked}
@@ -189,6 +200,35 @@ def run_real_bench(
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     log(f"[bench] wrote {out / 'results.json'}{' and ' + str(plot_path) if plot_path else ''} in {results['seconds']:.0f}s")
     return results
+
+
+def cell_key(target: Path, rid: str, spec: MethodSpec, config: dict[str, Any], rows: Sequence[dict[str, Any]],
+             eval_args: dict[str, Any]) -> str:
+    """What one single-request cell depends on (target, method, settings, data, evaluation), hashed:
+    a finished cell with the same key is reused by a rerun into the same ``out_dir``.
+
+    >>> spec = MethodSpec("ga", "ga")
+    >>> cell_key(Path("t"), "r", spec, {"max_steps": 5}, [], {}) != cell_key(Path("t"), "r", spec, {"max_steps": 6}, [], {})
+    True
+    """
+    rows_digest = data_digest([Example(r["question"], r["answer"]) for r in rows]) if rows else ""
+    recipe = {"target": str(target), "id": rid, "spec": dataclasses.asdict(spec), "config": config, "rows": rows_digest,
+              "eval": eval_args, "version": __version__}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finished(path: Path, key: str) -> dict[str, Any] | None:
+    """The run record of a cell finished earlier with the same key, marked reused; else None."""
+    if not path.is_file():
+        return None
+    run = json.loads(path.read_text(encoding="utf-8"))
+    return {**run, "reused": True} if run.get("cell_key") == key else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _evaluate_dir(directory: Path, splits: dict[str, Any], reference: dict[str, Any] | None,
