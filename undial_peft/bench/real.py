@@ -32,7 +32,6 @@ Protocol (TOFU-style; everything runs offline):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..data import Example, data_digest
 from ..evaluate import evaluate, save_report
 from ..synthetic import write_jsonl
 from .data import real_splits
@@ -61,7 +59,7 @@ from .settings import (
     RealSize,
     run_id,
 )
-from .targets import cached_fine_tune, load_target
+from .targets import cached_fine_tune, load_target, recipe_key, rows_digest
 
 QUIET = {"disable_tqdm": True, "logging_strategy": "no", "report_to": "none", "dataloader_pin_memory": False}
 
@@ -211,10 +209,8 @@ def cell_key(target: Path, rid: str, spec: MethodSpec, config: dict[str, Any], r
     >>> cell_key(Path("t"), "r", spec, {"max_steps": 5}, [], {}) != cell_key(Path("t"), "r", spec, {"max_steps": 6}, [], {})
     True
     """
-    rows_digest = data_digest([Example(r["question"], r["answer"]) for r in rows]) if rows else ""
-    recipe = {"target": str(target), "id": rid, "spec": dataclasses.asdict(spec), "config": config, "rows": rows_digest,
-              "eval": eval_args, "version": __version__}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return recipe_key({"target": target, "id": rid, "spec": dataclasses.asdict(spec), "config": config,
+                       "rows": rows_digest(rows), "eval": eval_args, "version": __version__})
 
 
 def _finished(path: Path, key: str) -> dict[str, Any] | None:

@@ -22,6 +22,20 @@ from ..manifest import atomic_directory
 from .settings import BenchSize, RealSize
 
 
+def rows_digest(rows: Sequence[dict[str, Any]]) -> str:
+    """The keyed digest (`data.data_digest`) of question/answer rows: names them in a recipe without their text."""
+    return data_digest([Example(r["question"], r["answer"]) for r in rows])
+
+
+def recipe_key(recipe: dict[str, Any]) -> str:
+    """A short hash of a JSON-ready recipe (paths as strings): the cache name of what it produces.
+
+    >>> recipe_key({"lr": 3e-4}) == recipe_key({"lr": 3e-4}) != recipe_key({"lr": 1e-3})
+    True
+    """
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def full_fine_tune(
     model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]], *, steps: int, batch_size: int, lr: float,
     seed: int, check: Callable[[int], bool] | None = None, check_every: int = 0,
@@ -148,12 +162,10 @@ def cached_fine_tune(
     """
     from ..models import load_model
 
-    recipe = {"format": 1, "base": base_identity(model), "rows": len(rows),
-              "rows_digest": data_digest([Example(r["question"], r["answer"]) for r in rows]),
+    recipe = {"format": 1, "base": base_identity(model), "rows": len(rows), "rows_digest": rows_digest(rows),
               "max_epochs": size.finetune_epochs, "memorised_at": size.memorised_at, "lr": size.finetune_lr, "batch_size": size.finetune_batch_size,
               "trained_layers": size.trained_layers, "seed": seed, "default_system_prompt": False}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache / f"{name}-{key}"
+    path = cache / f"{name}-{recipe_key(recipe)}"
     if (path / "recipe.json").is_file():
         stats = json.loads((path / "recipe.json").read_text(encoding="utf-8"))["stats"]
         log(f"[bench] {name}: cached in {path} (fine-tuned in {stats['seconds']:.0f}s; rerun skipped)")
