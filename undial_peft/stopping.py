@@ -125,7 +125,10 @@ class StopWhenForgotten(TrainerCallback):
         limits = [x for x in (None if self.until_ratio is None else self.until_ratio * before, self.until_prob) if x is not None]
         return min(limits) if limits else None
 
-    def _snapshot(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def _snapshot(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        # Only a retain budget rolls back; without one the copy would never be read.
+        if not self.retain_rows:
+            return None
         return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
     # --- callback hooks -------------------------------------------------------------------
