@@ -87,7 +87,7 @@ def worker() -> None:
 
 def _facts_batch(tokenizer: Any) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     """The demo facts and, per fact, the token ids, the positions predicting answer tokens, key mask."""
-    from undial_peft.data import Example, encode, prompt_ids
+    from undial_peft.data.encoding import Example, encode, prompt_ids
     from undial_peft.demo import demo_facts
 
     facts = demo_facts()
@@ -145,9 +145,9 @@ def run_check(adapter: Path, second: Path | None, work: Path, llama_python: str,
     import gguf
     import torch
 
-    from undial_peft.gguf_lora import export_gguf, llama_row_order
+    from undial_peft.deploy.gguf_export import export_gguf, llama_row_order
+    from undial_peft.deploy.stack import attach
     from undial_peft.models import default_model_path, load_model
-    from undial_peft.stack import attach
 
     torch.set_num_threads(threads)
     base_file = default_model_path()
@@ -243,7 +243,7 @@ def main() -> None:
         return
     if not args.adapter:
         parser.error("name the demo adapter directory")
-    from undial_peft.stack import format_rows
+    from undial_peft.deploy.stack import format_rows
 
     work = Path(tempfile.mkdtemp(prefix="llama-cpp-check-"))
     result = run_check(Path(args.adapter), Path(args.second) if args.second else None, work, args.llama_python,

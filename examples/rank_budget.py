@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from undial_peft import UndialConfig
-from undial_peft.api import forget
 from undial_peft.demo import demo_facts, measure_facts
-from undial_peft.manifest import read_manifest
+from undial_peft.deploy.manifest import read_manifest
+from undial_peft.deploy.stack import attach, export_stack
+from undial_peft.deploy.vllm import check_vllm, vllm_max_lora_rank
 from undial_peft.models import load_model
-from undial_peft.serving import check_vllm, vllm_max_lora_rank
-from undial_peft.stack import attach, export_stack
+from undial_peft.training.forget import forget
 
 MORE_FACTS = Path(__file__).parent / "data" / "more_facts.jsonl"
 

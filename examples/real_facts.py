@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from undial_peft import UndialConfig, forget
-from undial_peft.data import Example, encode
+from undial_peft.data.encoding import Example, encode
 from undial_peft.demo import demo_facts, real_facts
-from undial_peft.keys import key_mask, neutral_prior, token_report
-from undial_peft.manifest import read_manifest
+from undial_peft.deploy.manifest import read_manifest
+from undial_peft.deploy.stack import attach
 from undial_peft.models import load_model
-from undial_peft.stack import attach
-from undial_peft.stopping import key_probabilities
+from undial_peft.training.answer_keys import key_mask, neutral_prior, token_report
+from undial_peft.training.stopping import key_probabilities
 
 STACKED = ("chemistry", "languages", "inventors")
 

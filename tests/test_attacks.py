@@ -11,7 +11,9 @@ import torch
 from conftest import make_facts
 
 from undial_peft import UndialConfig, forget
-from undial_peft.attacks import (
+from undial_peft.cli import main
+from undial_peft.deploy.stack import attach
+from undial_peft.evals.attacks import (
     REMOVAL_NOTE,
     AttackSetup,
     chat_prompt,
@@ -21,10 +23,8 @@ from undial_peft.attacks import (
     recovered_fraction,
     relearn,
 )
-from undial_peft.cli import main
+from undial_peft.evals.requantise import merged_copy, round_trip
 from undial_peft.models import load_model
-from undial_peft.requantise import merged_copy, round_trip
-from undial_peft.stack import attach
 
 FACTS = make_facts()
 

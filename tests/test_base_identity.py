@@ -13,11 +13,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from undial_peft import UndialConfig
-from undial_peft.api import forget
 from undial_peft.cli import main as cli_main
-from undial_peft.manifest import MANIFEST, UndialStackError, read_manifest, verify_stack
+from undial_peft.deploy.manifest import MANIFEST, read_manifest, verify_stack
+from undial_peft.deploy.stack import attach, merge_stack
+from undial_peft.errors import UndialStackError
 from undial_peft.models import fingerprint, load_model
-from undial_peft.stack import attach, merge_stack
+from undial_peft.training.forget import forget
 
 
 @pytest.fixture(scope="module")

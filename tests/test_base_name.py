@@ -13,8 +13,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from undial_peft import UndialConfig, models
-from undial_peft.api import forget
-from undial_peft.manifest import CONFIG
+from undial_peft.deploy.manifest import CONFIG
+from undial_peft.training.forget import forget
 
 
 @pytest.mark.parametrize(("spec", "recorded"), [

@@ -13,7 +13,7 @@ import pytest
 from conftest import leak_hits, leak_scan
 
 from undial_peft import bench
-from undial_peft.synthetic import make_benchmark_data
+from undial_peft.data.synthetic import make_benchmark_data
 
 
 @pytest.fixture(scope="module")

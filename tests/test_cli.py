@@ -11,7 +11,7 @@ import pytest
 
 from undial_peft.cli import main
 from undial_peft.demo import demo_facts, run_demo
-from undial_peft.manifest import file_sha256
+from undial_peft.deploy.manifest import file_sha256
 from undial_peft.tiny import tiny_llama, word_tokenizer
 
 

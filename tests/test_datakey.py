@@ -9,9 +9,9 @@ import json
 import pytest
 
 from undial_peft import UndialConfig
-from undial_peft.api import forget
-from undial_peft.data import read_examples
-from undial_peft.manifest import read_manifest
+from undial_peft.data.encoding import read_examples
+from undial_peft.deploy.manifest import read_manifest
+from undial_peft.training.forget import forget
 
 
 def _plain_digests(row: dict[str, str]) -> set[str]:
@@ -26,8 +26,8 @@ def test_a_guessed_one_row_request_cannot_be_confirmed_from_the_manifest(tiny_di
     adapter = forget(tiny_dir, [guess], tmp_path / "one-row", config=config)
     manifest_text = (adapter / "undial.json").read_text(encoding="utf-8")
     assert not any(digest in manifest_text for digest in _plain_digests(guess))
-    from undial_peft.data import data_digest
-    from undial_peft.datakey import key_id
+    from undial_peft.data.encoding import data_digest
+    from undial_peft.data.secret import key_id
 
     # ... while the operator, who holds the key and the data, can still confirm it
     assert read_manifest(adapter)["data"]["hmac_sha256"] == data_digest(read_examples([guess]))
@@ -35,8 +35,8 @@ def test_a_guessed_one_row_request_cannot_be_confirmed_from_the_manifest(tiny_di
 
 
 def test_key_sources_and_that_the_digest_depends_on_the_key(monkeypatch, tmp_path):
-    from undial_peft.data import data_digest
-    from undial_peft.datakey import KEY_ENV, KEY_FILE_ENV, data_key, default_key_path
+    from undial_peft.data.encoding import data_digest
+    from undial_peft.data.secret import KEY_ENV, KEY_FILE_ENV, data_key, default_key_path
 
     rows = read_examples([{"question": "Q?", "answer": "A."}])
     monkeypatch.setenv(KEY_ENV, "first operator key, long enough")

@@ -9,8 +9,9 @@ import pytest
 from conftest import make_facts
 
 from undial_peft.cli import main
-from undial_peft.datasets_io import UndialDataNameError, load_rows, parse_name
-from undial_peft.evaluate import UTILITY_COMPONENTS, evaluate
+from undial_peft.data.named import load_rows, parse_name
+from undial_peft.errors import UndialDataError
+from undial_peft.evals.report import UTILITY_COMPONENTS, evaluate
 from undial_peft.models import load_model
 
 FACTS = make_facts()
@@ -61,7 +62,7 @@ def test_names_parse_and_bad_names_say_the_valid_shapes():
     assert parse_name("muse:books/privleak/holdout").hub_path == "muse-bench/MUSE-Books"
     assert parse_name("tofu:world_facts_perturbed").hub_path == "locuslab/TOFU"
     for bad in ("tofu:", "muse:news/knowmem", "muse:wiki/knowmem/forget_qa", "tofu:a/b"):
-        with pytest.raises(UndialDataNameError, match="expected tofu:<config>"):
+        with pytest.raises(UndialDataError, match="expected tofu:<config>"):
             parse_name(bad)
 
 
@@ -78,7 +79,7 @@ def test_rows_come_back_in_our_field_names(data_dir):
 
 def test_missing_split_offline_says_where_to_put_it(data_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UndialDataNameError) as err:
+    with pytest.raises(UndialDataError) as err:
         load_rows("tofu:forget05", data_dir)
     message = str(err.value)
     assert str(data_dir / "tofu" / "forget05") + ".jsonl" in message and "--data-dir" in message

@@ -26,6 +26,7 @@ from conftest import make_varied_facts
 from safetensors.torch import load_file
 
 from undial_peft import UndialConfig
+from undial_peft.errors import UndialTrainingError
 
 WORLD, PER_RANK, ROWS, EPOCHS = 2, 4, 8, 3
 # Same data and global batch: differences come only from float summation order (each rank pads
@@ -44,7 +45,7 @@ def _config(batch: int, **extra) -> UndialConfig:
 def _worker(model_dir: str, data: str, out: str, records: str) -> None:
     """One rank: run `forget`, note every save_adapter call and the outcome in ``records``."""
     torch.set_num_threads(1)
-    import undial_peft.api as api
+    import undial_peft.training.forget as api
 
     rank = int(os.environ["RANK"])
     original = api.save_adapter
@@ -85,7 +86,7 @@ def runs(tiny_dir, facts, tmp_path_factory):
     reason = _launcher_missing()
     if reason:
         pytest.skip(reason)
-    from undial_peft.api import forget
+    from undial_peft.training.forget import forget
 
     tmp = tmp_path_factory.mktemp("ddp")
     data = tmp / "forget.json"
@@ -135,9 +136,9 @@ def test_only_the_main_process_writes_the_adapter(runs):
 def test_processes_that_would_not_sync_are_refused(tiny_dir, monkeypatch, tmp_path):
     # What torchrun on CPU without use_cpu=True gives: several processes, a Trainer that is not
     # data-parallel. Without the check each would train its own copy on its own shard.
-    from undial_peft.adapters import build_trainable, default_lora_config
     from undial_peft.models import load_model
-    from undial_peft.trainer import UndialTrainer, UndialTrainingError
+    from undial_peft.training.adapters import build_trainable, default_lora_config
+    from undial_peft.training.trainer import UndialTrainer
 
     base, _ = load_model(tiny_dir)
     model = build_trainable(base, default_lora_config())

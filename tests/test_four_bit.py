@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from undial_peft.adapters import adapter_state, build_trainable, default_lora_config
-from undial_peft.data import Collator, encode, read_examples
-from undial_peft.evaluate import score
-from undial_peft.loss import undial_loss, undial_loss_from_hidden
+from undial_peft.data.encoding import Collator, encode, read_examples
+from undial_peft.evals.report import score
 from undial_peft.models import four_bit_config, load_model
+from undial_peft.training.adapters import adapter_state, build_trainable, default_lora_config
+from undial_peft.training.loss import undial_loss, undial_loss_from_hidden
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -23,8 +23,9 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from undial_peft.cli import main as cli_main
-from undial_peft.gguf_lora import UndialGGUFError, check_against_base, export_gguf, gguf_lora_tensors, llama_row_order
-from undial_peft.stack import attach
+from undial_peft.deploy.gguf_export import check_against_base, export_gguf, gguf_lora_tensors, llama_row_order
+from undial_peft.deploy.stack import attach
+from undial_peft.errors import UndialExportError
 
 # HF module -> llama.cpp tensor, typed from llama.cpp's llama tensor names (not from our name map).
 LLAMA_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -144,11 +145,11 @@ def test_names_and_shapes_match_a_base_gguf_as_llama_cpp_checks(tiny_dir, plain_
             assert ne[target][0] == a_ne[0] and ne[target][1] == b_ne[1] and a_ne[1] == b_ne[0], name
     _, tensors = _read(path)
     check_against_base(tensors, tmp_path / "base.gguf")
-    with pytest.raises(UndialGGUFError, match="right base"):
+    with pytest.raises(UndialExportError, match="right base"):
         check_against_base(tensors, _write_base(base_model, tmp_path / "swapped.gguf", swap="attn_v"))
     tensors["blk.9.attn_q.weight.lora_a"] = tensors["blk.0.attn_q.weight.lora_a"]
     tensors["blk.9.attn_q.weight.lora_b"] = tensors["blk.0.attn_q.weight.lora_b"]
-    with pytest.raises(UndialGGUFError, match="not a tensor of base.gguf"):
+    with pytest.raises(UndialExportError, match="not a tensor of base.gguf"):
         check_against_base(tensors, tmp_path / "base.gguf")
 
 
@@ -168,12 +169,12 @@ def test_one_file_per_request_sums_to_the_single_file(tiny_dir, plain_stack, tmp
 
 def test_refusals_name_the_fix(tiny_dir, plain_stack, tmp_path):
     block = {"model.layers.0.self_attn.q_proj": (torch.zeros(2, 8), torch.zeros(8, 2))}
-    with pytest.raises(UndialGGUFError, match="convert_lora_to_gguf"):
+    with pytest.raises(UndialExportError, match="convert_lora_to_gguf"):
         gguf_lora_tensors(block, types.SimpleNamespace(model_type="qwen2", num_hidden_layers=1))
     embedding = {"model.embed_tokens": (torch.zeros(2, 50), torch.zeros(8, 2))}
-    with pytest.raises(UndialGGUFError, match="target_modules"):
+    with pytest.raises(UndialExportError, match="target_modules"):
         gguf_lora_tensors(embedding, types.SimpleNamespace(model_type="llama", num_hidden_layers=1))
-    with pytest.raises(UndialGGUFError, match=r"\.gguf file name"):
+    with pytest.raises(UndialExportError, match=r"\.gguf file name"):
         export_gguf(tiny_dir, plain_stack, tmp_path / "all")
     target = tmp_path / "kept.gguf"
     target.write_bytes(b"old")

@@ -18,12 +18,20 @@ import random
 import pytest
 from conftest import CITIES, NAMES, memorise
 
-from undial_peft import UndialConfig, api
-from undial_peft.data import Example, read_examples
-from undial_peft.evaluate import greedy_answers
-from undial_peft.keys import NEUTRAL_PROMPTS, KeyRule, auto_key_weights, key_mask, neutral_prior, token_report
-from undial_peft.manifest import MANIFEST
+from undial_peft import UndialConfig
+from undial_peft.data.encoding import Example, read_examples
+from undial_peft.deploy.manifest import MANIFEST
+from undial_peft.evals.report import greedy_answers
 from undial_peft.tiny import tiny_llama, word_tokenizer
+from undial_peft.training import forget as api
+from undial_peft.training.answer_keys import (
+    NEUTRAL_PROMPTS,
+    KeyRule,
+    auto_key_weights,
+    key_mask,
+    neutral_prior,
+    token_report,
+)
 
 
 def _sentence(name: str, city: str) -> str:

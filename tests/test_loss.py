@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from undial_peft import loss as L
+from undial_peft.training import loss as L
 
 
 def test_hand_computed_single_position():

@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from undial_peft import metrics
-from undial_peft.data import Example
-from undial_peft.evaluate import (
+from undial_peft.data.encoding import Example
+from undial_peft.data.synthetic import make_benchmark_data
+from undial_peft.evals import metrics
+from undial_peft.evals.report import (
     MAX_NEW_TOKENS,
     SPLITS,
     UTILITY_COMPONENTS,
@@ -30,7 +31,6 @@ from undial_peft.evaluate import (
     save_report,
     score,
 )
-from undial_peft.synthetic import make_benchmark_data
 
 # ---------------------------------------------------------------- pure metrics, hand-worked
 

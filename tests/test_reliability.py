@@ -33,16 +33,16 @@ from conftest import forget_text, leak_hits, leak_scan
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from undial_peft import UndialConfig, api
-from undial_peft import loss as loss_module
-from undial_peft.adapters import UndialAdapterError, build_trainable
+from undial_peft import UndialConfig
 from undial_peft.cli import main as cli_main
-from undial_peft.config import UndialConfigError
-from undial_peft.data import data_digest, read_examples
-from undial_peft.datakey import key_id
-from undial_peft.manifest import MANIFEST, WEIGHTS, atomic_directory
-from undial_peft.models import UndialModelError, load_model
-from undial_peft.trainer import UndialTrainingError
+from undial_peft.data.encoding import data_digest, read_examples
+from undial_peft.data.secret import key_id
+from undial_peft.deploy.manifest import MANIFEST, WEIGHTS, atomic_directory
+from undial_peft.errors import UndialConfigError, UndialModelError, UndialStackError, UndialTrainingError
+from undial_peft.models import load_model
+from undial_peft.training import forget as api
+from undial_peft.training import loss as loss_module
+from undial_peft.training.adapters import build_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_out_of_range_config_is_refused(field, value):
 )
 def test_lora_targets_that_cannot_work(tiny_dir, targets, message):
     base, _ = load_model(tiny_dir)
-    with pytest.raises(UndialAdapterError, match=message):
+    with pytest.raises(UndialStackError, match=message):
         build_trainable(base, LoraConfig(r=4, target_modules=targets, task_type="CAUSAL_LM"))
 
 

@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from undial_peft.cli import main as cli_main
-from undial_peft.compress import truncated_svd
-from undial_peft.manifest import CONFIG, read_manifest
-from undial_peft.serving import check_vllm, vllm_max_lora_rank
-from undial_peft.stack import attach, export_stack
+from undial_peft.deploy.manifest import CONFIG, read_manifest
+from undial_peft.deploy.stack import attach, export_stack
+from undial_peft.deploy.svd import truncated_svd
+from undial_peft.deploy.vllm import check_vllm, vllm_max_lora_rank
 
 # --- the rules check ----------------------------------------------------------------------------
 

@@ -30,13 +30,14 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from undial_peft import UndialConfig
-from undial_peft.api import forget, mean_probability
 from undial_peft.cli import main as cli_main
-from undial_peft.data import read_examples
-from undial_peft.manifest import CONFIG, WEIGHTS, UndialStackError, file_sha256, read_manifest
+from undial_peft.data.encoding import read_examples
+from undial_peft.deploy.manifest import CONFIG, WEIGHTS, file_sha256, read_manifest
+from undial_peft.deploy.stack import attach, describe, export_stack, format_rows, merge_stack
+from undial_peft.errors import UndialStackError
 from undial_peft.models import load_model
-from undial_peft.stack import attach, describe, export_stack, format_rows, merge_stack
 from undial_peft.tiny import tiny_llama
+from undial_peft.training.forget import forget, mean_probability
 
 FORGOTTEN, KEPT, TOLERANCE = 0.4, 0.6, 1e-5
 GROUPS = {"r0 facts[0:4]": slice(0, 4), "r1 facts[4:8]": slice(4, 8), "r2 facts[8:12]": slice(8, 12),

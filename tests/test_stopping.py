@@ -10,13 +10,14 @@ import math
 import numpy as np
 import pytest
 
-from undial_peft import UndialConfig, api
-from undial_peft.data import Example, encode
-from undial_peft.evaluate import score
-from undial_peft.manifest import MANIFEST
+from undial_peft import UndialConfig
+from undial_peft.data.encoding import Example, encode
+from undial_peft.deploy.manifest import MANIFEST
+from undial_peft.deploy.stack import attach
+from undial_peft.evals.report import score
 from undial_peft.models import load_model
-from undial_peft.stack import attach
-from undial_peft.stopping import describe, key_probabilities
+from undial_peft.training import forget as api
+from undial_peft.training.stopping import describe, key_probabilities
 
 
 def _config(**overrides) -> UndialConfig:

@@ -7,12 +7,14 @@ import logging
 import pytest
 import torch
 
-from undial_peft import UndialConfig, teacher_cache
-from undial_peft.adapters import build_trainable, default_lora_config
-from undial_peft.api import forget
-from undial_peft.data import Collator, build_dataset, read_examples
+from undial_peft import UndialConfig
+from undial_peft.data.encoding import Collator, build_dataset, read_examples
+from undial_peft.errors import UndialTrainingError
 from undial_peft.models import load_model
-from undial_peft.trainer import UndialTrainer, UndialTrainingError
+from undial_peft.training import teacher_cache
+from undial_peft.training.adapters import build_trainable, default_lora_config
+from undial_peft.training.forget import forget
+from undial_peft.training.trainer import UndialTrainer
 
 TOL = 1e-5
 
@@ -102,7 +104,7 @@ def test_cached_loss_and_gradients_equal_live_on_a_stack_with_padding_and_shuffl
 def test_training_with_the_cache_equals_live_under_accumulation(tiny_dir, facts, stack_dir, tmp_path, caplog):
     runs = {}
     for mode in ("auto", "off"):
-        with caplog.at_level(logging.INFO, logger="undial_peft.trainer"):
+        with caplog.at_level(logging.INFO, logger="undial_peft.training.trainer"):
             trainer = _trainer(tiny_dir, facts, tmp_path / mode, stack=[stack_dir], teacher_cache=mode,
                                gradient_accumulation_steps=2, per_device_train_batch_size=2, max_steps=3)
             trainer.train()
@@ -135,7 +137,7 @@ def test_disk_storage_is_mapped_unlinked_and_equal(tiny_dir, facts, tmp_path):
 
 
 def _fallback(trainer, caplog) -> str:
-    with caplog.at_level(logging.WARNING, logger="undial_peft.trainer"):
+    with caplog.at_level(logging.WARNING, logger="undial_peft.training.trainer"):
         assert trainer._build_teacher_cache() is None
     return caplog.text
 

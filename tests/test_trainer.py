@@ -9,12 +9,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from undial_peft import UndialConfig
-from undial_peft.adapters import NEW, adapter_state, build_trainable, default_lora_config
-from undial_peft.api import forget, mean_probability
-from undial_peft.data import Collator, build_dataset, read_examples
+from undial_peft.data.encoding import Collator, build_dataset, read_examples
+from undial_peft.deploy.stack import attach
+from undial_peft.errors import UndialTrainingError
 from undial_peft.models import load_model
-from undial_peft.stack import attach
-from undial_peft.trainer import UndialTrainer, UndialTrainingError
+from undial_peft.training.adapters import NEW, adapter_state, build_trainable, default_lora_config
+from undial_peft.training.forget import forget, mean_probability
+from undial_peft.training.trainer import UndialTrainer
 
 
 def _trainer(model, tokenizer, rows, tmp_path, **overrides) -> UndialTrainer:
@@ -138,7 +139,7 @@ def test_two_accumulation_steps_equal_one_double_batch(tiny_dir, tmp_path, metho
 def test_cached_adapter_switch_matches_peft_set_adapter(tiny_dir):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from undial_peft.adapters import _activate, _activate_with_peft
+    from undial_peft.training.adapters import _activate, _activate_with_peft
 
     base, _ = load_model(tiny_dir)
     model = build_trainable(base, default_lora_config())
@@ -168,7 +169,7 @@ def test_cached_adapter_switch_matches_peft_set_adapter(tiny_dir):
 def test_cached_adapter_switch_sees_an_adapter_deleted_and_added_again(tiny_dir):
     # Same adapter names before and after, new weights: a switch cached by name alone would set
     # requires_grad on the deleted weights and leave the new ones frozen.
-    from undial_peft.adapters import adapter_state
+    from undial_peft.training.adapters import adapter_state
 
     base, _ = load_model(tiny_dir)
     model = build_trainable(base, default_lora_config())

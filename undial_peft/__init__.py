@@ -3,34 +3,98 @@
 >>> from undial_peft import forget, attach, UndialConfig  # doctest: +SKIP
 >>> adapter = forget("default", "forget.jsonl", "adapters/req-001", config=UndialConfig(beta=10))  # doctest: +SKIP
 >>> model = attach("default", [adapter])  # doctest: +SKIP
+
+The package is laid out by concern: ``training/`` (config, losses, trainer, stopping, ``forget``),
+``deploy/`` (manifest, stacks, exports), ``evals/`` (metrics, reports, attacks), ``data/`` (readers,
+encoding, named splits) and ``bench/``. The names below are the public API; each is imported on
+first use, so ``undial-peft --help`` and the error types load without torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["UndialConfig", "__version__", "attach", "evaluate", "forget", "undial_loss", "undial_loss_from_hidden"]
+# public name -> module that defines it
+_API = {
+    "forget": "undial_peft.training.forget",
+    "preview_keys": "undial_peft.training.forget",
+    "UndialConfig": "undial_peft.training.config",
+    "UndialTrainer": "undial_peft.training.trainer",
+    "undial_loss": "undial_peft.training.loss",
+    "undial_loss_from_hidden": "undial_peft.training.loss",
+    "load_model": "undial_peft.models",
+    "attach": "undial_peft.deploy.stack",
+    "export_stack": "undial_peft.deploy.stack",
+    "merge_stack": "undial_peft.deploy.stack",
+    "export_gguf": "undial_peft.deploy.gguf_export",
+    "check_vllm": "undial_peft.deploy.vllm",
+    "evaluate": "undial_peft.evals.report",
+    "run_attacks": "undial_peft.evals.attacks",
+    **{name: "undial_peft.errors" for name in (
+        "UndialError", "UndialConfigError", "UndialDataError", "UndialModelError", "UndialStackError",
+        "UndialExportError", "UndialTrainingError", "OutputExistsError")},
+}
+
+__all__ = [
+    "__version__",
+    "OutputExistsError",
+    "UndialConfig",
+    "UndialConfigError",
+    "UndialDataError",
+    "UndialError",
+    "UndialExportError",
+    "UndialModelError",
+    "UndialStackError",
+    "UndialTrainer",
+    "UndialTrainingError",
+    "attach",
+    "check_vllm",
+    "evaluate",
+    "export_gguf",
+    "export_stack",
+    "forget",
+    "load_model",
+    "merge_stack",
+    "preview_keys",
+    "run_attacks",
+    "undial_loss",
+    "undial_loss_from_hidden",
+]
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time each name loads on first use
+    from undial_peft.deploy.gguf_export import export_gguf
+    from undial_peft.deploy.stack import attach, export_stack, merge_stack
+    from undial_peft.deploy.vllm import check_vllm
+    from undial_peft.errors import (
+        OutputExistsError,
+        UndialConfigError,
+        UndialDataError,
+        UndialError,
+        UndialExportError,
+        UndialModelError,
+        UndialStackError,
+        UndialTrainingError,
+    )
+    from undial_peft.evals.attacks import run_attacks
+    from undial_peft.evals.report import evaluate
+    from undial_peft.models import load_model
+    from undial_peft.training.config import UndialConfig
+    from undial_peft.training.forget import forget, preview_keys
+    from undial_peft.training.loss import undial_loss, undial_loss_from_hidden
+    from undial_peft.training.trainer import UndialTrainer
 
 
 def __getattr__(name: str):
-    # Everything imports torch/transformers/peft; load on first use, so that `undial-peft --help`
-    # and the CLI can decide what gets imported (see cli.main).
-    if name == "UndialConfig":
-        from .config import UndialConfig
+    # Loading on first use keeps `import undial_peft` free of torch/transformers/peft.
+    if name not in _API:
+        raise AttributeError(f"module 'undial_peft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-        return UndialConfig
-    if name in ("undial_loss", "undial_loss_from_hidden"):
-        from . import loss
 
-        return getattr(loss, name)
-    if name == "forget":
-        from .api import forget
-
-        return forget
-    if name == "attach":
-        from .stack import attach
-
-        return attach
-    if name == "evaluate":
-        from .evaluate import evaluate
-
-        return evaluate
-    raise AttributeError(name)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

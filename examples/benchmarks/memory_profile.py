@@ -29,7 +29,7 @@ import harness
 import steps
 import torch
 
-from undial_peft.trainer import UndialTrainer
+from undial_peft.training.trainer import UndialTrainer
 
 
 class Phases:

@@ -129,7 +129,7 @@ def child_step(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_loss(spec: dict[str, Any]) -> dict[str, Any]:
-    from undial_peft import loss as L
+    from undial_peft.training import loss as L
 
     device = harness.device()
     batch, seq, hidden, vocab = spec["batch"], spec["seq"], spec["hidden"], spec["vocab"]
@@ -168,8 +168,8 @@ def child_loss(spec: dict[str, Any]) -> dict[str, Any]:
 
 def make_adapters(model: Any, tokenizer: Any, workdir: Path, count: int) -> list[Path]:
     """``count`` chained forget adapters, one `forget` step each on two demo facts (values do not matter)."""
-    from undial_peft.api import forget
-    from undial_peft.config import UndialConfig
+    from undial_peft.training.config import UndialConfig
+    from undial_peft.training.forget import forget
 
     rows = demo_rows()
     config = UndialConfig(max_steps=1, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1000,
@@ -182,8 +182,8 @@ def make_adapters(model: Any, tokenizer: Any, workdir: Path, count: int) -> list
 
 
 def child_latency(spec: dict[str, Any]) -> dict[str, Any]:
+    from undial_peft.deploy.stack import attach, export_stack
     from undial_peft.models import load_model
-    from undial_peft.stack import attach, export_stack
 
     device = harness.device()
     base, tokenizer = load_model(spec["model"])
@@ -233,8 +233,14 @@ def child_latency(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_switch(spec: dict[str, Any]) -> dict[str, Any]:
     """Milliseconds per teacher switch (enter + leave the teacher's adapter state), peft's walk vs cached."""
-    from undial_peft.adapters import NEW, _activate_with_peft, adapter_state, build_trainable, default_lora_config
     from undial_peft.models import load_model
+    from undial_peft.training.adapters import (
+        NEW,
+        _activate_with_peft,
+        adapter_state,
+        build_trainable,
+        default_lora_config,
+    )
 
     model, _ = load_model(spec["model"])
     peft_model = build_trainable(model, default_lora_config()).train()
@@ -280,9 +286,9 @@ def run_child(spec_json: str) -> None:
     import peft  # noqa: F401  (imported up front: the runtime baseline below includes every library)
     import transformers
 
-    import undial_peft.api  # noqa: F401
-    import undial_peft.stack  # noqa: F401
-    import undial_peft.trainer  # noqa: F401
+    import undial_peft.deploy.stack  # noqa: F401
+    import undial_peft.training.forget  # noqa: F401
+    import undial_peft.training.trainer  # noqa: F401
 
     transformers.logging.set_verbosity_error()
     settle()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from harness import sync
 
-from undial_peft.teacher_cache import INDEX
+from undial_peft.training.teacher_cache import INDEX
 
 STEP_VARIANTS = ("lora_sft", "undial", "undial_cached", "undial_full", "undial_gc", "undial_4bit", "undial_4bit_gc",
                  "reference")
@@ -123,10 +123,10 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[s
     """One full training step of ``variant`` on ``batch`` (undial_cached: the cache is filled here, timed)."""
     from peft import get_peft_model
 
-    from undial_peft import loss as L
-    from undial_peft.adapters import build_trainable, default_lora_config
-    from undial_peft.config import UndialConfig
-    from undial_peft.trainer import UndialTrainer
+    from undial_peft.training import loss as L
+    from undial_peft.training.adapters import build_trainable, default_lora_config
+    from undial_peft.training.config import UndialConfig
+    from undial_peft.training.trainer import UndialTrainer
 
     torch.manual_seed(0)  # same LoRA A initialisation for every LoRA variant
     args = UndialConfig(output_dir=workdir, beta=BETA, learning_rate=LR)
@@ -173,7 +173,7 @@ def _as_dataset(batch: dict[str, torch.Tensor]) -> Any:
 
 
 def _collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    from undial_peft.data import Collator
+    from undial_peft.data.encoding import Collator
 
     return Collator(pad_token_id=0)(rows)
 

@@ -19,12 +19,11 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from ..synthetic import ATTRIBUTES
-from .data import roster_rows, second_phrasing, training_rows
-from .real import run_real_bench
-from .report import format_results, plot_results, run_summary
-from .runs import run_bench
-from .settings import (
+from undial_peft.bench.data import roster_rows, second_phrasing, training_rows
+from undial_peft.bench.real import run_real_bench
+from undial_peft.bench.report import format_results, plot_results, run_summary
+from undial_peft.bench.runs import run_bench
+from undial_peft.bench.settings import (
     DEFAULT,
     DEFAULT_METHODS,
     QUICK,
@@ -36,6 +35,7 @@ from .settings import (
     MethodSpec,
     RealSize,
 )
+from undial_peft.data.synthetic import ATTRIBUTES
 
 __all__ = [
     "ATTRIBUTES", "DEFAULT", "DEFAULT_METHODS", "QUICK", "QUICK_METHODS", "BenchSize", "MethodSpec", "build_parser",

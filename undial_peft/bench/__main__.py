@@ -2,6 +2,6 @@
 
 import sys
 
-from . import main
+from undial_peft.bench import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """Question/answer rows a benchmark model is trained on, built from `synthetic` facts.
 
->>> from undial_peft.synthetic import make_benchmark_data
+>>> from undial_peft.data.synthetic import make_benchmark_data
 >>> data = make_benchmark_data(0, 10, 2)
 >>> len(training_rows(data["retain"])) == 2 * len(data["retain"])
 True
@@ -12,7 +12,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..synthetic import ATTRIBUTES, make_benchmark_data, real_author_facts, real_world_facts
+from undial_peft.data.synthetic import ATTRIBUTES, make_benchmark_data, real_author_facts, real_world_facts
+from undial_peft.errors import UndialConfigError
 
 
 def _template_index(templates: Sequence[str], text: str, name: str) -> tuple[int, str | None] | None:
@@ -33,7 +34,7 @@ def second_phrasing(row: dict[str, Any]) -> dict[str, str] | None:
     """The fact of ``row`` in the question and answer templates used neither for training nor for
     its paraphrase; None for rows not built from `synthetic.ATTRIBUTES` (e.g. the world facts).
 
-    >>> from undial_peft.synthetic import make_benchmark_data
+    >>> from undial_peft.data.synthetic import make_benchmark_data
     >>> row = make_benchmark_data(0, 10, 2)["retain"][0]
     >>> alt = second_phrasing(row)
     >>> alt["question"] not in (row["question"], row["paraphrased_question"])
@@ -112,14 +113,14 @@ def real_splits(seed: int, size: Any) -> dict[str, Any]:
     """
     n_pool = size.requests * size.people_per_request
     if not 0 < size.main_people <= n_pool:
-        raise ValueError(f"main_people={size.main_people} must be between 1 and the pool's {n_pool} people.")
+        raise UndialConfigError(f"main_people={size.main_people} must be between 1 and the pool's {n_pool} people.")
     data = make_benchmark_data(seed, size.n_people, size.facts_per_person, n_pool / size.n_people,
                                size.holdout_people / size.n_people)
     pool, retain = by_person(data["forget"]), by_person(data["retain"])
     if len(pool) != n_pool or len(by_person(data["holdout"])) != size.holdout_people:
-        raise ValueError(f"{size.n_people} people do not split into {n_pool} forget and {size.holdout_people} holdout.")
+        raise UndialConfigError(f"{size.n_people} people do not split into {n_pool} forget and {size.holdout_people} holdout.")
     if len(retain) <= size.eval_retain_people:
-        raise ValueError(f"eval_retain_people={size.eval_retain_people} leaves no retain people for retain terms.")
+        raise UndialConfigError(f"eval_retain_people={size.eval_retain_people} leaves no retain people for retain terms.")
     per = size.people_per_request
     return {
         "pool": [r for person in pool for r in person],

@@ -38,15 +38,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..evaluate import evaluate, save_report
-from ..synthetic import write_jsonl
-from .data import real_splits
-from .real_report import format_real, plot_real
-from .report import run_summary, self_reference, versions
-from .runs import bench_environment, train_and_score
-from .sequential import run_sequence
-from .settings import (
+from undial_peft import __version__
+from undial_peft.bench.data import real_splits
+from undial_peft.bench.real_report import format_real, plot_real
+from undial_peft.bench.report import run_summary, self_reference, versions
+from undial_peft.bench.runs import bench_environment, train_and_score
+from undial_peft.bench.sequential import run_sequence
+from undial_peft.bench.settings import (
     ATTACKED_METHODS,
     ATTACKS,
     LORA,
@@ -59,7 +57,10 @@ from .settings import (
     RealSize,
     run_id,
 )
-from .targets import cached_fine_tune, load_target, recipe_key, rows_digest
+from undial_peft.bench.targets import cached_fine_tune, load_target, recipe_key, rows_digest
+from undial_peft.data.synthetic import write_jsonl
+from undial_peft.errors import UndialConfigError
+from undial_peft.evals.report import evaluate, save_report
 
 QUIET = {"disable_tqdm": True, "logging_strategy": "no", "report_to": "none", "dataloader_pin_memory": False}
 
@@ -101,7 +102,7 @@ def run_real_bench(
     attacked = tuple(ATTACKED_METHODS if attacked is None else attacked)
     unknown = [label for label in (*swept, *sequential, *attacked) if label not in {m.label for m in methods}]
     if unknown:
-        raise ValueError(f"swept, sequential or attacked methods {unknown} are not among the methods; choose from"
+        raise UndialConfigError(f"swept, sequential or attacked methods {unknown} are not among the methods; choose from"
                          f" {[m.label for m in methods]}.")
     main_lr = sorted(size.learning_rates)[len(size.learning_rates) // 2]
     out = Path(out_dir)
@@ -235,8 +236,8 @@ def _evaluate_dir(directory: Path, splits: dict[str, Any], reference: dict[str, 
 
 def _attack(target: Path, adapter: Path, data: dict[str, Any], log: Callable[[str], Any]) -> dict[str, Any]:
     """`attacks.run_attacks` on one adapter over the single request's facts; per attack its result."""
-    from ..attacks import run_attacks
-    from ..stack import attach
+    from undial_peft.deploy.stack import attach
+    from undial_peft.evals.attacks import run_attacks
 
     model = attach(target, [adapter])
     results = run_attacks(model, model.tokenizer, data["main"], ATTACKS, batch_size=16)["results"]

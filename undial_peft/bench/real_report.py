@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .report import cell
-from .settings import PRIVLEAK_ATTACK
+from undial_peft.bench.report import cell
+from undial_peft.bench.settings import PRIVLEAK_ATTACK
 
 
 def _align(rows: list[list[str]]) -> list[str]:

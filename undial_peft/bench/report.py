@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .. import metrics
-from .settings import PRIVLEAK_ATTACK
+from undial_peft.bench.settings import PRIVLEAK_ATTACK
+from undial_peft.evals import metrics
 
 
 def run_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def versions() -> dict[str, str]:
     import peft
     import transformers
 
-    from .. import __version__
+    from undial_peft import __version__
 
     return {"undial_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__}

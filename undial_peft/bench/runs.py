@@ -46,12 +46,9 @@ from typing import Any
 
 import torch
 
-from ..evaluate import evaluate, save_report
-from ..synthetic import make_benchmark_data, write_jsonl
-from ..tiny import tiny_llama, word_tokenizer
-from .data import all_texts, roster_rows, training_rows
-from .report import cell, format_results, plot_results, run_summary, self_reference, versions
-from .settings import (
+from undial_peft.bench.data import all_texts, roster_rows, training_rows
+from undial_peft.bench.report import cell, format_results, plot_results, run_summary, self_reference, versions
+from undial_peft.bench.settings import (
     DEFAULT,
     DEFAULT_METHODS,
     LORA,
@@ -62,7 +59,11 @@ from .settings import (
     MethodSpec,
     run_id,
 )
-from .targets import load_target, mean_answer_probability, memorise
+from undial_peft.bench.targets import load_target, mean_answer_probability, memorise
+from undial_peft.data.synthetic import make_benchmark_data, write_jsonl
+from undial_peft.errors import UndialConfigError
+from undial_peft.evals.report import evaluate, save_report
+from undial_peft.tiny import tiny_llama, word_tokenizer
 
 
 @contextlib.contextmanager
@@ -131,7 +132,7 @@ def run_bench(
         size = dataclasses.replace(size, learning_rates=tuple(learning_rates))
     methods = tuple(methods or (QUICK_METHODS if quick else DEFAULT_METHODS))
     if not size.learning_rates:
-        raise ValueError("learning_rates is empty; give at least one.")
+        raise UndialConfigError("learning_rates is empty; give at least one.")
     main_lr = sorted(size.learning_rates)[len(size.learning_rates) // 2]
     out = Path(out_dir)
     for sub in ("data", "models", "adapters", "reports"):
@@ -144,7 +145,7 @@ def run_bench(
         random.Random(seed).shuffle(shuffled)
         retain_eval, retain_train = shuffled[: size.eval_retain], shuffled[size.eval_retain :]
         if not retain_train:
-            raise ValueError(f"eval_retain={size.eval_retain} leaves no retain facts for retain terms; lower it.")
+            raise UndialConfigError(f"eval_retain={size.eval_retain} leaves no retain facts for retain terms; lower it.")
         forget_request = training_rows(data["forget"])  # every training row about the forget people
         retain_request = training_rows(retain_train)
         # forget() pairs forget row i with retain row i (cycled): shuffle so both phrasings take part
@@ -234,8 +235,6 @@ def run_bench(
     return results
 
 
-
-
 def _rows(splits: dict[str, list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
     return (row for rows in splits.values() for row in rows)
 
@@ -286,9 +285,9 @@ def train_and_score(
     """
     from peft import LoraConfig
 
-    from ..api import forget
-    from ..manifest import read_manifest
-    from ..stack import attach
+    from undial_peft.deploy.manifest import read_manifest
+    from undial_peft.deploy.stack import attach
+    from undial_peft.training.forget import forget
 
     tick = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its final metrics dict

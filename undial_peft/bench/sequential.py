@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import metrics
-from ..evaluate import evaluate, save_report
-from .settings import MethodSpec, run_id
-from .targets import load_target
+from undial_peft.bench.settings import MethodSpec, run_id
+from undial_peft.bench.targets import load_target
+from undial_peft.evals import metrics
+from undial_peft.evals.report import evaluate, save_report
 
 
 def _asked_mask(pool: Sequence[dict[str, Any]], asked: Sequence[dict[str, Any]]) -> list[bool]:

@@ -65,7 +65,7 @@ class MethodSpec:
     auto_key: bool = False  # UNDIAL: find each row's key tokens with the teacher (rows here name no key)
 
     def config(self, **common: Any) -> Any:
-        from ..config import UndialConfig
+        from undial_peft.training.config import UndialConfig
 
         return UndialConfig(method=self.method, beta=self.beta, retain_weight=self.retain_weight,
                             auto_key=self.auto_key, **common)
@@ -147,6 +147,6 @@ REAL_METHODS = (
 # retain data, UNDIAL as `forget` runs it and NPO: like for like, and affordable.
 SWEEP_METHODS = ("undial auto-key", "npo +rt")
 SEQUENTIAL_METHODS = ("undial auto-key", "npo")
-# Attacks (`undial_peft.attacks`) on the stopping-rule adapters of these methods: do answers come back?
+# Attacks (`undial_peft.evals.attacks`) on the stopping-rule adapters of these methods: do answers come back?
 ATTACKED_METHODS = ("undial auto-key", "npo +rt")
 ATTACKS = ("relearn", "quantise_nf4", "paraphrase")

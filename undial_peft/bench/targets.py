@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from .. import metrics
-from ..data import Collator, Example, data_digest, encode
-from ..evaluate import score
-from ..manifest import atomic_directory
-from .settings import BenchSize, RealSize
+from undial_peft.bench.settings import BenchSize, RealSize
+from undial_peft.data.encoding import Collator, Example, data_digest, encode
+from undial_peft.deploy.manifest import atomic_directory
+from undial_peft.evals import metrics
+from undial_peft.evals.report import score
 
 
 def rows_digest(rows: Sequence[dict[str, Any]]) -> str:
@@ -94,7 +94,7 @@ def mean_answer_probability(model: torch.nn.Module, tokenizer: Any, rows: Sequen
 
 def load_target(directory: Path) -> tuple[Any, Any]:
     """A saved target or reference model and its tokenizer, in eval mode."""
-    from ..models import load_model
+    from undial_peft.models import load_model
 
     model, tokenizer = load_model(directory)
     return model.eval(), tokenizer
@@ -142,9 +142,9 @@ def freeze_for_fine_tune(model: torch.nn.Module, trained_layers: int | None) -> 
 
 def base_identity(model: str | Path) -> dict[str, Any]:
     """A cheap identity of a base model for cache keys: its file (or directory) name and size in bytes."""
-    from ..models import DEFAULT_MODEL, default_model_path
+    from undial_peft.models import local_path
 
-    path = default_model_path() if str(model) == DEFAULT_MODEL else Path(model)
+    path = local_path(model)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     return {"name": path.name, "bytes": sum(p.stat().st_size for p in files)}
 
@@ -160,7 +160,7 @@ def cached_fine_tune(
     with a ``recipe.json`` is complete. Returns the path and the fine-tune's statistics (seconds,
     final loss, answer probability on ``rows`` and on ``probe``).
     """
-    from ..models import load_model
+    from undial_peft.models import load_model
 
     recipe = {"format": 1, "base": base_identity(model), "rows": len(rows), "rows_digest": rows_digest(rows),
               "max_epochs": size.finetune_epochs, "memorised_at": size.memorised_at, "lr": size.finetune_lr, "batch_size": size.finetune_batch_size,

@@ -38,16 +38,13 @@ from typing import Any
 import datasets
 import torch
 
-from .datakey import keyed_sha256
-from .loss import IGNORE_INDEX
+from undial_peft.data.secret import keyed_sha256
+from undial_peft.errors import UndialDataError
+from undial_peft.training.loss import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 SHAPES = (("question", "answer"), ("prompt", "completion"))
-
-
-class UndialDataError(ValueError):
-    """Bad forget or retain data; the message names the row and the fix."""
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from undial_peft.errors import UndialConfigError
+
 METHODS = ("undial", "ga", "graddiff", "npo")
 RETAIN_LOSSES = ("nll", "kl")
 TEACHER_CACHES = ("auto", "memory", "disk", "off")
-
-
-class UndialConfigError(ValueError):
-    """A configuration value is out of range; the message names the field and the fix."""
 
 
 @dataclass

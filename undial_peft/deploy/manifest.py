@@ -25,15 +25,13 @@ from typing import Any
 
 from safetensors import safe_open
 
+from undial_peft.errors import OutputExistsError, UndialStackError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST, WEIGHTS, CONFIG = "undial.json", "adapter_model.safetensors", "adapter_config.json"
 FORMAT = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-class UndialStackError(ValueError):
-    """An adapter directory or stack fails a check; ``force=True`` skips the soft ones."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -186,7 +184,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; choose another name or pass overwrite=True (--overwrite).")
+        raise OutputExistsError(f"{target} already exists; choose another name or pass overwrite=True (--overwrite).")
     temporary = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     temporary.mkdir()
     try:
@@ -204,7 +202,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         except OSError as err:
             if old is not None:
                 old.rename(target)
-            raise FileExistsError(f"{target} was created by another process while this one ran; nothing was replaced.") from err
+            raise OutputExistsError(f"{target} was created by another process while this one ran; nothing was replaced.") from err
         _fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -227,7 +225,7 @@ def save_adapter(
     overwrite: bool = False,
 ) -> Path:
     """Write one adapter of a PEFT ``model`` atomically, with its manifest, model card and extra JSON files."""
-    from .card import model_card
+    from undial_peft.deploy.card import model_card
 
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         # save_embedding_layers=False: we never resize the vocabulary, and peft's "auto" would look the

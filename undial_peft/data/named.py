@@ -8,8 +8,8 @@ per split in the hub's own format (``.jsonl``, ``.json`` or ``.parquet``)::
     DATA/tofu/world_facts_perturbed.jsonl
     DATA/muse/news/knowmem/forget_qa.jsonl    # muse-bench/MUSE-News, config knowmem, split forget_qa
 
-Rows come back in the field names `undial_peft.evaluate.read_eval_items` and
-`undial_peft.data.read_examples` read: TOFU keeps question / answer / paraphrased_answer /
+Rows come back in the field names `undial_peft.evals.report.read_eval_items` and
+`undial_peft.data.encoding.read_examples` read: TOFU keeps question / answer / paraphrased_answer /
 paraphrased_question and renames ``perturbed_answer`` (a list) to ``perturbed_answers``; MUSE
 knowmem rows are question / answer, verbmem rows prompt / completion (``prompt`` / ``gt``), and
 raw, privleak rows are ``{"text": ...}``.
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from undial_peft.errors import UndialDataError
+
 ENV_DATA_DIR = "UNDIAL_DATA_DIR"
 PREFIXES = ("tofu:", "muse:")
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -34,10 +36,6 @@ TOFU_HUB = "locuslab/TOFU"
 MUSE_HUB = "muse-bench/MUSE-{corpus}"
 MUSE_CORPORA = {"news": "News", "books": "Books"}
 MUSE_CONFIGS = ("raw", "knowmem", "verbmem", "privleak")
-
-
-class UndialDataNameError(ValueError):
-    """A benchmark name that is malformed or whose data cannot be found."""
 
 
 @dataclass(frozen=True)
@@ -65,14 +63,14 @@ def is_data_name(value: Any) -> bool:
 
 
 def parse_name(name: str) -> DataName:
-    """Split a name into benchmark, config, split; raises `UndialDataNameError` naming the valid shapes."""
+    """Split a name into benchmark, config, split; raises `UndialDataError` naming the valid shapes."""
     benchmark, _, rest = name.partition(":")
     if benchmark == "tofu" and rest and "/" not in rest:
         return DataName("tofu", rest, "train")
     parts = rest.split("/")
     if benchmark == "muse" and len(parts) == 3 and parts[0].lower() in MUSE_CORPORA and parts[1] in MUSE_CONFIGS:
         return DataName("muse", parts[1], parts[2], MUSE_CORPORA[parts[0].lower()])
-    raise UndialDataNameError(
+    raise UndialDataError(
         f"{name!r}: expected tofu:<config> (e.g. tofu:forget10, tofu:retain_perturbed) or "
         f"muse:<news|books>/<{'|'.join(MUSE_CONFIGS)}>/<split> (e.g. muse:news/knowmem/forget_qa)."
     )
@@ -110,11 +108,11 @@ def load_dataset_by_name(name: str, data_dir: str | Path | None = None) -> Any:
         f"'{parsed.hub_path}', '{parsed.config}', split='{parsed.split}').to_json('{where}.jsonl')\""
     )
     if _hub_offline():
-        raise UndialDataNameError(f"{name}: not found locally and the hub is switched off (HF_HUB_OFFLINE); {hint}.")
+        raise UndialDataError(f"{name}: not found locally and the hub is switched off (HF_HUB_OFFLINE); {hint}.")
     try:
         return datasets.load_dataset(parsed.hub_path, parsed.config, split=parsed.split)
     except Exception as err:  # no network, unknown config, gated repo: all end in the same advice
-        raise UndialDataNameError(
+        raise UndialDataError(
             f"{name}: not found locally and not loadable from the hub ({type(err).__name__}: {err}); {hint}."
         ) from err
 
@@ -143,6 +141,6 @@ def load_rows(name: str, data_dir: str | Path | None = None) -> list[dict[str, A
     try:
         return [_convert(parsed, row) for row in dataset]
     except KeyError as err:
-        raise UndialDataNameError(
+        raise UndialDataError(
             f"{name}: rows lack field {err}; columns are {dataset.column_names}. Save the split in the hub's own format."
         ) from err

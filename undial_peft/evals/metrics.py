@@ -1,7 +1,7 @@
 """Unlearning metrics as pure functions on numbers (TOFU / MUSE conventions; see METHOD.md).
 
 Inputs are per-token answer log-probs (natural log, one 1-D sequence per item) as produced by
-`undial_peft.evaluate.score`, or per-item numbers. Nothing here runs a model.
+`undial_peft.evals.report.score`, or per-item numbers. Nothing here runs a model.
 
 Membership-inference scores are oriented so that a HIGHER score means "more likely a member"
 (seen in training); `mia_auc` is then the AUC of telling forget items (members) from holdout

@@ -1,7 +1,7 @@
 """Run a model on forget / retain / holdout / general data and report unlearning metrics.
 
 `score` and `greedy_answers` run the model; `evaluate` turns their output into a JSON-ready
-report through the pure functions of `undial_peft.metrics`. A report holds per-item values, so
+report through the pure functions of `undial_peft.evals.metrics`. A report holds per-item values, so
 the report of a retain-only reference model can be saved and passed back as ``reference=`` for
 forget quality and PrivLeak. Reports hold numbers and data digests, never the texts themselves
 (forget data is what the user wants gone), unless ``keep_generations=True``.
@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .data import Example, _read_rows
-from .datakey import key_id, keyed_sha256
-from .scoring import MAX_NEW_TOKENS, TokenScores, greedy_answers, score
+from undial_peft.data.encoding import Example, _read_rows
+from undial_peft.data.secret import key_id, keyed_sha256
+from undial_peft.errors import UndialDataError
+from undial_peft.evals import metrics
+from undial_peft.evals.scoring import MAX_NEW_TOKENS, TokenScores, greedy_answers, score
 
 __all__ = ["EvalItem", "MAX_NEW_TOKENS", "TokenScores", "evaluate", "format_table", "greedy_answers",
            "read_eval_items", "save_report", "score"]
@@ -70,14 +71,14 @@ class EvalItem:
 def _optional_text(row: dict, key: str, where: str) -> str | None:
     value = row.get(key)
     if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise ValueError(f"{where}: field {key!r} must be a non-empty string or absent.")
+        raise UndialDataError(f"{where}: field {key!r} must be a non-empty string or absent.")
     return value
 
 
 def read_eval_items(source: str | Path | Sequence[dict | Example | EvalItem]) -> list[EvalItem]:
     """Read evaluation items from a file (.jsonl/.json/.csv/.parquet), dicts, Examples or EvalItems.
 
-    Field names are those `undial_peft.synthetic` writes; TOFU's ``perturbed_answer`` is accepted too.
+    Field names are those `undial_peft.data.synthetic` writes; TOFU's ``perturbed_answer`` is accepted too.
 
     >>> read_eval_items([Example("Q?", "A.")])[0]
     EvalItem(question='Q?', answer='A.', paraphrased_answer=None, perturbed_answers=(), paraphrased_question=None)
@@ -92,15 +93,15 @@ def read_eval_items(source: str | Path | Sequence[dict | Example | EvalItem]) ->
             items.append(EvalItem(row.prompt, row.answer))
             continue
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a dict, Example or EvalItem, got {type(row).__name__}.")
+            raise UndialDataError(f"{where}: expected a dict, Example or EvalItem, got {type(row).__name__}.")
         # The training data's other shapes ({"prompt", "completion"}, {"text"}) are accepted too.
         question = _optional_text(row, "question" if "question" in row else "prompt", where)
         answer = _optional_text(row, next((k for k in ("answer", "completion", "text") if k in row), "answer"), where)
         if answer is None:
-            raise ValueError(f"{where}: field 'answer' is missing; evaluation rows need question/answer.")
+            raise UndialDataError(f"{where}: field 'answer' is missing; evaluation rows need question/answer.")
         perturbed = row.get("perturbed_answers", row.get("perturbed_answer")) or ()
         if isinstance(perturbed, str) or not all(isinstance(p, str) and p.strip() for p in perturbed):
-            raise ValueError(f"{where}: 'perturbed_answers' must be a list of non-empty strings.")
+            raise UndialDataError(f"{where}: 'perturbed_answers' must be a list of non-empty strings.")
         items.append(
             EvalItem(
                 question,
@@ -111,7 +112,7 @@ def read_eval_items(source: str | Path | Sequence[dict | Example | EvalItem]) ->
             )
         )
     if not items:
-        raise ValueError("no evaluation items given.")
+        raise UndialDataError("no evaluation items given.")
     return items
 
 
@@ -189,15 +190,15 @@ def _split_report(
 
 def _check_same_data(report: dict, reference: dict, split: str) -> None:
     if split not in reference.get("splits", {}):
-        raise ValueError(f"reference report has no {split!r} split; evaluate the reference with the same splits.")
+        raise UndialDataError(f"reference report has no {split!r} split; evaluate the reference with the same splits.")
     mine, theirs = report["splits"][split], reference["splits"][split]
     if theirs.get("key_id") != mine["key_id"]:
-        raise ValueError(
+        raise UndialDataError(
             f"reference report's data digest was made with another data key ({theirs.get('key_id')} vs "
             f"{mine['key_id']}); evaluate the reference with the same UNDIAL_PEFT_DATA_KEY(_FILE)."
         )
     if mine["hmac_sha256"] != theirs["hmac_sha256"]:
-        raise ValueError(
+        raise UndialDataError(
             f"reference report was computed on different {split} data (digest {theirs['hmac_sha256'][:12]} vs "
             f"{mine['hmac_sha256'][:12]}); evaluate the reference on the same {split} set."
         )

@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from .data import Example, prompt_ids
+from undial_peft.data.encoding import Example, prompt_ids
+from undial_peft.errors import UndialDataError
 
 NEUTRAL_PROMPTS = ("Say something.", "Tell me about your day.", "Write a short paragraph about anything you like.")
 WORD = re.compile(r"\w+")
@@ -91,7 +92,7 @@ def token_report(
 ) -> TokenReport:
     """Score every answer token of one question/answer row with the model as it is now."""
     if example.prompt is None:
-        raise ValueError("automatic keys need a question/answer row; a text row has no question.")
+        raise UndialDataError("automatic keys need a question/answer row; a text row has no question.")
     answer, words, texts = _answer(tokenizer, example.answer)
     question = prompt_ids(tokenizer, example.prompt, use_chat_template)
     asked = {w.lower() for w in WORD.findall(example.prompt)}

@@ -33,20 +33,17 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from .adapters import stack_name
-from .manifest import atomic_directory, parent_entry
-from .models import DEFAULT_MODEL, default_model_path, fingerprint
-from .stack import attach, concatenated_deltas
+from undial_peft.deploy.manifest import atomic_directory, parent_entry
+from undial_peft.deploy.stack import attach, concatenated_deltas
+from undial_peft.errors import OutputExistsError, UndialExportError
+from undial_peft.models import fingerprint, local_path
+from undial_peft.training.adapters import stack_name
 
 # transformers model_type -> llama.cpp architecture, for the architectures whose tensor names and
 # row order we map; anything else is refused rather than exported with guessed names.
 ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA}
 # Modules whose rows the llama converter permutes, and the config field giving their head count.
 PERMUTED = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
-
-
-class UndialGGUFError(ValueError):
-    """An adapter cannot be written as a llama.cpp GGUF LoRA; the message names the fix."""
 
 
 def llama_row_order(rows: int, n_head: int) -> torch.Tensor:
@@ -60,7 +57,7 @@ def llama_row_order(rows: int, n_head: int) -> torch.Tensor:
     [0, 2, 1, 3, 4, 6, 5, 7]
     """
     if rows % (2 * n_head):
-        raise UndialGGUFError(f"{rows} rows do not split into {n_head} heads of two rotary halves.")
+        raise UndialExportError(f"{rows} rows do not split into {n_head} heads of two rotary halves.")
     return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(rows)
 
 
@@ -70,7 +67,7 @@ def gguf_tensor_name(module_path: str, config: Any) -> str:
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     name = name_map.get_name(module_path + ".weight", try_suffixes=(".weight",))
     if name is None:
-        raise UndialGGUFError(f"{module_path}: no llama.cpp tensor corresponds to this module; retrain without it "
+        raise UndialExportError(f"{module_path}: no llama.cpp tensor corresponds to this module; retrain without it "
                               "in target_modules.")
     return name
 
@@ -78,7 +75,7 @@ def gguf_tensor_name(module_path: str, config: Any) -> str:
 def _architecture(config: Any) -> gguf.MODEL_ARCH:
     arch = ARCHITECTURES.get(getattr(config, "model_type", None))
     if arch is None:
-        raise UndialGGUFError(
+        raise UndialExportError(
             f"GGUF export maps the llama architecture only, not {config.model_type!r}. Export a peft adapter "
             "(stack export without --format gguf) and convert it with llama.cpp's convert_lora_to_gguf.py."
         )
@@ -100,7 +97,7 @@ def gguf_lora_tensors(
     tensors: dict[str, np.ndarray] = {}
     for path, (a, b) in blocks.items():
         if path.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head"):
-            raise UndialGGUFError(f"{path}: LoRA on the embeddings or the LM head is not exported to GGUF; "
+            raise UndialExportError(f"{path}: LoRA on the embeddings or the LM head is not exported to GGUF; "
                                   "train with target_modules naming linear layers only (the default 'all-linear').")
         leaf = path.rsplit(".", 1)[-1]
         if leaf in PERMUTED:
@@ -126,10 +123,10 @@ def check_against_base(tensors: Mapping[str, np.ndarray], base_gguf: str | Path)
         base = name[: -len(".lora_a")]
         b = tensors[base + ".lora_b"]
         if base not in shapes:
-            raise UndialGGUFError(f"{base} is not a tensor of {Path(base_gguf).name}; export against the base the "
+            raise UndialExportError(f"{base} is not a tensor of {Path(base_gguf).name}; export against the base the "
                                   "adapters were trained on (--model).")
         if shapes[base][:2] != [a.shape[1], b.shape[0]]:
-            raise UndialGGUFError(f"{base}: the adapter is {b.shape[0]}x{a.shape[1]} but the base tensor is "
+            raise UndialExportError(f"{base}: the adapter is {b.shape[0]}x{a.shape[1]} but the base tensor is "
                                   f"{shapes[base][1]}x{shapes[base][0]}; export against the right base (--model).")
 
 
@@ -143,7 +140,7 @@ def write_gguf_lora(
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite).")
+        raise OutputExistsError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite).")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -172,9 +169,8 @@ def base_gguf_path(model: str | Path | PreTrainedModel) -> Path | None:
     """The base GGUF file to check names and shapes against, when the base was given as one."""
     if isinstance(model, PreTrainedModel):
         return None
-    if str(model) == DEFAULT_MODEL:
-        return default_model_path()
-    return Path(model) if str(model).endswith(".gguf") else None
+    path = local_path(model)
+    return path if path.suffix == ".gguf" else None
 
 
 def export_gguf(
@@ -218,7 +214,7 @@ def export_gguf(
 
     if not per_request:
         if Path(output).suffix != ".gguf":
-            raise UndialGGUFError(f"{output}: a single-file export needs a .gguf file name (or use --per-request DIR).")
+            raise UndialExportError(f"{output}: a single-file export needs a .gguf file name (or use --per-request DIR).")
         (tensors, alpha), = files
         return [write_gguf_lora(tensors, alpha, output, metadata=metadata(sources[0]), overwrite=overwrite)]
     written = []
@@ -236,5 +232,5 @@ def _gguf_file(attached: Any, names: Sequence[str], config: Any) -> tuple[dict[s
     return gguf_lora_tensors(blocks, config)
 
 
-__all__ = ["UndialGGUFError", "check_against_base", "export_gguf", "gguf_lora_tensors", "gguf_tensor_name",
+__all__ = ["UndialExportError", "check_against_base", "export_gguf", "gguf_lora_tensors", "gguf_tensor_name",
            "llama_row_order", "write_gguf_lora"]

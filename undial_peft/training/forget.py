@@ -21,18 +21,19 @@ import torch
 from peft import LoraConfig
 from transformers import PreTrainedModel, set_seed
 
-from . import __version__
-from .adapters import NEW, adapter_state, build_trainable, default_lora_config, stack_name
-from .config import UndialConfig
-from .data import Collator, DataSource, Example, build_dataset, data_digest, encode, read_examples
-from .datakey import key_id
-from .evaluate import score
-from .keys import KeyRule, auto_key_weights
-from .manifest import FORMAT, save_adapter, verify_stack
-from .metrics import answer_probability
-from .models import base_identity, load_model, source_name
-from .stopping import StopWhenForgotten
-from .trainer import UndialTrainer
+from undial_peft import __version__
+from undial_peft.data.encoding import Collator, DataSource, Example, build_dataset, data_digest, encode, read_examples
+from undial_peft.data.secret import key_id
+from undial_peft.deploy.manifest import FORMAT, save_adapter, verify_stack
+from undial_peft.errors import OutputExistsError, UndialConfigError
+from undial_peft.evals.metrics import answer_probability
+from undial_peft.evals.report import score
+from undial_peft.models import base_identity, load_model, source_name
+from undial_peft.training.adapters import NEW, adapter_state, build_trainable, default_lora_config, stack_name
+from undial_peft.training.answer_keys import KeyRule, auto_key_weights
+from undial_peft.training.config import UndialConfig
+from undial_peft.training.stopping import StopWhenForgotten
+from undial_peft.training.trainer import UndialTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def forget(
     output_dir = Path(output_dir)
     config = config or UndialConfig()
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another name or pass overwrite=True (--overwrite).")
+        raise OutputExistsError(f"{output_dir} already exists; choose another name or pass overwrite=True (--overwrite).")
     # TrainingArguments turns an unset output_dir into "trainer_output" (in the working directory);
     # forget keeps its checkpoints beside the adapter instead, and removes them on success.
     own_checkpoints = config.output_dir in (None, _TRAINER_DEFAULT_DIR)
@@ -96,11 +97,11 @@ def forget(
     checkpoints = output_dir.parent / f".{output_dir.name}.checkpoints" if own_checkpoints else Path(config.output_dir)
     last = _last_checkpoint(checkpoints) if resume else None
     if resume and last is None:
-        raise ValueError(f"--resume: no checkpoint in {checkpoints}; run again without --resume (and with --save-steps N).")
+        raise UndialConfigError(f"--resume: no checkpoint in {checkpoints}; run again without --resume (and with --save-steps N).")
     forget_rows = read_examples(data, "forget")
     retain_rows = read_examples(retain, "retain") if retain is not None else None
     if config.retain_weight > 0 and retain_rows is None:
-        raise ValueError("retain_weight > 0 needs retain data: pass retain=... (--retain FILE).")
+        raise UndialConfigError("retain_weight > 0 needs retain data: pass retain=... (--retain FILE).")
 
     base, tokenizer = load_model(model, load_in_4bit=load_in_4bit, tokenizer=tokenizer)
     identity = base_identity(base)

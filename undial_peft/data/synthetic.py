@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from undial_peft.errors import UndialConfigError
+
 _FIRST = ("Zor", "Vel", "Quin", "Thal", "Mir", "Oda", "Bex", "Ysu", "Kael", "Nim", "Ferr", "Ulo", "Sab", "Tiv", "Wren", "Jas")
 _MID = ("a", "e", "i", "o", "u", "ae", "y")
 _LAST = ("rin", "dak", "vel", "thos", "mira", "quist", "lune", "bor", "sen", "vik", "zell", "mont", "drel", "pash")
@@ -194,7 +196,7 @@ def _fact(rng: random.Random, name: str, attribute: str, value: str, turn: int) 
 
 def _count(fraction: float, n: int, what: str) -> int:
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"{what} must be in [0, 1), got {fraction}.")
+        raise UndialConfigError(f"{what} must be in [0, 1), got {fraction}.")
     return 0 if fraction == 0 else max(1, round(fraction * n))
 
 
@@ -215,11 +217,11 @@ def make_benchmark_data(
     True
     """
     if not 1 <= facts_per_entity <= len(ATTRIBUTES):
-        raise ValueError(f"facts_per_entity must be in 1..{len(ATTRIBUTES)}, got {facts_per_entity}.")
+        raise UndialConfigError(f"facts_per_entity must be in 1..{len(ATTRIBUTES)}, got {facts_per_entity}.")
     n_forget = _count(forget_fraction, n_entities, "forget_fraction")
     n_holdout = _count(holdout_fraction, n_entities, "holdout_fraction")
     if n_entities - n_forget - n_holdout < 1:
-        raise ValueError(f"{n_entities} entities leave none for retain ({n_forget} forget, {n_holdout} holdout).")
+        raise UndialConfigError(f"{n_entities} entities leave none for retain ({n_forget} forget, {n_holdout} holdout).")
     rng = random.Random(seed)
     names = _names(rng, n_entities)
     cut = n_forget + n_holdout
@@ -276,7 +278,7 @@ def real_author_facts() -> list[dict[str, Any]]:
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """One JSON object per line (UTF-8), readable by `undial_peft.data.read_examples`.
+    """One JSON object per line (UTF-8), readable by `undial_peft.data.encoding.read_examples`.
 
     >>> import tempfile, os; p = os.path.join(tempfile.mkdtemp(), "f.jsonl")
     >>> write_jsonl([{"question": "Q?", "answer": "A."}], p); open(p).read()

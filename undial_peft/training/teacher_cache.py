@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .loss import IGNORE_INDEX, sequence_logprob, shift_labels
+from undial_peft.training.loss import IGNORE_INDEX, sequence_logprob, shift_labels
 
 logger = logging.getLogger(__name__)
 

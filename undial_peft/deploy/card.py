@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stopping import describe
+from undial_peft.training.stopping import describe
 
 
 def _value(value: Any) -> str:

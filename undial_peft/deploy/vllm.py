@@ -28,7 +28,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .manifest import CONFIG, WEIGHTS
+from undial_peft.deploy.manifest import CONFIG, WEIGHTS
+from undial_peft.errors import UndialExportError
 
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_RANK = 16
@@ -42,7 +43,7 @@ def vllm_max_lora_rank(rank: int) -> int:
     for allowed in VLLM_MAX_RANKS:
         if rank <= allowed:
             return allowed
-    raise ValueError(f"rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_MAX_RANKS[-1]}; export with --max-rank.")
+    raise UndialExportError(f"rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_MAX_RANKS[-1]}; export with --max-rank.")
 
 
 def check_vllm(

@@ -22,11 +22,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers import PreTrainedModel
 
+from undial_peft.errors import UndialStackError
+
 NEW = "forget_new"
-
-
-class UndialAdapterError(ValueError):
-    """An adapter or LoRA setting cannot be used; the message names the fix."""
 
 
 def stack_name(index: int) -> str:
@@ -143,12 +141,12 @@ def default_lora_config() -> LoraConfig:
 def _check_lora(lora: LoraConfig, base: PreTrainedModel) -> None:
     targets = lora.target_modules
     if targets is not None and not isinstance(targets, str) and len(targets) == 0:
-        raise UndialAdapterError("LoraConfig.target_modules is empty: name modules to adapt, or use 'all-linear'.")
+        raise UndialStackError("LoraConfig.target_modules is empty: name modules to adapt, or use 'all-linear'.")
     head = base.get_output_embeddings()
     head_name = next((name for name, module in base.named_modules() if module is head), "lm_head")
     named = [targets] if isinstance(targets, str) else list(targets or [])
     if head_name in named or head_name.split(".")[-1] in named:
-        raise UndialAdapterError(f"LoRA must not target the LM head ({head_name!r}): the teacher and student share it.")
+        raise UndialStackError(f"LoRA must not target the LM head ({head_name!r}): the teacher and student share it.")
 
 
 def _freeze_dropout(model: PeftModel, adapters: Collection[str]) -> None:
@@ -196,7 +194,7 @@ def build_trainable(
         else:
             model = get_peft_model(base, lora, adapter_name=NEW)
     except ValueError as err:  # peft's message for targets that match nothing
-        raise UndialAdapterError(f"LoRA config does not fit this model: {err}") from None
+        raise UndialStackError(f"LoRA config does not fit this model: {err}") from None
     _activate(model, [*(stack_name(i) for i in range(len(stack))), NEW], trainable=[NEW])
     return model
 

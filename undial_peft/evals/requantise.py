@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from undial_peft.errors import UndialConfigError
+
 SCHEMES = ("nf4", "int8")
 NF4_BLOCKSIZE = 64  # bitsandbytes' default block size for 4-bit weights
 
@@ -23,7 +25,7 @@ NF4_BLOCKSIZE = 64  # bitsandbytes' default block size for 4-bit weights
 def merged_copy(model: Any) -> torch.nn.Module:
     """A plain model with the active adapters of ``model`` (a PeftModel) merged in; ``model`` is untouched."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        raise ValueError("the model is already quantised: merge the stack into the unquantised base to re-quantise it.")
+        raise UndialConfigError("the model is already quantised: merge the stack into the unquantised base to re-quantise it.")
     return copy.deepcopy(model).merge_and_unload()
 
 
@@ -50,7 +52,7 @@ def round_trip(weight: torch.Tensor, scheme: str) -> torch.Tensor:
     if scheme == "int8":
         codes, scales, _ = bnbf.int8_vectorwise_quant(weight.half())  # (out, in) int8, (out,) absmax
         return bnbf.int8_vectorwise_dequant(codes, scales).to(weight.dtype)
-    raise ValueError(f"unknown quantisation scheme {scheme!r}; use one of {SCHEMES}.")
+    raise UndialConfigError(f"unknown quantisation scheme {scheme!r}; use one of {SCHEMES}.")
 
 
 @torch.no_grad()
@@ -66,5 +68,5 @@ def requantise_(model: torch.nn.Module, scheme: str) -> int:
             module.weight.copy_(round_trip(module.weight, scheme))
             count += 1
     if count == 0:
-        raise ValueError("no linear layer to re-quantise: is this a transformer language model?")
+        raise UndialConfigError("no linear layer to re-quantise: is this a transformer language model?")
     return count

@@ -24,13 +24,10 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
-from .adapters import load_stack, stack_name
-from .compress import compress_blocks
-from .manifest import (
+from undial_peft.deploy.manifest import (
     CONFIG,
     FORMAT,
     WEIGHTS,
-    UndialStackError,
     atomic_directory,
     check_files,
     file_sha256,
@@ -41,8 +38,11 @@ from .manifest import (
     verify_stack,
     write_json,
 )
-from .models import MERGED_KEY, base_identity, load_model, source_name
-from .serving import VLLM_MAX_RANKS
+from undial_peft.deploy.svd import compress_blocks
+from undial_peft.deploy.vllm import VLLM_MAX_RANKS
+from undial_peft.errors import UndialExportError, UndialStackError
+from undial_peft.models import MERGED_KEY, base_identity, load_model, source_name
+from undial_peft.training.adapters import load_stack, stack_name
 
 EXPORTED = "exported"
 
@@ -77,7 +77,7 @@ def _attach(
 ) -> tuple[PeftModel, dict[str, Any]]:
     """`attach`, also returning the base's `base_identity`; ``model=None`` loads the base the manifests name."""
     if not stack:
-        raise ValueError("attach needs at least one adapter directory.")
+        raise UndialStackError("attach needs at least one adapter directory.")
     base, tokenizer = load_model(recorded_base(stack) if model is None else model, tokenizer=tokenizer,
                                  load_in_4bit=load_in_4bit, dtype=dtype)
     identity = base_identity(base)
@@ -343,7 +343,7 @@ def merge_stack(
     """
     if isinstance(model, PreTrainedModel):
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
-            raise ValueError("merge into an unquantised base (float32/bfloat16); load the base without 4-bit.")
+            raise UndialExportError("merge into an unquantised base (float32/bfloat16); load the base without 4-bit.")
         model = copy.deepcopy(model)  # merge_and_unload writes into the weights in place
     attached, _ = _attach(model, stack, tokenizer=tokenizer, force=force, dtype=dtype)
     tokenizer = attached.tokenizer

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import Collator, Example, encode, prompt_ids
-from .loss import shift_labels, token_logprobs
+from undial_peft.data.encoding import Collator, Example, encode, prompt_ids
+from undial_peft.errors import UndialModelError
+from undial_peft.training.loss import shift_labels, token_logprobs
 
 MAX_NEW_TOKENS = 200  # greedy answer length for ROUGE, as TOFU and open-unlearning
 
@@ -40,7 +41,7 @@ def _device(model: Any) -> torch.device:
 def _pad_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+        raise UndialModelError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
     return pad
 
 

@@ -29,18 +29,15 @@ from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.training_args import ParallelMode
 
-from . import loss as L
-from . import teacher_cache
-from .adapters import NEW, adapter_state
-from .config import UndialConfig
-from .manifest import WEIGHTS
+from undial_peft.deploy.manifest import WEIGHTS
+from undial_peft.errors import UndialStackError, UndialTrainingError
+from undial_peft.training import loss as L
+from undial_peft.training import teacher_cache
+from undial_peft.training.adapters import NEW, adapter_state
+from undial_peft.training.config import UndialConfig
 
 Batch = dict[str, torch.Tensor]
 logger = logging.getLogger(__name__)
-
-
-class UndialTrainingError(RuntimeError):
-    """Training cannot run as configured (e.g. unsynchronised processes) or produced a non-finite loss; nothing is saved."""
 
 
 class UndialTrainer(Trainer):
@@ -68,7 +65,7 @@ class UndialTrainer(Trainer):
         result = set_peft_model_state_dict(self.model, weights, adapter_name=NEW)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise ValueError(f"{resume_from_checkpoint}: checkpoint does not fit this LoRA config (e.g. {unexpected[0]}).")
+            raise UndialStackError(f"{resume_from_checkpoint}: checkpoint does not fit this LoRA config (e.g. {unexpected[0]}).")
         logger.info("resumed the new adapter from %s", resume_from_checkpoint)
 
     def _check_data_parallel(self) -> None:

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .adapters import adapter_state
-from .data import Collator
-from .loss import shift_labels_like, token_logprobs
+from undial_peft.data.encoding import Collator
+from undial_peft.errors import UndialConfigError
+from undial_peft.training.adapters import adapter_state
+from undial_peft.training.loss import shift_labels_like, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +102,10 @@ class StopWhenForgotten(TrainerCallback):
         teacher_adapters: Sequence[str] | None = None,
     ) -> None:
         if check_every < 1:
-            raise ValueError(f"check_every={check_every} is invalid: measure every 1 or more steps.")
+            raise UndialConfigError(f"check_every={check_every} is invalid: measure every 1 or more steps.")
         self.forget_rows, self.pad = list(forget_rows), pad_token_id
         if min_steps < 0:
-            raise ValueError(f"min_steps={min_steps} is invalid: use 0 (stop at the first check below the target) or more.")
+            raise UndialConfigError(f"min_steps={min_steps} is invalid: use 0 (stop at the first check below the target) or more.")
         self.until_ratio, self.until_prob, self.check_every = until_ratio, until_prob, check_every
         self.min_steps = min_steps
         self.retain_rows = _answer_only(retain_rows[:max_retain_rows]) if retain_rows and max_retain_drop is not None else []

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from undial_peft.errors import UndialConfigError
+
 NUMERICAL_ZERO = 1e-10  # singular values below this fraction of the largest are rank deficiency, not signal
 
 
@@ -46,7 +48,7 @@ def truncated_svd(a: torch.Tensor, b: torch.Tensor, max_rank: int) -> Truncated:
             the kept rank is min(R, numerical rank of b @ a).
     """
     if max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1, got {max_rank}.")
+        raise UndialConfigError(f"max_rank must be >= 1, got {max_rank}.")
     q_b, r_b = torch.linalg.qr(b.double())  # (out, p), (p, r) with p = min(out, r)
     q_a, r_a = torch.linalg.qr(a.double().T)  # (in, q), (q, r) with q = min(in, r)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # core (p, q): (p, m), (m,), (m, q)

@@ -1,0 +1,1 @@
+"""Measuring unlearning: eval items, scoring, metrics (TOFU/MUSE), reports, attacks."""
