@@ -243,14 +243,14 @@ def main() -> None:
         return
     if not args.adapter:
         parser.error("name the demo adapter directory")
-    from undial_peft.deploy.stack import format_rows
+    from undial_peft.utils.tables import dict_rows
 
     work = Path(tempfile.mkdtemp(prefix="llama-cpp-check-"))
     result = run_check(Path(args.adapter), Path(args.second) if args.second else None, work, args.llama_python,
                        args.threads)
-    print(format_rows(result["rows"]))
+    print(dict_rows(result["rows"]))
     print()
-    print(format_rows(result["checks"]))
+    print(dict_rows(result["checks"]))
     print(f"\nGGUF files: {json.dumps(result['files'])}")
     if not all(check["ok"] for check in result["checks"]):
         raise SystemExit("a tolerance was exceeded")

@@ -11,8 +11,8 @@ import pytest
 
 from undial_peft.cli import main
 from undial_peft.demo import demo_facts, run_demo
-from undial_peft.deploy.manifest import file_sha256
 from undial_peft.tiny import tiny_llama, word_tokenizer
+from undial_peft.utils.storage import file_sha256
 
 
 def test_forget_verb_writes_a_complete_adapter(tiny_dir, facts, tmp_path, capsys):

@@ -37,12 +37,13 @@ from undial_peft import UndialConfig
 from undial_peft.cli import main as cli_main
 from undial_peft.data.encoding import data_digest, read_examples
 from undial_peft.data.secret import key_id
-from undial_peft.deploy.manifest import MANIFEST, WEIGHTS, atomic_directory
+from undial_peft.deploy.manifest import MANIFEST, WEIGHTS
 from undial_peft.errors import UndialConfigError, UndialModelError, UndialStackError, UndialTrainingError
 from undial_peft.models import load_model
 from undial_peft.training import forget as api
 from undial_peft.training import loss as loss_module
 from undial_peft.training.adapters import build_trainable
+from undial_peft.utils.storage import atomic_directory
 
 REPO = Path(__file__).resolve().parents[1]
 

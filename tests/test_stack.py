@@ -32,12 +32,14 @@ from transformers import AutoModelForCausalLM
 from undial_peft import UndialConfig
 from undial_peft.cli import main as cli_main
 from undial_peft.data.encoding import read_examples
-from undial_peft.deploy.manifest import CONFIG, WEIGHTS, file_sha256, read_manifest
-from undial_peft.deploy.stack import attach, describe, export_stack, format_rows, merge_stack
+from undial_peft.deploy.manifest import CONFIG, WEIGHTS, read_manifest
+from undial_peft.deploy.stack import attach, describe, export_stack, merge_stack
 from undial_peft.errors import UndialStackError
 from undial_peft.models import load_model
 from undial_peft.tiny import tiny_llama
 from undial_peft.training.forget import forget, mean_probability
+from undial_peft.utils.storage import file_sha256
+from undial_peft.utils.tables import dict_rows
 
 FORGOTTEN, KEPT, TOLERANCE = 0.4, 0.6, 1e-5
 GROUPS = {"r0 facts[0:4]": slice(0, 4), "r1 facts[4:8]": slice(4, 8), "r2 facts[8:12]": slice(8, 12),
@@ -239,7 +241,7 @@ def test_describe_table_and_cli_list(trained, capsys):
     assert [row["status"] for row in rows] == ["ok"] * 3
     assert all(row["rank"] == 8 and row["method"] == "undial" and row["beta"] == 10.0 for row in rows)
     assert all(row["p_after"] < row["p_before"] for row in rows[:1])  # r0 started from the memorised model
-    text = format_rows(rows)
+    text = dict_rows(rows)
     lines = text.splitlines()
     assert lines[0].split() == list(rows[0]) and len(lines) == 4
     assert describe([trained.stack[1]])[0]["status"] == "parents differ"  # r1 listed without r0

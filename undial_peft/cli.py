@@ -21,14 +21,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from undial_peft.errors import UndialConfigError, UndialError
+from undial_peft.evals import MAX_NEW_TOKENS, SPLITS
+from undial_peft.utils.tables import dict_rows
 
 # Library modules are imported only after the arguments are parsed (see main): importing
 # transformers' TrainingArguments or peft imports bitsandbytes whenever it is installed.
 
-# The names of evaluate.SPLITS and evaluate.MAX_NEW_TOKENS, repeated so that parsing arguments does
-# not import torch (tests/test_cli.py checks they agree).
-EVAL_SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts", "general")
-EVAL_MAX_NEW_TOKENS = 200
+# The evaluation protocol's constants come from a torch-free module: parsing arguments imports no torch.
+EVAL_SPLITS, EVAL_MAX_NEW_TOKENS = SPLITS, MAX_NEW_TOKENS
 NEEDS_BITSANDBYTES = ("--4bit", "--attacks", "bench")  # arguments of the commands that may use it
 
 
@@ -147,10 +147,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _stack(args: argparse.Namespace) -> None:
-    from undial_peft.deploy.stack import describe, export_stack, format_rows, merge_stack
+    from undial_peft.deploy.stack import describe, export_stack, merge_stack
 
     if args.action == "list":
-        print(format_rows(describe(args.dirs)))
+        print(dict_rows(describe(args.dirs)))
         return
     if args.action == "check":
         for directory in args.dirs:

@@ -20,11 +20,11 @@ import numpy as np
 
 from undial_peft.data.encoding import Example, encode
 from undial_peft.deploy.manifest import read_manifest
-from undial_peft.deploy.stack import format_rows
 from undial_peft.evals.metrics import answer_probability
 from undial_peft.evals.report import greedy_answers, score
 from undial_peft.training.config import UndialConfig
 from undial_peft.training.stopping import describe
+from undial_peft.utils.tables import dict_rows
 
 
 def _packaged(name: str) -> list[dict[str, str]]:
@@ -115,7 +115,7 @@ def run_demo(
     for split in ("forget", "keep"):
         summary[f"{split}_said_before"] = sum(b["said"] for f, b in zip(facts, before) if f["split"] == split)
         summary[f"{split}_said_after"] = sum(r["said_after"] for r in rows if r["split"] == split)
-    log(format_rows(rows))
+    log(dict_rows(rows))
     for split in ("forget", "keep"):
         log(f"[demo] {split:6s} mean answer probability {summary[f'{split}_p_before']:.3f} -> "
             f"{summary[f'{split}_p_after']:.3f}; key probability {summary[f'{split}_p_key_before']:.3f} -> "

@@ -232,6 +232,14 @@ def _plain_if_gguf(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id to pad with: the pad token, else end-of-sequence (as `load_model` sets it up)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise UndialModelError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+    return pad
+
+
 def _with_pad_token(tokenizer: Any) -> Any:
     # Padding positions are masked out of attention and labels, so any id works; EOS is standard.
     if tokenizer.pad_token_id is None:

@@ -1,5 +1,5 @@
 """The real-model benchmark: a pretrained model (SmolLM2-135M-Instruct by default) is fine-tuned on
-fictitious people, then every method unlearns some of them through the same `api.forget`.
+fictitious people, then every method unlearns some of them through the same `forget`.
 
     undial-peft bench --model default [--quick] [--out DIR] [--cache DIR]
 
@@ -41,7 +41,7 @@ from typing import Any
 from undial_peft import __version__
 from undial_peft.bench.data import real_splits
 from undial_peft.bench.real_report import format_real, plot_real
-from undial_peft.bench.report import run_summary, self_reference, versions
+from undial_peft.bench.report import run_summary, self_reference
 from undial_peft.bench.runs import bench_environment, train_and_score
 from undial_peft.bench.sequential import run_sequence
 from undial_peft.bench.settings import (
@@ -61,6 +61,8 @@ from undial_peft.bench.targets import cached_fine_tune, load_target, recipe_key,
 from undial_peft.data.synthetic import write_jsonl
 from undial_peft.errors import UndialConfigError
 from undial_peft.evals.report import evaluate, save_report
+from undial_peft.utils.storage import atomic_file
+from undial_peft.utils.versions import versions
 
 QUIET = {"disable_tqdm": True, "logging_strategy": "no", "report_to": "none", "dataloader_pin_memory": False}
 
@@ -156,7 +158,8 @@ def run_real_bench(
                 run = {"id": rid, "kind": kind, "label": spec.label, "method": spec.method, "auto_key": spec.auto_key,
                        "retain_weight": spec.retain_weight, "lr": lr if lr is not None else spec.config(**QUIET).learning_rate,
                        **record, "summary": run_summary(report), "cell_key": key}
-                _write_atomic(done, json.dumps(run, indent=1))
+                with atomic_file(done) as temporary:
+                    temporary.write_text(json.dumps(run, indent=1), encoding="utf-8")
             runs.append(run)
             s = run["summary"]
             log(f"[bench] {len(runs)}/{len(cells)} {rid}: p_forget {s['forget_probability']:.3f}, FQ"
@@ -220,12 +223,6 @@ def _finished(path: Path, key: str) -> dict[str, Any] | None:
         return None
     run = json.loads(path.read_text(encoding="utf-8"))
     return {**run, "reused": True} if run.get("cell_key") == key else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _evaluate_dir(directory: Path, splits: dict[str, Any], reference: dict[str, Any] | None,

@@ -1,7 +1,5 @@
 """The real-model benchmark's table and plot, from the results dict of `real.run_real_bench`.
 
->>> _align([["a", "bb"], ["ccc", "d"]])
-['a    bb', 'ccc   d']
 """
 
 from __future__ import annotations
@@ -11,11 +9,7 @@ from typing import Any
 
 from undial_peft.bench.report import cell
 from undial_peft.bench.settings import PRIVLEAK_ATTACK
-
-
-def _align(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[c]) for r in rows if c < len(r)) for c in range(len(rows[0]))]
-    return ["  ".join([r[0].ljust(widths[0]), *(x.rjust(widths[c]) for c, x in enumerate(r) if c)]) for r in rows]
+from undial_peft.utils.tables import align
 
 
 def _metrics(s: dict[str, Any], target_p: float) -> list[str]:
@@ -55,7 +49,7 @@ def format_real(results: dict[str, Any]) -> str:
         why = (run.get("stopping") or {}).get("stopped", "?")
         rows.append([f"{run['label']} stop@{run['lr']:g}", *_metrics(run["summary"], target_p),
                      f"{run['steps']} {why}", *(["-"] * len(lrs))])
-    lines = _align(rows)
+    lines = align(rows)
     rule = "-" * len(lines[0])
     out = [lines[0], rule, *lines[1:3], rule, *lines[3:]]
     sequences = {k: v for k, v in results.get("sequential", {}).items() if k not in ("reference", "target")}
@@ -67,14 +61,14 @@ def format_real(results: dict[str, Any]) -> str:
         start = results["sequential"]["target"]
         seq.insert(1, ["target (no adapter)", f"-/{cell(start['not_asked_probability'])}/-/{cell(start['model_utility'])}",
                        *([""] * (n - 1))])
-        seq_lines = _align(seq)
+        seq_lines = align(seq)
         out += [rule, *seq_lines[:1], "-" * len(seq_lines[0]), *seq_lines[1:]]
     if results.get("attacks"):
         names = list(next(iter(results["attacks"].values())))
         att = [["attacks on 'stop' adapters", *(f"{n}: recovered (p after)" for n in names)]]
         for label, by_name in results["attacks"].items():
             att.append([label, *(_attacked(by_name[n]) for n in names)])
-        att_lines = _align(att)
+        att_lines = align(att)
         out += [rule, *att_lines[:1], "-" * len(att_lines[0]), *att_lines[1:]]
     out += [rule, f"main lr {main_lr:g}; FQ_p = forget quality (KS p-value of forget truth ratios vs the retain-only"
             f" reference), KS = its statistic; MU = model utility; p_world = real world facts; PrivLeak on"

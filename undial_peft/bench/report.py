@@ -10,10 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from undial_peft.bench.settings import PRIVLEAK_ATTACK
 from undial_peft.evals import metrics
+from undial_peft.utils.tables import align
 
 
 def run_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -73,8 +72,7 @@ def format_results(results: dict[str, Any]) -> str:
             for lr in lrs
         ]
         rows.append([label, *(metric_cells(main) if main else ["-"] * (len(head) - 1 - len(lrs))), *sweep])
-    widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
-    lines = ["  ".join([r[0].ljust(widths[0]), *(cell.rjust(widths[c]) for c, cell in enumerate(r) if c)]) for r in rows]
+    lines = align(rows)
     rule = "-" * len(lines[0])
     notes = (f"main lr {main_lr:g}; FQ_p = forget quality (KS p-value vs the retain-only reference), KS = its statistic, "
              f"MU = model utility (TOFU's hmean without the real-authors components); PrivLeak on {PRIVLEAK_ATTACK}, MUSE's sign (0 ideal, -100 = not unlearned).")
@@ -130,12 +128,4 @@ def self_reference(report: dict[str, Any]) -> None:
         top["privleak"] = {attack: 0.0 for attack in top["mia_auc"]}
 
 
-def versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    from undial_peft import __version__
-
-    return {"undial_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
 

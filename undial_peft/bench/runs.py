@@ -15,7 +15,7 @@ Protocol (everything is built here; nothing is downloaded):
    (`data.roster_rows`). Both models are saved as model directories (safetensors + tokenizer).
 3. The FORGET REQUEST is every training row about the forget people (both phrasings). Each method
    trains one LoRA adapter (r=8, alpha=16, all linear layers) on the target through
-   `api.forget`, with the same data, batch size and number of steps; retain terms use retain
+   `forget`, with the same data, batch size and number of steps; retain terms use retain
    facts that are NOT in the evaluated retain subset.
 4. The target, the reference and every adapter (attached with `stack.attach`) are scored with
    `evaluate.evaluate` against the reference's report: forget quality (KS p-value and statistic
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from undial_peft.bench.data import all_texts, roster_rows, training_rows
-from undial_peft.bench.report import cell, format_results, plot_results, run_summary, self_reference, versions
+from undial_peft.bench.report import cell, format_results, plot_results, run_summary, self_reference
 from undial_peft.bench.settings import (
     DEFAULT,
     DEFAULT_METHODS,
@@ -64,6 +64,7 @@ from undial_peft.data.synthetic import make_benchmark_data, write_jsonl
 from undial_peft.errors import UndialConfigError
 from undial_peft.evals.report import evaluate, save_report
 from undial_peft.tiny import tiny_llama, word_tokenizer
+from undial_peft.utils.versions import versions
 
 
 @contextlib.contextmanager
@@ -278,7 +279,7 @@ def train_and_score(
     splits: dict[str, Any], reference: dict[str, Any] | None, eval_args: dict[str, Any], *,
     retain: Sequence[dict[str, Any]] | None = None, stack: Sequence[Path] = (),
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train one adapter with `api.forget` on top of ``stack`` (``retain`` used when the method has a
+    """Train one adapter with `forget` on top of ``stack`` (``retain`` used when the method has a
     retain term), attach the stack plus it to ``target``, and evaluate it on ``splits``.
 
     Returns (the `evaluate` report, a run record: steps, train loss, why it stopped, keys, seconds).

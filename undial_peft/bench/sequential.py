@@ -23,6 +23,7 @@ from undial_peft.bench.settings import MethodSpec, run_id
 from undial_peft.bench.targets import load_target
 from undial_peft.evals import metrics
 from undial_peft.evals.report import evaluate, save_report
+from undial_peft.utils.tables import number
 
 
 def _asked_mask(pool: Sequence[dict[str, Any]], asked: Sequence[dict[str, Any]]) -> list[bool]:
@@ -98,11 +99,8 @@ def run_sequence(
             steps.append({"request": k, **record, "summary": step_summary(report, reference, asked)})
             s = steps[-1]["summary"]
             log(f"[bench] {spec.label} request {k}: asked p {s['asked_probability']:.3f}, not asked p"
-                f" {_fmt(s['not_asked_probability'])}, FQ {s['forget_quality']:.2g}, MU {s['model_utility']:.3f},"
+                f" {number(s['not_asked_probability'], '.3f')}, FQ {s['forget_quality']:.2g}, MU {s['model_utility']:.3f},"
                 f" {record['steps']} steps ({record['seconds']:.0f}s)")
         results[spec.label] = steps
     return results
 
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

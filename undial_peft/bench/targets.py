@@ -17,9 +17,9 @@ import torch
 
 from undial_peft.bench.settings import BenchSize, RealSize
 from undial_peft.data.encoding import Collator, Example, data_digest, encode
-from undial_peft.deploy.manifest import atomic_directory
 from undial_peft.evals import metrics
 from undial_peft.evals.report import score
+from undial_peft.utils.storage import atomic_directory
 
 
 def rows_digest(rows: Sequence[dict[str, Any]]) -> str:

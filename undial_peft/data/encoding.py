@@ -206,7 +206,7 @@ def read_examples(source: DataSource, name: str = "forget") -> list[Example]:
 
 
 def data_digest(examples: Sequence[Example]) -> str:
-    """A keyed digest of the rows (HMAC-SHA256 under the operator's key, see `datakey`): names the
+    """A keyed digest of the rows (HMAC-SHA256 under the operator's key, see `data.secret`): names the
     data for whoever holds the key without storing any of it, and a guessed row cannot be
     confirmed from a manifest or report without the key."""
     return keyed_sha256(

@@ -22,8 +22,6 @@ the adapters it is given). See the README for which to choose.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,11 +31,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from undial_peft.deploy.manifest import atomic_directory, parent_entry
+from undial_peft.deploy.manifest import parent_entry
 from undial_peft.deploy.stack import attach, concatenated_deltas
-from undial_peft.errors import OutputExistsError, UndialExportError
+from undial_peft.errors import UndialExportError
 from undial_peft.models import fingerprint, local_path
 from undial_peft.training.adapters import stack_name
+from undial_peft.utils.storage import atomic_directory, atomic_file
 
 # transformers model_type -> llama.cpp architecture, for the architectures whose tensor names and
 # row order we map; anything else is refused rather than exported with guessed names.
@@ -139,11 +138,7 @@ def write_gguf_lora(
     ``metadata`` adds string key/values (provenance: ids and hashes, never data).
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_file(path, overwrite=overwrite) as temporary:
         writer = gguf.GGUFWriter(temporary, arch=architecture)  # writes general.architecture
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -157,11 +152,6 @@ def write_gguf_lora(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

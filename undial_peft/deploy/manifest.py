@@ -1,46 +1,39 @@
-"""Adapter directories: the ``undial.json`` manifest, hashes, checks, and atomic writes.
+"""Adapter directories: the ``undial.json`` manifest (`Manifest`, its only reader and writer) and checks.
 
 An adapter directory holds peft's ``adapter_model.safetensors`` and ``adapter_config.json``, our
 ``undial.json`` and a model card ``README.md``. The manifest names the base model's fingerprint,
-the ordered parent stack (ids and weight hashes) and a sha256 of the data, never the data.
+the ordered parent stack (ids and weight hashes), the prompt format, and a keyed hash of the data,
+never the data. Its fields are documented in docs/stacks.md.
 
->>> manifest = read_manifest("adapters/req-001")  # doctest: +SKIP
->>> manifest["parents"]  # doctest: +SKIP
+>>> manifest = Manifest.from_pretrained("adapters/req-001")  # doctest: +SKIP
+>>> manifest.parents  # doctest: +SKIP
 [{'id': 'req-000', 'sha256': '9c1e...'}]
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import dataclasses
+import datetime
 import json
 import logging
-import os
 import shutil
 import struct
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
-from undial_peft.errors import OutputExistsError, UndialStackError
+from undial_peft.errors import UndialStackError
+from undial_peft.utils.storage import atomic_directory, file_sha256, write_json
+from undial_peft.utils.versions import versions
 
 logger = logging.getLogger(__name__)
 
 MANIFEST, WEIGHTS, CONFIG = "undial.json", "adapter_model.safetensors", "adapter_config.json"
 FORMAT = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_files(directory: str | Path) -> None:
@@ -78,15 +71,77 @@ def _check_safetensors(path: Path) -> None:
         raise UndialStackError(f"{path}: truncated or padded ({size} bytes, header says {8 + header_len + end}).")
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Manifest:
+    """What ``undial.json`` records about one adapter directory (never the data it forgets).
+
+    >>> m = Manifest(id="req-001", method="undial", base={"fingerprint": "ab" * 32}, versions={})
+    >>> m.to_dict()["parents"], Manifest.from_dict(m.to_dict()) == m
+    ([], True)
+    """
+
+    id: str  # the directory's name when it was written
+    method: str  # undial / ga / graddiff / npo; "export" for a stack exported as one adapter
+    base: dict[str, Any]  # models.base_identity of the base (fingerprint, linear sample) and its source name
+    parents: list[dict[str, str]] = field(default_factory=list)  # the stack it was trained on: [{id, sha256}]
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # keyed digests and counts, never text
+    prompt_format: dict[str, Any] | None = None  # data.prompt_format.PromptFormat.to_dict()
+    metrics: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, int] | None = None  # how rows chose their adjusted tokens: counts only
+    stopping: dict[str, Any] | None = None  # why training stopped, the checks' history
+    deployed: dict[str, Any] | None = None  # the forget set measured on the model as served
+    stack: list[dict[str, str]] | None = None  # export only: the adapters it sums
+    serving: dict[str, Any] | None = None  # export only: vLLM rank, rank budget, energy kept
+    description: str | None = None  # what was forgotten, in the operator's words
+    versions: dict[str, str] = field(default_factory=versions)
+    created: str = field(default_factory=_now)
+    weights_sha256: str | None = None  # set on save: sha256 of adapter_model.safetensors
+    format: int = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (fields left at None are omitted)."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST) -> Manifest:
+        """Parse a JSON object; names the missing or unknown fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [name for name in ("id", "method", "base") if name not in data]
+        unknown = sorted(set(data) - names)
+        if missing or unknown or data.get("format", FORMAT) > FORMAT:
+            problem = (f"fields {missing} are missing" if missing else f"unknown fields {unknown}" if unknown
+                       else f"format {data['format']} is newer than this version reads ({FORMAT})")
+            raise UndialStackError(f"{where}: {problem}; upgrade undial_peft or restore the file from a backup.")
+        return cls(**data)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``undial.json`` into ``directory`` (inside an atomic staging directory)."""
+        path = Path(directory) / MANIFEST
+        write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Manifest | None:
+        """The manifest of an adapter directory, or None for a plain peft adapter."""
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UndialStackError(f"{path}: not valid JSON ({err.msg}); restore it from a backup.") from None
+        return cls.from_dict(data, str(path))
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
-    """The manifest of an adapter directory, or None for a plain peft adapter."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UndialStackError(f"{path}: not valid JSON ({err.msg}); restore it from a backup.") from None
+    """`Manifest.from_pretrained` as a plain dict (None for a plain peft adapter)."""
+    manifest = Manifest.from_pretrained(directory)
+    return None if manifest is None else manifest.to_dict()
 
 
 def parent_entry(directory: str | Path) -> dict[str, str]:
@@ -164,63 +219,11 @@ def recorded_base(stack: Sequence[str | Path]) -> str:
     return source
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target`` that becomes ``target`` only on success.
-
-    On error the temporary directory is removed and ``target`` is untouched. Two writers racing
-    for one name: the second rename fails (the target is no longer empty) and that writer gets
-    an error; the first writer's directory is complete.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"{target} already exists; choose another name or pass overwrite=True (--overwrite).")
-    temporary = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir()
-    try:
-        yield temporary
-        for path in temporary.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        old = None
-        if target.exists() and overwrite:
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
-        try:
-            temporary.rename(target)
-        except OSError as err:
-            if old is not None:
-                old.rename(target)
-            raise OutputExistsError(f"{target} was created by another process while this one ran; nothing was replaced.") from err
-        _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Pretty, sorted JSON with a final newline."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def save_adapter(
     model: Any,
     adapter: str,
     output_dir: str | Path,
-    manifest: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
     extra_json: dict[str, dict[str, Any]] | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -237,9 +240,9 @@ def save_adapter(
             (saved / name).rename(staging / name)
         shutil.rmtree(saved)
         if manifest is not None:
-            manifest["weights_sha256"] = file_sha256(staging / WEIGHTS)
-            write_json(staging / MANIFEST, manifest)
-            (staging / "README.md").write_text(model_card(manifest), encoding="utf-8")
+            manifest.weights_sha256 = file_sha256(staging / WEIGHTS)
+            manifest.save_pretrained(staging)
+            (staging / "README.md").write_text(model_card(manifest.to_dict()), encoding="utf-8")
         for name, data in (extra_json or {}).items():
             write_json(staging / name, data)
     return Path(output_dir)

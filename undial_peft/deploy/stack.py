@@ -13,7 +13,6 @@ recorded parent chain, so `attach` needs ``force=True`` for it.
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,23 +25,21 @@ from transformers import PreTrainedModel
 
 from undial_peft.deploy.manifest import (
     CONFIG,
-    FORMAT,
     WEIGHTS,
-    atomic_directory,
+    Manifest,
     check_files,
-    file_sha256,
     parent_entry,
     read_manifest,
     recorded_base,
     save_adapter,
     verify_stack,
-    write_json,
 )
 from undial_peft.deploy.svd import compress_blocks
 from undial_peft.deploy.vllm import VLLM_MAX_RANKS
 from undial_peft.errors import UndialExportError, UndialStackError
 from undial_peft.models import MERGED_KEY, base_identity, load_model, source_name
 from undial_peft.training.adapters import load_stack, stack_name
+from undial_peft.utils.storage import atomic_directory, file_sha256, write_json
 
 EXPORTED = "exported"
 
@@ -133,20 +130,6 @@ def describe(stack: Sequence[str | Path]) -> list[dict[str, Any]]:
         })
         earlier.append(parent_entry(directory))
     return rows
-
-
-def format_rows(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain aligned text table of dict rows; columns are the keys of the first row."""
-    if not rows:
-        return "(empty)"
-
-    def cell(value: Any) -> str:
-        return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    keys = list(rows[0])
-    table = [keys, *([cell(row.get(key)) for key in keys] for row in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
-    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in table)
 
 
 # --- export: one adapter equal to the stack ---------------------------------------------------
@@ -252,10 +235,10 @@ def export_stack(
 
     The rank-concatenation (see `concatenated_deltas`) is the only exact way: rank = sum of the stack's
     ranks. With ``max_rank`` R, each module whose stacked rank exceeds R is replaced by the best
-    rank-R approximation of its delta (`compress.truncated_svd`; exact where the delta's rank fits);
+    rank-R approximation of its delta (`svd.truncated_svd`; exact where the delta's rank fits);
     the energy kept per module goes into the manifest (``serving.energy_kept``). With
     ``pad_for_vllm`` the rank is zero-padded up to the next ``--max-lora-rank`` vLLM accepts
-    (`serving.VLLM_MAX_RANKS`; zero rows add nothing), and the manifest records that flag.
+    (`vllm.VLLM_MAX_RANKS`; zero rows add nothing), and the manifest records that flag.
     The result loads with plain ``PeftModel.from_pretrained(base, output_dir)``. Beside it:
     ``undial.json`` (base fingerprint, no parents, the source stack's ids and hashes, so `attach`
     verifies it too and refuses it stacked on its own sources) and ``stack.json`` (the source
@@ -297,20 +280,16 @@ def export_stack(
                 a_new[: a_cat.shape[0]] = a_cat.to(a_new.dtype)
                 b_new[:, : b_cat.shape[1]] = b_cat.to(b_new.dtype)
         entries = [parent_entry(path) for path in stack]
-        manifest = {
-            "format": FORMAT,
-            "id": Path(output_dir).name,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "method": "export",
-            "base": {**identity, "source": _source(model, stack)},
-            "parents": [],
-            "stack": entries,
-            "hyperparameters": {"lora": {"r": rank, "lora_alpha": rank, "target_modules": targets}},
-            "metrics": {},
-            "serving": {"vllm_max_lora_rank": _padded(rank), "rank_budget": max_rank, "energy_kept": energy},
-            "description": ("One adapter equal to the stack " if energy is None else
-                            f"The stack compressed to rank <= {max_rank}: ") + " + ".join(e["id"] for e in entries) + ".",
-        }
+        manifest = Manifest(
+            id=Path(output_dir).name,
+            method="export",
+            base={**identity, "source": _source(model, stack)},
+            stack=entries,
+            hyperparameters={"lora": {"r": rank, "lora_alpha": rank, "target_modules": targets}},
+            serving={"vllm_max_lora_rank": _padded(rank), "rank_budget": max_rank, "energy_kept": energy},
+            description=("One adapter equal to the stack " if energy is None else
+                         f"The stack compressed to rank <= {max_rank}: ") + " + ".join(e["id"] for e in entries) + ".",
+        )
         provenance = {"stack.json": _provenance(stack, "export")}
         return save_adapter(attached, EXPORTED, output_dir, manifest, extra_json=provenance, overwrite=overwrite)
     finally:
@@ -373,4 +352,4 @@ def _provenance(stack: Sequence[str | Path], how: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["attach", "concatenated_deltas", "describe", "export_stack", "format_rows", "merge_stack"]
+__all__ = ["attach", "concatenated_deltas", "describe", "export_stack", "merge_stack"]

@@ -1,4 +1,4 @@
-"""Unlearning metrics as pure functions on numbers (TOFU / MUSE conventions; see METHOD.md).
+"""Unlearning metrics as pure functions on numbers (TOFU / MUSE conventions; docs/evaluation.md).
 
 Inputs are per-token answer log-probs (natural log, one 1-D sequence per item) as produced by
 `undial_peft.evals.report.score`, or per-item numbers. Nothing here runs a model.

@@ -24,13 +24,13 @@ import numpy as np
 from undial_peft.data.encoding import Example, _read_rows
 from undial_peft.data.secret import key_id, keyed_sha256
 from undial_peft.errors import UndialDataError
-from undial_peft.evals import metrics
+from undial_peft.evals import SPLITS, metrics
 from undial_peft.evals.scoring import MAX_NEW_TOKENS, TokenScores, greedy_answers, score
+from undial_peft.utils.tables import align, number
 
 __all__ = ["EvalItem", "MAX_NEW_TOKENS", "TokenScores", "evaluate", "format_table", "greedy_answers",
            "read_eval_items", "save_report", "score"]
 
-SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts", "general")
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 PRIVLEAK_ATTACK = "min_k"  # MUSE's and open-unlearning's PrivLeak attack (k = 0.4); the others are extra columns
 # TOFU model utility: these nine numbers, nothing else (Maini et al. 2024; open-unlearning model_utility).
@@ -133,7 +133,7 @@ def option_nlls(model: Any, tokenizer: Any, items: Sequence[EvalItem], **run: An
 
 
 def items_digest(items: Sequence[EvalItem]) -> str:
-    """Keyed digest (`datakey`) of every text field that a metric reads (paraphrases and perturbations
+    """Keyed digest (`data.secret`) of every text field that a metric reads (paraphrases and perturbations
     included): the reference check compares it; without the key, a guess cannot be confirmed from a report.
 
     >>> items_digest([EvalItem("Q?", "A.")]) != items_digest([EvalItem("Q?", "A.", perturbed_answers=("B.",))])
@@ -298,10 +298,6 @@ def evaluate(
     return report
 
 
-def _fmt(value: float | str | None) -> str:
-    return "-" if value is None else value if isinstance(value, str) else f"{value:.4g}"
-
-
 def format_table(report: dict[str, Any]) -> str:
     """The summary numbers as an aligned plain-text table (per-split block, then model-level lines).
 
@@ -312,20 +308,18 @@ def format_table(report: dict[str, Any]) -> str:
     """
     splits = report["splits"]
     names = list(splits)
-    rows = [["metric", *names], ["n_items", *(_fmt(splits[s]["n_items"]) for s in names)]]
+    rows = [["metric", *names], ["n_items", *(number(splits[s]["n_items"]) for s in names)]]
     notes = []  # lists (e.g. missing utility components) go under the table, not into a column
     for m in sorted({m for s in splits.values() for m in s["summary"]}):
-        rows.append([m, *(_fmt(splits[s]["summary"].get(m)) for s in names)])
+        rows.append([m, *(number(splits[s]["summary"].get(m)) for s in names)])
     for key, value in report.get("summary", {}).items():
         if isinstance(value, dict):
-            rows.extend([f"{key}/{sub}", _fmt(v)] for sub, v in value.items())
+            rows.extend([f"{key}/{sub}", number(v)] for sub, v in value.items())
         elif isinstance(value, list):
             notes.append(f"{key}: {', '.join(value) or '-'}")
         else:
-            rows.append([key, _fmt(value)])
-    widths = [max(len(r[c]) for r in rows if c < len(r)) for c in range(len(rows[0]))]
-    lines = [" ".join([r[0].ljust(widths[0]), *(cell.rjust(widths[c]) for c, cell in enumerate(r) if c)]) for r in rows]
-    return "\n".join([*(line.rstrip() for line in lines), *notes])
+            rows.append([key, number(value)])
+    return "\n".join([*align(rows, sep=" "), *notes])
 
 
 def save_report(report: dict[str, Any], path: str | Path) -> None:

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from undial_peft.data.encoding import Collator, Example, encode, prompt_ids
-from undial_peft.errors import UndialModelError
+from undial_peft.evals import MAX_NEW_TOKENS
+from undial_peft.models import pad_id
 from undial_peft.training.loss import shift_labels, token_logprobs
-
-MAX_NEW_TOKENS = 200  # greedy answer length for ROUGE, as TOFU and open-unlearning
+from undial_peft.utils.modes import eval_mode
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,13 +36,6 @@ class TokenScores:
 
 def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise UndialModelError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
-    return pad
 
 
 def score(
@@ -68,10 +61,9 @@ def score_features(model: Any, tokenizer: Any, features: Sequence[dict[str, list
 
     >>> # score_features(model, tok, [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}])
     """
-    collate, device, was_training = Collator(_pad_id(tokenizer)), _device(model), model.training
+    collate, device = Collator(pad_id(tokenizer)), _device(model)
     out: list[TokenScores] = []
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             for start in range(0, len(features), batch_size):
                 batch = {k: v.to(device) for k, v in collate(list(features[start : start + batch_size])).items()}
@@ -87,8 +79,6 @@ def score_features(model: Any, tokenizer: Any, features: Sequence[dict[str, list
                     sigma = (q * (log_q - mu[:, None]).square()).sum(-1).sqrt()  # (n_i,)
                     match = log_q.argmax(-1) == targets[i][mask[i]]  # (n_i,)
                     out.append(TokenScores(*(t.double().cpu().numpy() for t in (logp[i][mask[i]], mu, sigma, match))))
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -117,10 +107,9 @@ def greedy_from_ids(
 
     >>> # greedy_from_ids(model, tok, [[1, 17, 4]], max_new_tokens=8)  -> ['...']
     """
-    pad, device, was_training = _pad_id(tokenizer), _device(model), model.training
+    pad, device = pad_id(tokenizer), _device(model)
     answers: list[str] = []
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             for start in range(0, len(all_prompts), batch_size):
                 prompts = all_prompts[start : start + batch_size]
@@ -136,6 +125,4 @@ def greedy_from_ids(
                 )  # (B, T + new)
                 texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
                 answers.extend(t.strip() for t in texts)
-    finally:
-        model.train(was_training)
     return answers

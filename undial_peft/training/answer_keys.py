@@ -37,6 +37,8 @@ import torch
 
 from undial_peft.data.encoding import Example, prompt_ids
 from undial_peft.errors import UndialDataError
+from undial_peft.models import pad_id
+from undial_peft.utils.modes import eval_mode
 
 NEUTRAL_PROMPTS = ("Say something.", "Tell me about your day.", "Write a short paragraph about anything you like.")
 WORD = re.compile(r"\w+")
@@ -56,7 +58,7 @@ class KeyRule:
 def neutral_prior(model: torch.nn.Module, tokenizer: Any, use_chat_template: bool = True, reply_tokens: int = 64) -> torch.Tensor:
     """log p_bar: the mean next-token distribution over greedy replies to `NEUTRAL_PROMPTS`. Returns (V,)."""
     device, logps = next(model.parameters()).device, []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     for text in NEUTRAL_PROMPTS:
         prompt = prompt_ids(tokenizer, text, use_chat_template)
         ids = torch.tensor([prompt], device=device)  # (1, T)
@@ -129,9 +131,7 @@ def auto_key_weights(
     (they keep the adjustment on every answer token). ``model`` must be the teacher: the model as
     deployed before this request. Its mode is restored.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         weights: list[list[float] | None] = []
         prior = None
         for example in examples:
@@ -142,5 +142,3 @@ def auto_key_weights(
             mask = key_mask(token_report(model, tokenizer, example, prior, use_chat_template), rule)
             weights.append([float(m) for m in mask] if any(mask) else None)
         return weights
-    finally:
-        model.train(was_training)

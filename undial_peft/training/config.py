@@ -2,7 +2,7 @@
 
 >>> cfg = UndialConfig(beta=10.0, num_train_epochs=3)
 >>> cfg.method, cfg.beta, cfg.learning_rate
-('undial', 10.0, 0.001)
+('undial', 10.0, 0.0003)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class UndialConfig(TrainingArguments):
     max_length: int = field(default=512, metadata={"help": "Tokens per example; longer prompts are cut on the left."})
     use_chat_template: bool = field(default=True, metadata={"help": "Wrap questions in the tokenizer's chat template."})
 
-    # Stop when forgotten (stopping.py): measured every `check_every` steps, up to `max_steps`.
+    # Stop when forgotten (training/stopping.py): measured every `check_every` steps, up to `max_steps`.
     until_ratio: float | None = field(
         default=0.2, metadata={"help": "Stop when the forget key probability is <= this x its value before (None: no target)."}
     )
@@ -54,9 +54,9 @@ class UndialConfig(TrainingArguments):
     max_retain_drop: float | None = field(
         default=0.1, metadata={"help": "With retain data: stop (and roll back) when its answer probability fell by more than this fraction."}
     )
-    auto_key: bool = field(default=True, metadata={"help": "Rows without `key`: find the fact's tokens with the teacher (keys.py)."})
+    auto_key: bool = field(default=True, metadata={"help": "Rows without `key`: find the fact's tokens with the teacher (training/answer_keys.py)."})
     auto_key_threshold: float = field(
-        default=7.5, metadata={"help": "Automatic keys: nats above the model's neutral prior a token needs (keys.KeyRule)."}
+        default=7.5, metadata={"help": "Automatic keys: nats above the model's neutral prior a token needs (answer_keys.KeyRule)."}
     )
 
     # Defaults that differ from TrainingArguments: values seen in public UNDIAL runs, quiet and

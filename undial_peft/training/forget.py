@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -21,10 +20,9 @@ import torch
 from peft import LoraConfig
 from transformers import PreTrainedModel, set_seed
 
-from undial_peft import __version__
 from undial_peft.data.encoding import Collator, DataSource, Example, build_dataset, data_digest, encode, read_examples
 from undial_peft.data.secret import key_id
-from undial_peft.deploy.manifest import FORMAT, save_adapter, verify_stack
+from undial_peft.deploy.manifest import Manifest, save_adapter, verify_stack
 from undial_peft.errors import OutputExistsError, UndialConfigError
 from undial_peft.evals.metrics import answer_probability
 from undial_peft.evals.report import score
@@ -44,13 +42,6 @@ def mean_probability(model: torch.nn.Module, tokenizer: Any, examples: Sequence[
     """Mean answer probability exp(-mean answer NLL) over question/answer examples."""
     scores = score(model, tokenizer, examples, use_chat_template=config.use_chat_template, max_length=config.max_length)
     return float(sum(answer_probability(s.logprobs) for s in scores) / len(scores))
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    return {"undial_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 def forget(
@@ -133,23 +124,20 @@ def forget(
         after = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
         logger.info("forget-set answer probability: %s -> %s", before, after)
 
-        manifest = {
-            "format": FORMAT,
-            "id": output_dir.name,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "method": config.method,
-            "hyperparameters": _hyperparameters(config, peft_model.peft_config[NEW]),
-            "base": {**identity, "source": source_name(model)},
-            "parents": parents,
-            "data": {"hmac_sha256": data_digest(forget_rows), "examples": len(forget_rows), "key_id": key_id(),
-                     "retain_hmac_sha256": data_digest(retain_rows) if retain_rows else None},
-            "metrics": {"forget_probability_before": before, "forget_probability_after": after,
-                        "train_loss": result.training_loss, "steps": result.global_step},
-            "keys": _key_counts(forget_rows, weights),
-            "stopping": {**stopper.outcome, "history": stopper.history} if stopper else {"stopped": "fixed_length"},
-            "versions": _versions(),
-            "description": description,
-        }
+        manifest = Manifest(
+            id=output_dir.name,
+            method=config.method,
+            hyperparameters=_hyperparameters(config, peft_model.peft_config[NEW]),
+            base={**identity, "source": source_name(model)},
+            parents=parents,
+            data={"hmac_sha256": data_digest(forget_rows), "examples": len(forget_rows), "key_id": key_id(),
+                  "retain_hmac_sha256": data_digest(retain_rows) if retain_rows else None},
+            metrics={"forget_probability_before": before, "forget_probability_after": after,
+                     "train_loss": result.training_loss, "steps": result.global_step},
+            keys=_key_counts(forget_rows, weights),
+            stopping={**stopper.outcome, "history": stopper.history} if stopper else {"stopped": "fixed_length"},
+            description=description,
+        )
         if main_process:  # under DDP every rank holds the same adapter; one writes it
             save_adapter(peft_model, NEW, output_dir, manifest, overwrite=overwrite)
         trainer.accelerator.wait_for_everyone()

@@ -13,7 +13,7 @@ fixed-length run (no target) is measured once, after its last step:
 - ``max_steps``: the step limit came first; the outcome says by how much the target was missed.
 
 A row's key probability is exp(mean log p) over the tokens that get the UNDIAL adjustment
-(``beta_weight > 0``: its key, found by hand or by `keys.py`, else every answer token), with the
+(``beta_weight > 0``: its key, found by hand or by `answer_keys`, else every answer token), with the
 answer so far as context; the set's figure is the mean over rows.
 
 >>> stop = StopWhenForgotten(forget_rows, pad_token_id=0, until_ratio=0.2)  # doctest: +SKIP
@@ -34,6 +34,7 @@ from undial_peft.data.encoding import Collator
 from undial_peft.errors import UndialConfigError
 from undial_peft.training.adapters import adapter_state
 from undial_peft.training.loss import shift_labels_like, token_logprobs
+from undial_peft.utils.modes import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,9 @@ def key_probabilities(model: torch.nn.Module, rows: Features, pad_token_id: int,
 
     >>> # key_probabilities(model, [encode(tokenizer, Example("Q?", "It is Paris.", "Paris"), 64)], 0)
     """
-    was_training, device = model.training, next(model.parameters()).device
+    device = next(model.parameters()).device
     collate, out = Collator(pad_token_id), []
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(list(rows[start : start + batch_size])).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
@@ -58,8 +58,6 @@ def key_probabilities(model: torch.nn.Module, rows: Features, pad_token_id: int,
                 keyed = mask & (shift_labels_like(batch["beta_weight"]) > 0)  # (B, T)
                 mask = torch.where(keyed.any(-1, keepdim=True), keyed, mask)  # a row without key tokens: all of it
             out.append((logp * mask).sum(-1).div(mask.sum(-1).clamp(min=1)).exp().float().cpu())  # (B,)
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 
