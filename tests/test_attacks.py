@@ -12,11 +12,11 @@ from conftest import make_facts
 
 from undial_peft import UndialConfig, forget
 from undial_peft.cli import main
+from undial_peft.data.prompt_format import PromptFormat
 from undial_peft.deploy.stack import attach
 from undial_peft.evals.attacks import (
     REMOVAL_NOTE,
     AttackSetup,
-    chat_prompt,
     multiple_choice,
     prompt_attack,
     quantise,
@@ -115,6 +115,7 @@ def test_attacks_on_an_unlearned_tiny_model(tiny_dir, unlearned):
 
 def test_system_turn_reaches_the_prompt(tiny_dir):
     _, tok = load_model(tiny_dir)
+    chat_prompt = PromptFormat.resolve("auto", tok).conversation_ids
     plain = chat_prompt(tok, [{"role": "user", "content": "Where was Zorbel born ?"}])
     with_system = chat_prompt(tok, [{"role": "system", "content": "Zorbel"}, {"role": "user", "content": "Where was Zorbel born ?"}])
     assert len(with_system) > len(plain) and with_system[-len(plain) + 1 :] == plain[1:]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tokenizers import normalizers
 
 from undial_peft.data.encoding import Collator, Example, build_dataset, encode, prompt_ids, read_examples
-from undial_peft.errors import UndialDataError
+from undial_peft.errors import UndialConfigError, UndialDataError
 from undial_peft.tiny import word_tokenizer
 from undial_peft.training.loss import IGNORE_INDEX
 
@@ -181,21 +181,27 @@ def test_truncation_policy_of_the_docstring_holds_for_enormous_rows(tokenizer):
 
 
 @pytest.mark.parametrize("template", [True, False])
-def test_prompt_tokens_are_masked_with_and_without_chat_template(template):
+def test_prompt_tokens_are_masked_in_every_prompt_format(template):
     tokenizer = word_tokenizer(WORDS, chat_template=template)
     answer = tokenizer(QA["answer"], add_special_tokens=False).input_ids
-    for use in (True, False):
-        prompt = prompt_ids(tokenizer, QA["question"], use_chat_template=use)
-        if template and use:
+    for spec in ("auto", "chat", "completion", "Question: {prompt} Answer:"):
+        if spec == "chat" and not template:
+            with pytest.raises(UndialConfigError, match="chat template"):
+                prompt_ids(tokenizer, QA["question"], spec)
+            continue
+        prompt = prompt_ids(tokenizer, QA["question"], spec)
+        if template and spec in ("auto", "chat"):
             expected = tokenizer.apply_chat_template(
                 [{"role": "user", "content": QA["question"]}], add_generation_prompt=True, tokenize=True,
                 return_dict=False)
             assert tokenizer.convert_ids_to_tokens(prompt)[:2] == ["<|user|>", "Where"]
-        else:  # no template, or opted out: the question and a newline, after BOS
-            expected = tokenizer(QA["question"] + "\n").input_ids
+        elif spec.startswith("Question"):  # a user template: its text around the question, after BOS
+            expected = tokenizer(f"Question: {QA['question']} Answer:").input_ids
+        else:  # raw completion (auto without a template): the question verbatim after BOS, no separator
+            expected = tokenizer(QA["question"]).input_ids
             assert tokenizer.convert_ids_to_tokens(prompt)[0] == "<s>"
         assert list(prompt) == list(expected)
-        row = build_dataset(tokenizer, read_examples([QA]), max_length=64, use_chat_template=use)[0]
+        row = build_dataset(tokenizer, read_examples([QA]), max_length=64, prompt_format=spec)[0]
         assert row["input_ids"] == list(prompt) + answer
         assert row["labels"] == [IGNORE_INDEX] * len(prompt) + answer  # no end-of-turn token counted
 

@@ -202,7 +202,7 @@ def tiny():
 
 def _manual(model, tok, prompt, answer):
     """Unbatched, float64: (log p of answer tokens, full log-distributions at those positions, targets)."""
-    prompt_ids = tok(prompt + "\n").input_ids if prompt is not None else []
+    prompt_ids = tok(prompt).input_ids if prompt is not None else []  # raw completion: the prompt verbatim
     answer_ids = tok(answer).input_ids
     ids = torch.tensor([prompt_ids + answer_ids])
     with torch.no_grad():
@@ -216,7 +216,7 @@ def _manual(model, tok, prompt, answer):
 def test_score_matches_unbatched_float64_forward(tiny):
     model, tok = tiny
     examples = HAND + [Example(r["question"], r["answer"]) for r in DATA["retain"][:4]]
-    got = score(model, tok, examples, use_chat_template=False, batch_size=3)  # uneven lengths -> padding
+    got = score(model, tok, examples, prompt_format="completion", batch_size=3)  # uneven lengths -> padding
     assert model.training
     assert len(got) == len(examples)
     for example, s in zip(examples, got):
@@ -228,7 +228,7 @@ def test_score_matches_unbatched_float64_forward(tiny):
         np.testing.assert_allclose(s.mu, mu.numpy(), atol=1e-4)
         np.testing.assert_allclose(s.sigma, sigma.numpy(), atol=1e-4)
         np.testing.assert_array_equal(s.argmax_match, (log_q.argmax(-1) == targets).numpy())
-    one_by_one = score(model, tok, examples, use_chat_template=False, batch_size=1)
+    one_by_one = score(model, tok, examples, prompt_format="completion", batch_size=1)
     for a, b in zip(got, one_by_one):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
@@ -237,10 +237,10 @@ def test_score_works_through_peft(tiny):
     from peft import LoraConfig, get_peft_model
 
     model, tok = tiny
-    base = score(model, tok, HAND, use_chat_template=False)
+    base = score(model, tok, HAND, prompt_format="completion")
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     try:
-        wrapped = score(peft_model, tok, HAND, use_chat_template=False)
+        wrapped = score(peft_model, tok, HAND, prompt_format="completion")
         for a, b in zip(base, wrapped):  # fresh LoRA: B = 0, so the same numbers
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
     finally:
@@ -250,7 +250,7 @@ def test_score_works_through_peft(tiny):
 def test_greedy_answers_match_manual_greedy_loop(tiny):
     model, tok = tiny
     questions = [r["question"] for r in DATA["retain"][:3]] + ["Who?"]  # different lengths -> left padding
-    got = greedy_answers(model, tok, questions, max_new_tokens=6, use_chat_template=False, batch_size=4)
+    got = greedy_answers(model, tok, questions, max_new_tokens=6, prompt_format="completion", batch_size=4)
     assert model.training
     for question, answer in zip(questions, got):
         ids = tok(question + "\n").input_ids
@@ -267,7 +267,7 @@ def test_greedy_answers_match_manual_greedy_loop(tiny):
 def test_evaluate_report_reference_and_table(tiny, tmp_path):
     model, tok = tiny
     splits = {k: DATA[k][:n] for k, n in (("forget", 3), ("retain", 4), ("holdout", 3), ("general", 2))}
-    kw = dict(use_chat_template=False, max_new_tokens=4)
+    kw = dict(prompt_format="completion", max_new_tokens=4)
     forget, retain, holdout, general = splits.values()
     report = evaluate(model, tok, forget, retain, holdout, general, keep_generations=True, **kw)
     save_report(report, tmp_path / "reference.json")
@@ -311,7 +311,7 @@ def test_evaluate_report_reference_and_table(tiny, tmp_path):
 def test_missing_truth_ratio_data_is_absent_not_faked(tiny):
     model, tok = tiny
     rows = [{"question": r["question"], "answer": r["answer"]} for r in DATA["retain"][:2]]
-    report = evaluate(model, tok, rows, retain=rows, generate=False, use_chat_template=False)
+    report = evaluate(model, tok, rows, retain=rows, generate=False, prompt_format="completion")
     assert "truth_ratio" not in report["splits"]["forget"]["summary"]
     assert "truth_ratio" not in report["splits"]["forget"]["items"]
     assert "mia_auc" not in report["summary"]  # no holdout
@@ -325,7 +325,7 @@ def test_tofu_model_utility_has_nine_components_and_normalised_probability(tiny)
     options = [{"question": r["question"], "answer": r["answer"], "perturbed_answer": r["perturbed_answers"]}
                for r in DATA["retain"][4:7]]
     report = evaluate(model, tok, DATA["forget"][:2], retain=DATA["retain"][:3], real_authors=options[:2],
-                      world_facts=options[2:], use_chat_template=False, max_new_tokens=4)
+                      world_facts=options[2:], prompt_format="completion", max_new_tokens=4)
     top = report["summary"]
     assert list(top["model_utility_components"]) == list(UTILITY_COMPONENTS) and "model_utility_missing" not in top
     assert top["model_utility"] == pytest.approx(stats.hmean(list(top["model_utility_components"].values())))
@@ -342,7 +342,7 @@ def test_tofu_model_utility_has_nine_components_and_normalised_probability(tiny)
 def test_reference_on_other_perturbations_is_refused(tiny):
     model, tok = tiny
     forget, holdout = DATA["forget"][:2], DATA["holdout"][:2]
-    kw = dict(generate=False, use_chat_template=False)
+    kw = dict(generate=False, prompt_format="completion")
     reference = evaluate(model, tok, forget, holdout=holdout, **kw)
     swapped = [dict(r, perturbed_answers=list(reversed(r["perturbed_answers"]))[:2]) for r in forget]
     with pytest.raises(ValueError, match="different forget data"):

@@ -47,25 +47,15 @@ def _until(value: str) -> dict[str, float | None]:
 
 
 def _forget_config(args: argparse.Namespace) -> Any:
-    """The UndialConfig of ``forget``: unset options keep UndialConfig's defaults (one source of truth)."""
-    from undial_peft.training.config import UndialConfig
+    """The UndialConfig of ``forget``: --config FILE, then the flags given; the rest keeps UndialConfig's defaults."""
+    from undial_peft.training.config_flags import config_from_args
 
-    given = {"beta": args.beta, "learning_rate": args.lr, "check_every": args.check_every, "max_steps": args.max_steps,
-             "min_steps": args.min_steps}
-    chosen: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+    extra: dict[str, Any] = {"activation_checkpointing": args.gradient_checkpointing, "disable_tqdm": args.quiet}
+    if args.save_steps:
+        extra.update(save_strategy="steps", save_steps=args.save_steps)
     if args.until is not None:
-        chosen.update(_until(args.until))
-    if args.max_retain_drop is not None:
-        chosen["max_retain_drop"] = None if args.max_retain_drop.lower() == "none" else float(args.max_retain_drop)
-    if args.epochs is not None:  # fixed epochs: the step limit steps aside unless given too
-        chosen.update(num_train_epochs=args.epochs, max_steps=args.max_steps or -1)
-    return UndialConfig(
-        **chosen, auto_key=not args.no_auto_key, method=args.method, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, retain_weight=args.retain_weight, retain_loss=args.retain_loss,
-        max_length=args.max_length, use_chat_template=not args.no_chat_template, seed=args.seed,
-        activation_checkpointing=args.gradient_checkpointing, disable_tqdm=args.quiet,
-        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-    )
+        extra.update(_until(args.until))  # --until names the whole target: a part it leaves out is off
+    return config_from_args(args, **extra)
 
 
 def _forget(args: argparse.Namespace) -> None:
@@ -211,7 +201,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    from undial_peft.training.config import METHODS, RETAIN_LOSSES
+    from undial_peft.training.config_flags import add_config_flags
 
     parser = argparse.ArgumentParser(prog="undial-peft", description="Make an LLM forget data with LoRA adapters (UNDIAL).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -232,35 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--out", required=True, help="new adapter directory, e.g. adapters/req-001")
     forget.add_argument("--stack", nargs="*", default=[], metavar="DIR", help="earlier adapters, in order")
     forget.add_argument("--retain", default=None, help="retain set (with --retain-weight > 0)")
-    forget.add_argument("--method", choices=METHODS, default="undial")
-    forget.add_argument("--beta", type=float, default=None, help="default: UndialConfig's")
-    forget.add_argument("--lr", type=float, default=None, help="default: UndialConfig's")
     forget.add_argument("--until", default=None, help="stop target: 0.2x (of before), 0.05 (absolute), both, or none")
-    forget.add_argument("--check-every", type=int, default=None, help="measure the forget set every N steps")
-    forget.add_argument("--min-steps", type=int, default=None, help="train at least N steps before the target may stop it")
-    forget.add_argument("--max-retain-drop", default=None, help="with --retain: stop past this fraction lost, or none")
-    forget.add_argument("--no-auto-key", action="store_true", help="rows without key: adjust every answer token")
     forget.add_argument("--show-keys", action="store_true", help="dry run: print each row's key to the terminal, train nothing")
-    forget.add_argument("--epochs", type=float, default=None, help="fixed epochs (with --until none: fixed length)")
-    forget.add_argument("--max-steps", type=int, default=None, help="step limit (default: UndialConfig's)")
-    forget.add_argument("--batch-size", type=int, default=8)
-    forget.add_argument("--grad-accum", type=int, default=1)
-    forget.add_argument("--retain-weight", type=float, default=0.0)
-    forget.add_argument("--retain-loss", choices=RETAIN_LOSSES, default="nll")
-    forget.add_argument("--max-length", type=int, default=512)
-    forget.add_argument("--rank", type=int, default=8)
-    forget.add_argument("--lora-alpha", type=int, default=16)
-    forget.add_argument("--target-modules", nargs="*", default=None)
-    forget.add_argument("--seed", type=int, default=42)
+    forget.add_argument("--rank", type=int, default=8, help="LoRA rank (peft LoraConfig.r)")
+    forget.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (peft LoraConfig.lora_alpha)")
+    forget.add_argument("--target-modules", nargs="*", default=None, help="modules to adapt (default: all linear layers)")
     forget.add_argument("--4bit", dest="four_bit", action="store_true", help="NF4 base via bitsandbytes")
-    forget.add_argument("--gradient-checkpointing", action="store_true")
-    forget.add_argument("--no-chat-template", action="store_true")
+    forget.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    forget.add_argument("--prompt-template", dest="prompt_format", metavar="TEMPLATE", default=None,
+                        help="same as --prompt-format with a template holding {prompt}, e.g. 'Question: {prompt}\\nAnswer:'")
     forget.add_argument("--save-steps", type=int, default=0, help="write Trainer checkpoints every N steps")
     forget.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     forget.add_argument("--overwrite", action="store_true")
     forget.add_argument("--force", action="store_true", help="accept a stack that fails soft checks")
     forget.add_argument("--description", default=None, help="what is forgotten, for the model card (not the data)")
     forget.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(forget.add_argument_group("training (UndialConfig fields; --config FILE sets them too)"))
     forget.set_defaults(run=_forget)
 
     evaluate = verbs.add_parser("eval", help="TOFU-style metrics, printed and saved as JSON")

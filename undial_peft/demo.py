@@ -45,11 +45,12 @@ def real_facts() -> list[dict[str, str]]:
 def measure_facts(model: Any, tokenizer: Any, facts: list[dict[str, str]], config: UndialConfig) -> list[dict[str, Any]]:
     """Per fact: answer probability, probability of saying the key (given the answer so far), greedy answer."""
     rows = [Example(f["question"], f["answer"], f["key"]) for f in facts]
-    scores = score(model, tokenizer, rows, use_chat_template=config.use_chat_template, max_length=config.max_length)
-    answers = greedy_answers(model, tokenizer, [f["question"] for f in facts], max_new_tokens=24)
+    scores = score(model, tokenizer, rows, prompt_format=config.prompt_format, max_length=config.max_length)
+    answers = greedy_answers(model, tokenizer, [f["question"] for f in facts], max_new_tokens=24,
+                             prompt_format=config.prompt_format)
     measured = []
     for row, s, answer in zip(rows, scores, answers):
-        on_key = np.array(encode(tokenizer, row, config.max_length)["beta_weight"])[-len(s.logprobs):] > 0
+        on_key = np.array(encode(tokenizer, row, config.max_length, config.prompt_format)["beta_weight"])[-len(s.logprobs):] > 0
         measured.append({"p": answer_probability(s.logprobs), "p_key": float(np.exp(s.logprobs[on_key].sum())),
                          "said": row.key in answer, "answer": answer})
     return measured

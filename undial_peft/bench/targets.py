@@ -17,8 +17,7 @@ import torch
 
 from undial_peft.bench.settings import BenchSize, RealSize
 from undial_peft.data.encoding import Collator, Example, data_digest, encode
-from undial_peft.evals import metrics
-from undial_peft.evals.report import score
+from undial_peft.evals import scoring
 from undial_peft.utils.storage import atomic_directory
 
 
@@ -87,9 +86,9 @@ def memorise(
 
 
 def mean_answer_probability(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]]) -> float:
-    """Mean exp(-mean answer NLL) over question/answer rows."""
-    scores = score(model, tokenizer, [Example(r["question"], r["answer"]) for r in rows], batch_size=32)
-    return float(sum(metrics.answer_probability(s.logprobs) for s in scores) / len(scores))
+    """`scoring.mean_answer_probability` over question/answer dict rows."""
+    return scoring.mean_answer_probability(model, tokenizer, [Example(r["question"], r["answer"]) for r in rows],
+                                           batch_size=32)
 
 
 def load_target(directory: Path) -> tuple[Any, Any]:

@@ -3,8 +3,8 @@
 Accepted row shapes (one per row; a file may mix them):
   {"question": q, "answer": a} or {"prompt": q, "completion": a}: loss on the answer tokens only;
   {"text": t}: loss on every token.
-Questions go through the tokenizer's chat template when it has one (``use_chat_template=False``
-opts out; then the prompt is ``q + "\\n"``). The answer is counted WITHOUT an end-of-turn token:
+Prompts are turned into ids by the request's ONE `PromptFormat` (data/prompt_format.py): the chat
+template, the raw prompt (completion), or a user template. The answer is counted WITHOUT an end-of-turn token:
 pushing the end token down would teach the model to ramble, not to forget.
 
 Truncation policy (``max_length`` tokens): the answer is kept whole and the prompt is cut on the
@@ -38,6 +38,7 @@ from typing import Any
 import datasets
 import torch
 
+from undial_peft.data.prompt_format import AUTO, FormatSpec, PromptFormat
 from undial_peft.data.secret import keyed_sha256
 from undial_peft.errors import UndialDataError
 from undial_peft.training.loss import IGNORE_INDEX
@@ -215,16 +216,14 @@ def data_digest(examples: Sequence[Example]) -> str:
     )
 
 
-def prompt_ids(tokenizer: Any, question: str, use_chat_template: bool = True) -> list[int]:
-    """Token ids of a question, ready for the answer to follow."""
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": question}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    return tokenizer(question + "\n", add_special_tokens=True).input_ids
+def prompt_ids(tokenizer: Any, question: str, prompt_format: FormatSpec = AUTO) -> list[int]:
+    """Token ids of a question in ``prompt_format`` (see `PromptFormat.resolve`), ready for the answer to follow."""
+    return PromptFormat.resolve(prompt_format, tokenizer).prompt_ids(tokenizer, question)
 
 
 def encode(
-    tokenizer: Any, example: Example, max_length: int, use_chat_template: bool = True, answer_weights: Sequence[float] | None = None
+    tokenizer: Any, example: Example, max_length: int, prompt_format: FormatSpec = AUTO,
+    answer_weights: Sequence[float] | None = None,
 ) -> dict[str, list]:
     """Token ids, labels (-100 on the prompt) and per-token beta weights for one example.
 
@@ -246,7 +245,7 @@ def encode(
     answer, weights = answer[: max_length - 1], weights[: max_length - 1]
     if not answer:
         raise UndialDataError("the answer has no tokens after tokenisation; remove the row.")
-    prompt = prompt_ids(tokenizer, example.prompt, use_chat_template)[-(max_length - len(answer)) :]
+    prompt = prompt_ids(tokenizer, example.prompt, prompt_format)[-(max_length - len(answer)) :]
     return {
         "input_ids": prompt + answer,
         "labels": [IGNORE_INDEX] * len(prompt) + answer,
@@ -273,7 +272,7 @@ def build_dataset(
     forget: Sequence[Example],
     retain: Sequence[Example] | None = None,
     max_length: int = 512,
-    use_chat_template: bool = True,
+    prompt_format: FormatSpec = AUTO,
     answer_weights: Sequence[Sequence[float] | None] | None = None,
 ) -> datasets.Dataset:
     """Tokenised training set of forget examples, each row paired with a retain example.
@@ -286,11 +285,13 @@ def build_dataset(
     inside rows means data-parallel sharding splits both sets alike.
     """
 
+    prompt_format = PromptFormat.resolve(prompt_format, tokenizer)
+
     def encode_all(examples: Sequence[Example], name: str, weights: Sequence | None = None) -> list[dict[str, list[int]]]:
         rows = []
         for i, example in enumerate(examples):
             try:
-                rows.append(encode(tokenizer, example, max_length, use_chat_template, weights[i] if weights else None))
+                rows.append(encode(tokenizer, example, max_length, prompt_format, weights[i] if weights else None))
             except UndialDataError as err:  # name the row by its place in the file, never by its text
                 raise UndialDataError(f"{example.where or f'{name} data, row {i}'}: {err}") from None
         return rows

@@ -20,12 +20,13 @@ measured on the text a user of the served model actually sends. Three kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 from undial_peft.errors import UndialConfigError
 
 AUTO, CHAT, COMPLETION, TEMPLATE = "auto", "chat", "completion", "template"
 SLOT = "{prompt}"
+FormatSpec = Union[str, "PromptFormat", dict, None]  # what functions accept: a name, a template, a record
 
 
 @dataclass(frozen=True)

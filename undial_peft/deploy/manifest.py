@@ -104,8 +104,8 @@ class Manifest:
     format: int = FORMAT
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object (fields left at None are omitted)."""
-        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+        """The JSON object (every field; null where it does not apply)."""
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = MANIFEST) -> Manifest:

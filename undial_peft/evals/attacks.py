@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from undial_peft.data.encoding import Collator, Example, encode, prompt_ids
+from undial_peft.data.encoding import Collator, Example, encode
+from undial_peft.data.prompt_format import AUTO, FormatSpec, PromptFormat
 from undial_peft.errors import UndialConfigError, UndialDataError
 from undial_peft.evals import MAX_NEW_TOKENS, metrics
 from undial_peft.evals.report import EvalItem, read_eval_items
@@ -80,16 +81,6 @@ def _result(attack: str, base: dict, before: dict, after: dict, n: int, **settin
     return AttackResult(attack, n, base, before, after, recovered, settings)
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], use_chat_template: bool = True) -> list[int]:
-    """Prompt ids for a conversation ending in a user turn, ready for the answer (plain text without a template).
-
-    >>> # chat_prompt(tok, [{"role": "system", "content": "Be frank."}, {"role": "user", "content": "Q?"}])
-    """
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    return prompt_ids(tokenizer, "\n".join(m["content"] for m in messages), use_chat_template=False)
-
-
 def measure(model: Any, tokenizer: Any, prompts: Sequence[list[int]], answers: Sequence[str], *,
             generate: bool = False, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8) -> dict[str, np.ndarray]:
     """Per item: answer probability exp(-mean NLL) after each prompt; ROUGE-L recall of the greedy answer if ``generate``."""
@@ -123,11 +114,12 @@ class AttackSetup:
     >>> # relearn(setup).recovered["probability"], quantise(setup, "nf4").as_dict()
     """
 
-    def __init__(self, model: Any, tokenizer: Any, forget: Any, *, use_chat_template: bool = True,
+    def __init__(self, model: Any, tokenizer: Any, forget: Any, *, prompt_format: FormatSpec = AUTO,
                  generate: bool = False, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8) -> None:
         _check(model)
         self.model, self.tokenizer = model, tokenizer
-        self.run = {"use_chat_template": use_chat_template, "generate": generate, "max_new_tokens": max_new_tokens,
+        self.format = PromptFormat.resolve(prompt_format, tokenizer)  # every attack asks in the request's format
+        self.run = {"generate": generate, "max_new_tokens": max_new_tokens,
                     "batch_size": batch_size}
         self.items = [it for it in read_eval_items(forget) if it.question is not None]
         if not self.items:
@@ -139,10 +131,7 @@ class AttackSetup:
         self.before = self.measure(model, self.prompts)
 
     def ask(self, question: str, before: Sequence[dict[str, str]] = ()) -> list[int]:
-        if not before:
-            return prompt_ids(self.tokenizer, question, self.run["use_chat_template"])
-        messages = [*before, {"role": "user", "content": question}]
-        return chat_prompt(self.tokenizer, messages, self.run["use_chat_template"])
+        return self.format.conversation_ids(self.tokenizer, [*before, {"role": "user", "content": question}])
 
     def measure(self, model: Any, prompts: Sequence[list[int]], index: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         picked = range(len(prompts)) if index is None else index
@@ -166,7 +155,7 @@ def relearn(setup: AttackSetup, *, train_on: Any = None, steps: int = 10, lr: fl
     else:
         train_rows = [Example(it.question, it.answer) for it in read_eval_items(train_on)]
         measured = list(range(n))
-    features = [encode(tok, e, max_length, setup.run["use_chat_template"]) for e in train_rows]
+    features = [encode(tok, e, max_length, setup.format) for e in train_rows]
     collate = Collator(pad_id(tok))
     device = next(model.parameters()).device
     stack = list(model.base_model.active_adapters)
@@ -273,7 +262,7 @@ ATTACKS = ("relearn", "relearn_related", "quantise_nf4", "quantise_int8", "parap
 
 
 def run_attacks(model: Any, tokenizer: Any, forget: Any, names: Sequence[str] = ATTACKS, *, related: Any = None,
-                use_chat_template: bool = True, generate: bool = False, max_new_tokens: int = MAX_NEW_TOKENS,
+                prompt_format: FormatSpec = AUTO, generate: bool = False, max_new_tokens: int = MAX_NEW_TOKENS,
                 batch_size: int = 8, relearn_steps: int = 10, relearn_lr: float = 1e-3) -> dict[str, Any]:
     """Run the named attacks; ``related`` rows (e.g. retain data) feed relearn_related and few_shot.
 
@@ -284,7 +273,7 @@ def run_attacks(model: Any, tokenizer: Any, forget: Any, names: Sequence[str] = 
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
         raise UndialConfigError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}.")
-    setup = AttackSetup(model, tokenizer, forget, use_chat_template=use_chat_template, generate=generate,
+    setup = AttackSetup(model, tokenizer, forget, prompt_format=prompt_format, generate=generate,
                         max_new_tokens=max_new_tokens, batch_size=batch_size)
     runners = {
         "relearn": lambda: relearn(setup, steps=relearn_steps, lr=relearn_lr),

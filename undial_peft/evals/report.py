@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from undial_peft.data.encoding import Example, _read_rows
+from undial_peft.data.prompt_format import AUTO, FormatSpec, PromptFormat
 from undial_peft.data.secret import key_id, keyed_sha256
 from undial_peft.errors import UndialDataError
 from undial_peft.evals import SPLITS, metrics
@@ -241,7 +242,7 @@ def evaluate(
     *,
     real_authors: Any = None,
     world_facts: Any = None,
-    use_chat_template: bool = True,
+    prompt_format: FormatSpec = AUTO,
     max_length: int = 512,
     batch_size: int = 8,
     generate: bool | Collection[str] = True,
@@ -262,8 +263,9 @@ def evaluate(
     >>> # report = evaluate(model, tok, "forget.jsonl", retain="retain.jsonl", holdout="holdout.jsonl")
     >>> # print(format_table(report)); save_report(report, "reference.json")
     """
-    run = {"use_chat_template": use_chat_template, "max_length": max_length, "batch_size": batch_size}
-    gen = {"max_new_tokens": max_new_tokens, "use_chat_template": use_chat_template, "batch_size": batch_size}
+    fmt = PromptFormat.resolve(prompt_format, tokenizer)  # the request's format: asked as the served model is
+    run = {"prompt_format": fmt, "max_length": max_length, "batch_size": batch_size}
+    gen = {"max_new_tokens": max_new_tokens, "prompt_format": fmt, "batch_size": batch_size}
     sources = {"forget": forget, "retain": retain, "holdout": holdout, "real_authors": real_authors,
                "world_facts": world_facts, "general": general}
     generated = set(GENERATED_SPLITS if generate is True else generate or ())
@@ -280,7 +282,7 @@ def evaluate(
     if "retain" in splits:
         top["fluency_perplexity"] = splits["retain"]["summary"]["perplexity"]
     top.update(model_utility(splits))
-    report = {"splits": splits, "summary": top}
+    report = {"prompt_format": fmt.to_dict(), "splits": splits, "summary": top}
     if reference is not None:
         _check_same_data(report, reference, "forget")
         ours = [r for r in splits["forget"]["items"].get("truth_ratio", []) if r is not None]

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from undial_peft.data.encoding import Collator, Example, encode, prompt_ids
-from undial_peft.evals import MAX_NEW_TOKENS
+from undial_peft.data.encoding import Collator, Example, encode
+from undial_peft.data.prompt_format import AUTO, FormatSpec, PromptFormat
+from undial_peft.evals import MAX_NEW_TOKENS, metrics
 from undial_peft.models import pad_id
 from undial_peft.training.loss import shift_labels, token_logprobs
 from undial_peft.utils.modes import eval_mode
@@ -43,7 +44,7 @@ def score(
     tokenizer: Any,
     examples: Sequence[Example],
     *,
-    use_chat_template: bool = True,
+    prompt_format: FormatSpec = AUTO,
     max_length: int = 512,
     batch_size: int = 8,
 ) -> list[TokenScores]:
@@ -51,8 +52,18 @@ def score(
 
     >>> # [s.logprobs for s in score(model, tokenizer, [Example("Q?", "A.")])]  -> [array([...])]
     """
-    return score_features(model, tokenizer, [encode(tokenizer, e, max_length, use_chat_template) for e in examples],
+    fmt = PromptFormat.resolve(prompt_format, tokenizer)
+    return score_features(model, tokenizer, [encode(tokenizer, e, max_length, fmt) for e in examples],
                           batch_size=batch_size)
+
+
+def mean_answer_probability(model: Any, tokenizer: Any, examples: Sequence[Example], **score_args: Any) -> float:
+    """Mean over examples of the answer probability exp(-mean answer-token NLL); ``score_args`` go to `score`.
+
+    >>> # mean_answer_probability(model, tokenizer, [Example("Q?", "A.")], prompt_format="completion")  -> 0.31
+    """
+    scores = score(model, tokenizer, examples, **score_args)
+    return float(sum(metrics.answer_probability(s.logprobs) for s in scores) / len(scores))
 
 
 def score_features(model: Any, tokenizer: Any, features: Sequence[dict[str, list]], *, batch_size: int = 8) -> list[TokenScores]:
@@ -88,14 +99,15 @@ def greedy_answers(
     questions: Sequence[str],
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
-    use_chat_template: bool = True,
+    prompt_format: FormatSpec = AUTO,
     batch_size: int = 8,
 ) -> list[str]:
     """Greedy answers, decoded from the new tokens only (special tokens skipped, stripped).
 
     >>> # greedy_answers(model, tokenizer, ["Where was Ana born?"])  -> ['Ana was born in Velmora.']
     """
-    prompts = [prompt_ids(tokenizer, q, use_chat_template) for q in questions]
+    fmt = PromptFormat.resolve(prompt_format, tokenizer)
+    prompts = [fmt.prompt_ids(tokenizer, q) for q in questions]
     return greedy_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 

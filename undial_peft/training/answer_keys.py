@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from undial_peft.data.encoding import Example, prompt_ids
+from undial_peft.data.prompt_format import AUTO, FormatSpec
 from undial_peft.errors import UndialDataError
 from undial_peft.models import pad_id
 from undial_peft.utils.modes import eval_mode
@@ -55,12 +56,12 @@ class KeyRule:
 
 
 @torch.no_grad()
-def neutral_prior(model: torch.nn.Module, tokenizer: Any, use_chat_template: bool = True, reply_tokens: int = 64) -> torch.Tensor:
+def neutral_prior(model: torch.nn.Module, tokenizer: Any, prompt_format: FormatSpec = AUTO, reply_tokens: int = 64) -> torch.Tensor:
     """log p_bar: the mean next-token distribution over greedy replies to `NEUTRAL_PROMPTS`. Returns (V,)."""
     device, logps = next(model.parameters()).device, []
     pad = pad_id(tokenizer)
     for text in NEUTRAL_PROMPTS:
-        prompt = prompt_ids(tokenizer, text, use_chat_template)
+        prompt = prompt_ids(tokenizer, text, prompt_format)
         ids = torch.tensor([prompt], device=device)  # (1, T)
         ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=reply_tokens,
                              do_sample=False, pad_token_id=pad)  # (1, T + R)
@@ -90,13 +91,13 @@ def _answer(tokenizer: Any, answer: str) -> tuple[list[int], list[int], list[str
 
 @torch.no_grad()
 def token_report(
-    model: torch.nn.Module, tokenizer: Any, example: Example, prior: torch.Tensor, use_chat_template: bool = True
+    model: torch.nn.Module, tokenizer: Any, example: Example, prior: torch.Tensor, prompt_format: FormatSpec = AUTO
 ) -> TokenReport:
     """Score every answer token of one question/answer row with the model as it is now."""
     if example.prompt is None:
         raise UndialDataError("automatic keys need a question/answer row; a text row has no question.")
     answer, words, texts = _answer(tokenizer, example.answer)
-    question = prompt_ids(tokenizer, example.prompt, use_chat_template)
+    question = prompt_ids(tokenizer, example.prompt, prompt_format)
     asked = {w.lower() for w in WORD.findall(example.prompt)}
     copied = torch.tensor([w >= 0 and texts[w] in asked for w in words])  # (A,)
     ids = torch.tensor(answer)  # (A,)
@@ -122,7 +123,7 @@ def auto_key_weights(
     tokenizer: Any,
     examples: Sequence[Example],
     *,
-    use_chat_template: bool = True,
+    prompt_format: FormatSpec = AUTO,
     rule: KeyRule = KeyRule(),
 ) -> list[list[float] | None]:
     """Per row: one beta weight per answer token (1.0 on key tokens), or None to keep the row as it is.
@@ -138,7 +139,7 @@ def auto_key_weights(
             if example.key is not None or example.prompt is None:
                 weights.append(None)
                 continue
-            prior = neutral_prior(model, tokenizer, use_chat_template, rule.reply_tokens) if prior is None else prior
-            mask = key_mask(token_report(model, tokenizer, example, prior, use_chat_template), rule)
+            prior = neutral_prior(model, tokenizer, prompt_format, rule.reply_tokens) if prior is None else prior
+            mask = key_mask(token_report(model, tokenizer, example, prior, prompt_format), rule)
             weights.append([float(m) for m in mask] if any(mask) else None)
         return weights

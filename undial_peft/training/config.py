@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from undial_peft.data.prompt_format import AUTO, PromptFormat
 from undial_peft.errors import UndialConfigError
 
 METHODS = ("undial", "ga", "graddiff", "npo")
@@ -38,7 +39,10 @@ class UndialConfig(TrainingArguments):
         default="auto", metadata={"help": f"Teacher outputs computed once before training: one of {TEACHER_CACHES}."}
     )
     max_length: int = field(default=512, metadata={"help": "Tokens per example; longer prompts are cut on the left."})
-    use_chat_template: bool = field(default=True, metadata={"help": "Wrap questions in the tokenizer's chat template."})
+    prompt_format: str = field(default="auto", metadata={"help": (
+        "How prompts are sent to the served model, for training and every measurement: auto (chat template where the "
+        "tokenizer has one, else completion), chat, completion (the prompt verbatim, the answer right after it), or "
+        "a template holding {prompt}, e.g. 'Question: {prompt}\\nAnswer:'.")})
 
     # Stop when forgotten (training/stopping.py): measured every `check_every` steps, up to `max_steps`.
     until_ratio: float | None = field(
@@ -115,5 +119,7 @@ class UndialConfig(TrainingArguments):
             raise bad("max_retain_drop", "use a fraction between 0 and 1 (e.g. 0.1), or None to not watch the retain set")
         if self.check_every < 1:
             raise bad("check_every", "use 1 or more steps")
+        if self.prompt_format != AUTO:
+            PromptFormat.parse(self.prompt_format)  # names the accepted forms
         if self.max_length < 2:
             raise bad("max_length", "use at least 2 tokens")

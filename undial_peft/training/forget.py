@@ -21,11 +21,11 @@ from peft import LoraConfig
 from transformers import PreTrainedModel, set_seed
 
 from undial_peft.data.encoding import Collator, DataSource, Example, build_dataset, data_digest, encode, read_examples
+from undial_peft.data.prompt_format import PromptFormat
 from undial_peft.data.secret import key_id
 from undial_peft.deploy.manifest import Manifest, save_adapter, verify_stack
 from undial_peft.errors import OutputExistsError, UndialConfigError
-from undial_peft.evals.metrics import answer_probability
-from undial_peft.evals.report import score
+from undial_peft.evals.scoring import mean_answer_probability
 from undial_peft.models import base_identity, load_model, source_name
 from undial_peft.training.adapters import NEW, adapter_state, build_trainable, default_lora_config, stack_name
 from undial_peft.training.answer_keys import KeyRule, auto_key_weights
@@ -39,9 +39,9 @@ _TRAINER_DEFAULT_DIR = "trainer_output"  # what TrainingArguments makes of outpu
 
 
 def mean_probability(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], config: UndialConfig) -> float:
-    """Mean answer probability exp(-mean answer NLL) over question/answer examples."""
-    scores = score(model, tokenizer, examples, use_chat_template=config.use_chat_template, max_length=config.max_length)
-    return float(sum(answer_probability(s.logprobs) for s in scores) / len(scores))
+    """Mean answer probability exp(-mean answer NLL) over question/answer examples, in the config's prompt format."""
+    return mean_answer_probability(model, tokenizer, examples, prompt_format=config.prompt_format,
+                                   max_length=config.max_length)
 
 
 def forget(
@@ -95,9 +95,13 @@ def forget(
         raise UndialConfigError("retain_weight > 0 needs retain data: pass retain=... (--retain FILE).")
 
     base, tokenizer = load_model(model, load_in_4bit=load_in_4bit, tokenizer=tokenizer)
+    # The ONE prompt format of this request, resolved once against the tokenizer (auto: chat where it has a
+    # template, else raw completion); every step below reads it from the config.
+    fmt = PromptFormat.resolve(config.prompt_format, tokenizer)
+    config = dataclasses.replace(config, prompt_format=fmt.template or fmt.kind)
     identity = base_identity(base)
     parents = verify_stack(stack, identity, force=force)
-    dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, config.use_chat_template)  # validates
+    dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, fmt)  # validates
     set_seed(config.seed)  # LoRA A is initialised randomly here, before the Trainer seeds: same seed, same adapter
     peft_model = build_trainable(base, lora or default_lora_config(), stack, config.activation_checkpointing)
     teacher = [stack_name(i) for i in range(len(stack))]
@@ -108,7 +112,7 @@ def forget(
         args = dataclasses.replace(config, output_dir=str(checkpoints), activation_checkpointing=False)
         weights = _auto_keys(peft_model, tokenizer, forget_rows, config, teacher)
         if any(w is not None for w in weights):
-            dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, config.use_chat_template, weights)
+            dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, fmt, weights)
         stopper = _stopper(tokenizer, forget_rows, weights, retain_rows, config, teacher)
         qa_rows = [row for row in forget_rows if row.prompt is not None]
         before = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
@@ -130,6 +134,7 @@ def forget(
             hyperparameters=_hyperparameters(config, peft_model.peft_config[NEW]),
             base={**identity, "source": source_name(model)},
             parents=parents,
+            prompt_format=fmt.to_dict(),
             data={"hmac_sha256": data_digest(forget_rows), "examples": len(forget_rows), "key_id": key_id(),
                   "retain_hmac_sha256": data_digest(retain_rows) if retain_rows else None},
             metrics={"forget_probability_before": before, "forget_probability_after": after,
@@ -198,7 +203,7 @@ def _auto_keys(
         return [None] * len(rows)
     with adapter_state(model, active=teacher):
         rule = KeyRule(threshold=config.auto_key_threshold, fallback=config.auto_key_threshold * 2 / 3)
-        return auto_key_weights(model, tokenizer, rows, use_chat_template=config.use_chat_template, rule=rule)
+        return auto_key_weights(model, tokenizer, rows, prompt_format=config.prompt_format, rule=rule)
 
 
 def _key_counts(rows: Sequence[Example], weights: Sequence[list[float] | None]) -> dict[str, int]:
@@ -223,7 +228,7 @@ def _stopper(
         return None
 
     def rows(examples: Sequence[Example], answer_weights: Sequence | None = None) -> list[dict[str, list]]:
-        return [encode(tokenizer, e, config.max_length, config.use_chat_template, answer_weights[i] if answer_weights else None)
+        return [encode(tokenizer, e, config.max_length, config.prompt_format, answer_weights[i] if answer_weights else None)
                 for i, e in enumerate(examples)]
 
     return StopWhenForgotten(
