@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
+import pyarrow
+import pyarrow.parquet
 import pytest
 from conftest import make_facts
 
@@ -74,6 +77,24 @@ def test_rows_come_back_in_our_field_names(data_dir):
         "perturbed_answers": _tofu_perturbed(FACTS[14:16])[1]["perturbed_answer"]}
     assert load_rows("muse:news/verbmem/forget", data_dir)[0] == {"prompt": FACTS[0]["question"], "completion": FACTS[0]["answer"]}
     assert load_rows("muse:News/privleak/holdout", data_dir)[0] == {"text": FACTS[4]["answer"]}
+
+
+def test_local_files_leave_no_copy_in_the_datasets_cache(tmp_path, monkeypatch):
+    """Local splits are parsed in memory: no Arrow copy of the text under the datasets cache."""
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    marker = "Ovrelind was born in Quastral."  # in no other fixture, so no earlier run can have cached it
+    rows = [{"question": "Where was Ovrelind born?", "answer": marker}]
+    _write(tmp_path / "tofu" / "forget01.jsonl", rows)
+    (tmp_path / "tofu" / "forget05.json").write_text(json.dumps(rows), encoding="utf-8")
+    (tmp_path / "muse" / "news" / "privleak").mkdir(parents=True)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"text": marker}]),
+                                tmp_path / "muse" / "news" / "privleak" / "forget.parquet")
+    assert load_rows("tofu:forget01", tmp_path) == rows == load_rows("tofu:forget05", tmp_path)
+    assert load_rows("muse:news/privleak/forget", tmp_path)[0]["text"] == marker
+    copies = [f for f in cache.rglob("*") if f.is_file() and marker.encode() in f.read_bytes()] if cache.exists() else []
+    assert not copies, f"forget text copied into the datasets cache: {copies}"
 
 
 def test_missing_split_offline_says_where_to_put_it(data_dir, monkeypatch):

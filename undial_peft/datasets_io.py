@@ -1,8 +1,9 @@
-"""TOFU and MUSE splits by name (``tofu:forget10``, ``muse:news/knowmem/forget_qa``) through `datasets`.
+"""TOFU and MUSE splits by name (``tofu:forget10``, ``muse:news/knowmem/forget_qa``).
 
 A name is looked up first in a local folder (``data_dir`` argument, else the ``UNDIAL_DATA_DIR``
-environment variable), then on the Hugging Face hub when it can be reached. Local layout, one file
-per split in the hub's own format (``.jsonl``, ``.json`` or ``.parquet``)::
+environment variable), then on the Hugging Face hub (through `datasets`) when it can be reached.
+Local files are parsed in memory, never through the `datasets` cache. Local layout, one file per
+split in the hub's own format (``.jsonl``, ``.json`` or ``.parquet``)::
 
     DATA/tofu/forget10.jsonl                  # locuslab/TOFU, config forget10
     DATA/tofu/world_facts_perturbed.jsonl
@@ -90,8 +91,22 @@ def _hub_offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def _local_rows(path: Path) -> list[dict[str, Any]]:
+    """A local split's rows, parsed in memory by the readers of `undial_peft.data`.
+
+    Not through ``datasets.load_dataset("json")``: that writes an Arrow copy of the text into the
+    datasets cache (~/.cache), which would outlive the forget request.
+    """
+    from .data import _read_rows
+
+    return list(row for _, row in _read_rows(path))
+
+
 def load_dataset_by_name(name: str, data_dir: str | Path | None = None) -> Any:
     """The split as a `datasets.Dataset`, from the local folder or the hub, in the hub's own fields.
+
+    A local file becomes an in-memory Dataset (no cache file); a hub split is cached by `datasets`
+    as usual.
 
     >>> # load_dataset_by_name("tofu:forget10", "data").column_names  -> ['question', 'answer']
     """
@@ -100,8 +115,7 @@ def load_dataset_by_name(name: str, data_dir: str | Path | None = None) -> Any:
     parsed = parse_name(name)
     local = _local_file(parsed, data_dir)
     if local is not None:
-        kind = "parquet" if local.suffix == ".parquet" else "json"
-        return datasets.load_dataset(kind, data_files={"train": str(local)}, split="train")
+        return datasets.Dataset.from_list(_local_rows(local))
     root = data_dir if data_dir is not None else os.environ.get(ENV_DATA_DIR)
     where = parsed.local_stem(Path(root or "DATA"))
     hint = (
@@ -139,10 +153,16 @@ def load_rows(name: str, data_dir: str | Path | None = None) -> list[dict[str, A
     >>> # load_rows("tofu:forget10_perturbed", "data")[0]["perturbed_answers"]  -> ['...', '...', ...]
     """
     parsed = parse_name(name)
-    dataset = load_dataset_by_name(name, data_dir)
-    try:
-        return [_convert(parsed, row) for row in dataset]
-    except KeyError as err:
-        raise UndialDataNameError(
-            f"{name}: rows lack field {err}; columns are {dataset.column_names}. Save the split in the hub's own format."
-        ) from err
+    local = _local_file(parsed, data_dir)
+    # Local rows straight from the file: a Dataset in between would only add a copy.
+    rows = _local_rows(local) if local is not None else list(load_dataset_by_name(name, data_dir))
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UndialDataNameError(f"{name}: row {i} is a {type(row).__name__}, not an object. Save the split in the hub's own format.")
+        try:
+            rows[i] = _convert(parsed, row)
+        except KeyError as err:
+            raise UndialDataNameError(
+                f"{name}: row {i} lacks field {err}; it has {sorted(row)}. Save the split in the hub's own format."
+            ) from err
+    return rows
