@@ -13,7 +13,11 @@ Rows come back in the field names `undial_peft.evaluate.read_eval_items` and
 `undial_peft.data.read_examples` read: TOFU keeps question / answer / paraphrased_answer /
 paraphrased_question and renames ``perturbed_answer`` (a list) to ``perturbed_answers``; MUSE
 knowmem rows are question / answer, verbmem rows prompt / completion (``prompt`` / ``gt``), and
-raw, privleak rows are ``{"text": ...}``.
+raw, privleak rows are ``{"text": ...}``. MUSE knowmem, verbmem and privleak rows also name their
+``protocol`` (`undial_peft.evaluate.PROTOCOLS`: MUSE's prompt format, generation budget and
+length cut), and knowmem rows carry the split's in-context examples as ``few_shot`` (the
+``<split>_icl`` split, e.g. forget_qa_icl for forget_qa), which must be present too. Training
+(`read_examples`) ignores both fields.
 
 >>> parse_name("tofu:forget10")
 DataName(benchmark='tofu', config='forget10', split='train', corpus=None)
@@ -133,7 +137,7 @@ def load_dataset_by_name(name: str, data_dir: str | Path | None = None) -> Any:
         ) from err
 
 
-def _convert(parsed: DataName, row: dict[str, Any]) -> dict[str, Any]:
+def _convert(parsed: DataName, row: dict[str, Any], few_shot: list[dict[str, str]] | None = None) -> dict[str, Any]:
     if parsed.benchmark == "tofu":
         out = {k: row[k] for k in ("question", "answer", "paraphrased_answer", "paraphrased_question") if k in row}
         if "perturbed_answer" in row:
@@ -141,10 +145,20 @@ def _convert(parsed: DataName, row: dict[str, Any]) -> dict[str, Any]:
             out["perturbed_answers"] = [perturbed] if isinstance(perturbed, str) else list(perturbed)
         return out
     if parsed.config == "knowmem":
-        return {"question": row["question"], "answer": row["answer"]}
+        out = {"question": row["question"], "answer": row["answer"], "protocol": "muse_knowmem"}
+        return {**out, "few_shot": few_shot} if few_shot else out
     if parsed.config == "verbmem":
-        return {"prompt": row["prompt"], "completion": row["gt"]}
-    return {"text": row["text"]}
+        return {"prompt": row["prompt"], "completion": row["gt"], "protocol": "muse_verbmem"}
+    if parsed.config == "privleak":
+        return {"text": row["text"], "protocol": "muse_privleak"}
+    return {"text": row["text"]}  # raw: the training corpus, no evaluation protocol
+
+
+def _icl_name(parsed: DataName) -> str | None:
+    """The name of a MUSE knowmem split's in-context examples (forget_qa -> forget_qa_icl), else None."""
+    if parsed.benchmark != "muse" or parsed.config != "knowmem" or parsed.split.endswith("_icl"):
+        return None
+    return f"muse:{str(parsed.corpus).lower()}/knowmem/{parsed.split}_icl"
 
 
 def load_rows(name: str, data_dir: str | Path | None = None) -> list[dict[str, Any]]:
@@ -156,11 +170,14 @@ def load_rows(name: str, data_dir: str | Path | None = None) -> list[dict[str, A
     local = _local_file(parsed, data_dir)
     # Local rows straight from the file: a Dataset in between would only add a copy.
     rows = _local_rows(local) if local is not None else list(load_dataset_by_name(name, data_dir))
+    icl = _icl_name(parsed)
+    # MUSE's KnowMem asks each question after these examples; without them the score is not MUSE's.
+    few_shot = [{"question": r["question"], "answer": r["answer"]} for r in load_rows(icl, data_dir)] if icl else None
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise UndialDataNameError(f"{name}: row {i} is a {type(row).__name__}, not an object. Save the split in the hub's own format.")
         try:
-            rows[i] = _convert(parsed, row)
+            rows[i] = _convert(parsed, row, few_shot)
         except KeyError as err:
             raise UndialDataNameError(
                 f"{name}: row {i} lacks field {err}; it has {sorted(row)}. Save the split in the hub's own format."
