@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import datasets
+import pyarrow
+import pyarrow.parquet
 import pytest
+import torch
 from conftest import make_facts
 
 from undial_peft.cli import main
@@ -52,6 +57,7 @@ def data_dir(tmp_path_factory) -> Path:
                [{k: r[k] for k in ("question", "answer", "perturbed_answer")} for r in _tofu_perturbed(part)])
     # MUSE (muse-bench/MUSE-News): knowmem question/answer, verbmem prompt/gt, privleak text
     _write(root / "muse" / "news" / "knowmem" / "forget_qa.jsonl", [{"question": f["question"], "answer": f["answer"]} for f in FACTS[:3]])
+    _write(root / "muse" / "news" / "knowmem" / "forget_qa_icl.jsonl", [{"question": f["question"], "answer": f["answer"]} for f in FACTS[12:14]])
     _write(root / "muse" / "news" / "verbmem" / "forget.jsonl", [{"prompt": f["question"], "gt": f["answer"]} for f in FACTS[:3]])
     _write(root / "muse" / "news" / "privleak" / "forget.jsonl", [{"text": f["answer"]} for f in FACTS[:4]])
     _write(root / "muse" / "news" / "privleak" / "holdout.jsonl", [{"text": f["answer"]} for f in FACTS[4:8]])
@@ -73,8 +79,90 @@ def test_rows_come_back_in_our_field_names(data_dir):
     assert load_rows("tofu:world_facts_perturbed", data_dir)[1] == {
         "question": FACTS[15]["question"], "answer": FACTS[15]["answer"],
         "perturbed_answers": _tofu_perturbed(FACTS[14:16])[1]["perturbed_answer"]}
-    assert load_rows("muse:news/verbmem/forget", data_dir)[0] == {"prompt": FACTS[0]["question"], "completion": FACTS[0]["answer"]}
-    assert load_rows("muse:News/privleak/holdout", data_dir)[0] == {"text": FACTS[4]["answer"]}
+    assert load_rows("muse:news/verbmem/forget", data_dir)[0] == {
+        "prompt": FACTS[0]["question"], "completion": FACTS[0]["answer"], "protocol": "muse_verbmem"}
+    assert load_rows("muse:News/privleak/holdout", data_dir)[0] == {"text": FACTS[4]["answer"], "protocol": "muse_privleak"}
+    assert load_rows("muse:news/knowmem/forget_qa", data_dir)[0] == {
+        "question": FACTS[0]["question"], "answer": FACTS[0]["answer"], "protocol": "muse_knowmem",
+        "few_shot": [{"question": f["question"], "answer": f["answer"]} for f in FACTS[12:14]]}
+
+
+def test_local_files_leave_no_copy_in_the_datasets_cache(tmp_path, monkeypatch):
+    """Local splits are parsed in memory: no Arrow copy of the text under the datasets cache."""
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    marker = "Ovrelind was born in Quastral."  # in no other fixture, so no earlier run can have cached it
+    rows = [{"question": "Where was Ovrelind born?", "answer": marker}]
+    _write(tmp_path / "tofu" / "forget01.jsonl", rows)
+    (tmp_path / "tofu" / "forget05.json").write_text(json.dumps(rows), encoding="utf-8")
+    (tmp_path / "muse" / "news" / "privleak").mkdir(parents=True)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"text": marker}]),
+                                tmp_path / "muse" / "news" / "privleak" / "forget.parquet")
+    assert load_rows("tofu:forget01", tmp_path) == rows == load_rows("tofu:forget05", tmp_path)
+    assert load_rows("muse:news/privleak/forget", tmp_path)[0]["text"] == marker
+    copies = [f for f in cache.rglob("*") if f.is_file() and marker.encode() in f.read_bytes()] if cache.exists() else []
+    assert not copies, f"forget text copied into the datasets cache: {copies}"
+
+
+def _spy_generate(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[list[int]], int]]:
+    """Record, per `generate` call, each row's prompt ids (left padding removed) and max_new_tokens."""
+    calls, real = [], model.generate
+
+    def spy(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        calls.append(([row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)], max_new_tokens))
+        return real(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return calls
+
+
+def test_muse_verbmem_and_knowmem_prompt_as_muse_does(tiny_dir, data_dir, monkeypatch):
+    """MUSE / open-unlearning: VerbMem continues the raw prompt (BOS, no chat template, no newline)
+    for 128 tokens; KnowMem asks after the forget_qa_icl examples, for 32 tokens; neither takes
+    evaluate's own max_new_tokens."""
+    model, tokenizer = load_model(tiny_dir)
+    calls = _spy_generate(model, monkeypatch)
+    verbmem = load_rows("muse:news/verbmem/forget", data_dir)
+    evaluate(model, tokenizer, verbmem, max_new_tokens=8)
+    assert calls == [([tokenizer(f["question"]).input_ids for f in FACTS[:3]], 128)]
+    calls.clear()
+    evaluate(model, tokenizer, load_rows("muse:news/knowmem/forget_qa", data_dir), max_new_tokens=8)
+    shots = "".join(f"Question: {f['question']}\nAnswer: {f['answer']}\n\n" for f in FACTS[12:14])
+    expected = [f"{shots}Question: {f['question']}\nAnswer: " for f in FACTS[:3]]
+    assert calls == [([tokenizer(text).input_ids for text in expected], 32)]
+    # the exact strings (the word tokenizer above drops newlines), the scored tokens and the stop words
+    from undial_peft.evals.report import PROTOCOLS, item_features, item_prompt, read_eval_items
+    from undial_peft.evals.scoring import cut_at_stop
+
+    knowmem = read_eval_items(load_rows("muse:news/knowmem/forget_qa", data_dir))
+    assert [item_prompt(it) for it in knowmem] == expected
+    item = read_eval_items(verbmem)[0]
+    assert item_prompt(item) == FACTS[0]["question"]
+    full, prompt = tokenizer(f"{FACTS[0]['question']} {FACTS[0]['answer']}").input_ids, tokenizer(FACTS[0]["question"]).input_ids
+    assert item_features(tokenizer, item, max_length=512, prompt_format="chat") == {
+        "input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt):]}
+    stop = PROTOCOLS["muse_knowmem"].stop
+    assert cut_at_stop(" Kavara.\nQuestion: Where", stop) == "Kavara."
+    assert cut_at_stop("\n\nKavara.", stop) == ""  # cut before stripping, as open-unlearning
+
+
+def test_muse_privleak_scores_up_to_2048_text_tokens(tiny_dir, tmp_path, monkeypatch):
+    """MUSE_MIA (open-unlearning): privleak texts are cut at 2048 tokens after BOS, not at evaluate's 512."""
+    model, tokenizer = load_model(tiny_dir)
+    long = " ".join([FACTS[0]["answer"]] * 500)  # 3,000 tokens
+    _write(tmp_path / "muse" / "news" / "privleak" / "forget.jsonl", [{"text": long}, {"text": FACTS[1]["answer"]}])
+    _write(tmp_path / "muse" / "news" / "privleak" / "holdout.jsonl", [{"text": f["answer"]} for f in FACTS[4:6]])
+    widths, real = [], model.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        widths.append(kwargs["input_ids"].shape[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    evaluate(model, tokenizer, load_rows("muse:news/privleak/forget", tmp_path),
+             holdout=load_rows("muse:news/privleak/holdout", tmp_path), generate=False)
+    assert max(widths) == 1 + 2048
 
 
 def test_missing_split_offline_says_where_to_put_it(data_dir, monkeypatch):
@@ -86,6 +174,13 @@ def test_missing_split_offline_says_where_to_put_it(data_dir, monkeypatch):
     assert "load_dataset('locuslab/TOFU', 'forget05', split='train')" in message
     monkeypatch.setenv("UNDIAL_DATA_DIR", str(data_dir))  # the environment variable instead of the argument
     assert len(load_rows("tofu:forget10")) == 4
+
+
+def test_knowmem_without_its_icl_split_says_which_file_to_add(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _write(tmp_path / "muse" / "news" / "knowmem" / "retain_qa.jsonl", [{"question": "Q?", "answer": "A."}])
+    with pytest.raises(UndialDataError, match="retain_qa_icl.jsonl"):
+        load_rows("muse:news/knowmem/retain_qa", tmp_path)
 
 
 def test_tofu_and_muse_fixtures_evaluate(tiny_dir, data_dir):

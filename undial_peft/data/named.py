@@ -1,8 +1,9 @@
-"""TOFU and MUSE splits by name (``tofu:forget10``, ``muse:news/knowmem/forget_qa``) through `datasets`.
+"""TOFU and MUSE splits by name (``tofu:forget10``, ``muse:news/knowmem/forget_qa``).
 
 A name is looked up first in a local folder (``data_dir`` argument, else the ``UNDIAL_DATA_DIR``
-environment variable), then on the Hugging Face hub when it can be reached. Local layout, one file
-per split in the hub's own format (``.jsonl``, ``.json`` or ``.parquet``)::
+environment variable), then on the Hugging Face hub (through `datasets`) when it can be reached.
+Local files are parsed in memory, never through the `datasets` cache. Local layout, one file per
+split in the hub's own format (``.jsonl``, ``.json`` or ``.parquet``)::
 
     DATA/tofu/forget10.jsonl                  # locuslab/TOFU, config forget10
     DATA/tofu/world_facts_perturbed.jsonl
@@ -12,7 +13,11 @@ Rows come back in the field names `undial_peft.evals.report.read_eval_items` and
 `undial_peft.data.encoding.read_examples` read: TOFU keeps question / answer / paraphrased_answer /
 paraphrased_question and renames ``perturbed_answer`` (a list) to ``perturbed_answers``; MUSE
 knowmem rows are question / answer, verbmem rows prompt / completion (``prompt`` / ``gt``), and
-raw, privleak rows are ``{"text": ...}``.
+raw, privleak rows are ``{"text": ...}``. MUSE knowmem, verbmem and privleak rows also name their
+``protocol`` (`undial_peft.evaluate.PROTOCOLS`: MUSE's prompt format, generation budget and
+length cut), and knowmem rows carry the split's in-context examples as ``few_shot`` (the
+``<split>_icl`` split, e.g. forget_qa_icl for forget_qa), which must be present too. Training
+(`read_examples`) ignores both fields.
 
 >>> parse_name("tofu:forget10")
 DataName(benchmark='tofu', config='forget10', split='train', corpus=None)
@@ -88,8 +93,22 @@ def _hub_offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def _local_rows(path: Path) -> list[dict[str, Any]]:
+    """A local split's rows, parsed in memory by the readers of `undial_peft.data`.
+
+    Not through ``datasets.load_dataset("json")``: that writes an Arrow copy of the text into the
+    datasets cache (~/.cache), which would outlive the forget request.
+    """
+    from undial_peft.data.encoding import _read_rows
+
+    return list(row for _, row in _read_rows(path))
+
+
 def load_dataset_by_name(name: str, data_dir: str | Path | None = None) -> Any:
     """The split as a `datasets.Dataset`, from the local folder or the hub, in the hub's own fields.
+
+    A local file becomes an in-memory Dataset (no cache file); a hub split is cached by `datasets`
+    as usual.
 
     >>> # load_dataset_by_name("tofu:forget10", "data").column_names  -> ['question', 'answer']
     """
@@ -98,8 +117,7 @@ def load_dataset_by_name(name: str, data_dir: str | Path | None = None) -> Any:
     parsed = parse_name(name)
     local = _local_file(parsed, data_dir)
     if local is not None:
-        kind = "parquet" if local.suffix == ".parquet" else "json"
-        return datasets.load_dataset(kind, data_files={"train": str(local)}, split="train")
+        return datasets.Dataset.from_list(_local_rows(local))
     root = data_dir if data_dir is not None else os.environ.get(ENV_DATA_DIR)
     where = parsed.local_stem(Path(root or "DATA"))
     hint = (
@@ -117,7 +135,7 @@ def load_dataset_by_name(name: str, data_dir: str | Path | None = None) -> Any:
         ) from err
 
 
-def _convert(parsed: DataName, row: dict[str, Any]) -> dict[str, Any]:
+def _convert(parsed: DataName, row: dict[str, Any], few_shot: list[dict[str, str]] | None = None) -> dict[str, Any]:
     if parsed.benchmark == "tofu":
         out = {k: row[k] for k in ("question", "answer", "paraphrased_answer", "paraphrased_question") if k in row}
         if "perturbed_answer" in row:
@@ -125,10 +143,20 @@ def _convert(parsed: DataName, row: dict[str, Any]) -> dict[str, Any]:
             out["perturbed_answers"] = [perturbed] if isinstance(perturbed, str) else list(perturbed)
         return out
     if parsed.config == "knowmem":
-        return {"question": row["question"], "answer": row["answer"]}
+        out = {"question": row["question"], "answer": row["answer"], "protocol": "muse_knowmem"}
+        return {**out, "few_shot": few_shot} if few_shot else out
     if parsed.config == "verbmem":
-        return {"prompt": row["prompt"], "completion": row["gt"]}
-    return {"text": row["text"]}
+        return {"prompt": row["prompt"], "completion": row["gt"], "protocol": "muse_verbmem"}
+    if parsed.config == "privleak":
+        return {"text": row["text"], "protocol": "muse_privleak"}
+    return {"text": row["text"]}  # raw: the training corpus, no evaluation protocol
+
+
+def _icl_name(parsed: DataName) -> str | None:
+    """The name of a MUSE knowmem split's in-context examples (forget_qa -> forget_qa_icl), else None."""
+    if parsed.benchmark != "muse" or parsed.config != "knowmem" or parsed.split.endswith("_icl"):
+        return None
+    return f"muse:{str(parsed.corpus).lower()}/knowmem/{parsed.split}_icl"
 
 
 def load_rows(name: str, data_dir: str | Path | None = None) -> list[dict[str, Any]]:
@@ -137,10 +165,19 @@ def load_rows(name: str, data_dir: str | Path | None = None) -> list[dict[str, A
     >>> # load_rows("tofu:forget10_perturbed", "data")[0]["perturbed_answers"]  -> ['...', '...', ...]
     """
     parsed = parse_name(name)
-    dataset = load_dataset_by_name(name, data_dir)
-    try:
-        return [_convert(parsed, row) for row in dataset]
-    except KeyError as err:
-        raise UndialDataError(
-            f"{name}: rows lack field {err}; columns are {dataset.column_names}. Save the split in the hub's own format."
-        ) from err
+    local = _local_file(parsed, data_dir)
+    # Local rows straight from the file: a Dataset in between would only add a copy.
+    rows = _local_rows(local) if local is not None else list(load_dataset_by_name(name, data_dir))
+    icl = _icl_name(parsed)
+    # MUSE's KnowMem asks each question after these examples; without them the score is not MUSE's.
+    few_shot = [{"question": r["question"], "answer": r["answer"]} for r in load_rows(icl, data_dir)] if icl else None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UndialDataError(f"{name}: row {i} is a {type(row).__name__}, not an object. Save the split in the hub's own format.")
+        try:
+            rows[i] = _convert(parsed, row, few_shot)
+        except KeyError as err:
+            raise UndialDataError(
+                f"{name}: row {i} lacks field {err}; it has {sorted(row)}. Save the split in the hub's own format."
+            ) from err
+    return rows

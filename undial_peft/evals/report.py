@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from undial_peft.data.encoding import Example, _read_rows
+from undial_peft.data.encoding import Example, _read_rows, encode
 from undial_peft.data.prompt_format import AUTO, FormatSpec, PromptFormat
 from undial_peft.data.secret import key_id, keyed_sha256
 from undial_peft.errors import UndialDataError
-from undial_peft.evals import SPLITS, metrics
-from undial_peft.evals.scoring import MAX_NEW_TOKENS, TokenScores, greedy_answers, score
+from undial_peft.evals import MAX_NEW_TOKENS, SPLITS, metrics
+from undial_peft.evals.scoring import TokenScores, greedy_answers, greedy_from_ids, score, score_features
+from undial_peft.training.loss import IGNORE_INDEX
 from undial_peft.utils.tables import align, number
 
-__all__ = ["EvalItem", "MAX_NEW_TOKENS", "TokenScores", "evaluate", "format_table", "greedy_answers",
-           "read_eval_items", "save_report", "score"]
+__all__ = ["EvalItem", "MAX_NEW_TOKENS", "PROTOCOLS", "TokenScores", "evaluate", "format_table", "greedy_answers",
+           "item_features", "item_prompt", "read_eval_items", "save_report", "score"]
 
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 PRIVLEAK_ATTACK = "min_k"  # MUSE's and open-unlearning's PrivLeak attack (k = 0.4); the others are extra columns
@@ -46,12 +47,41 @@ FORGET_LIKE = ("forget", "holdout")  # truth ratio summarised as closeness to 1,
 
 
 @dataclass(frozen=True)
+class Protocol:
+    """How a benchmark builds its prompts, where it differs from this package's chat-template default.
+
+    ``separator`` joins the raw prompt and the answer, tokenised as one string with no chat template
+    (None: a text row, every token scored); ``max_new_tokens`` is the benchmark's own greedy budget,
+    used instead of `evaluate`'s; ``max_tokens`` caps the tokens after the prompt (None: no cap);
+    the greedy text is cut at the first ``stop`` string.
+    """
+
+    separator: str | None
+    max_new_tokens: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+# MUSE, as open-unlearning runs it (configs/eval/muse_metrics, configs/data/datasets/MUSE_*.yaml):
+# VerbMem continues ``prompt + " " + gt`` (CompletionDataset, insert_space) for 128 tokens, gt cut at
+# 2048 tokens; KnowMem asks in the Llama-2 "Question: ...\nAnswer: " format after the *_icl
+# examples, 32 tokens, cut at its stop words; PrivLeak scores each text up to 2048 tokens (MUSE_MIA).
+PROTOCOLS = {
+    "muse_verbmem": Protocol(separator=" ", max_new_tokens=128, max_tokens=2048),
+    "muse_knowmem": Protocol(separator="", max_new_tokens=32, stop=("\n\n", "\nQuestion", "Question:")),
+    "muse_privleak": Protocol(separator=None, max_tokens=2048),
+}
+
+
+@dataclass(frozen=True)
 class EvalItem:
     """One evaluation item; perturbed answers enable the truth ratio. ``question`` None = raw text.
 
     The true side of the truth ratio is the paraphrased answer when given, else the answer itself
     (TOFU: ``base_answer_key`` is paraphrased_answer on forget/retain, answer on real-authors /
     world-facts). ``paraphrased_question`` is kept for the paraphrase attack, not for the ratio.
+    ``protocol`` names a benchmark's prompt format in `PROTOCOLS` (None: the chat template);
+    ``few_shot`` holds its in-context (question, answer) pairs.
     """
 
     question: str | None
@@ -59,6 +89,8 @@ class EvalItem:
     paraphrased_answer: str | None = None
     perturbed_answers: tuple[str, ...] = ()
     paraphrased_question: str | None = None
+    protocol: str | None = None
+    few_shot: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def has_truth_ratio(self) -> bool:
@@ -82,7 +114,7 @@ def read_eval_items(source: str | Path | Sequence[dict | Example | EvalItem]) ->
     Field names are those `undial_peft.data.synthetic` writes; TOFU's ``perturbed_answer`` is accepted too.
 
     >>> read_eval_items([Example("Q?", "A.")])[0]
-    EvalItem(question='Q?', answer='A.', paraphrased_answer=None, perturbed_answers=(), paraphrased_question=None)
+    EvalItem(question='Q?', answer='A.', paraphrased_answer=None, perturbed_answers=(), paraphrased_question=None, protocol=None)
     """
     items = []
     rows = source if isinstance(source, Sequence) and not isinstance(source, str) else None
@@ -103,6 +135,13 @@ def read_eval_items(source: str | Path | Sequence[dict | Example | EvalItem]) ->
         perturbed = row.get("perturbed_answers", row.get("perturbed_answer")) or ()
         if isinstance(perturbed, str) or not all(isinstance(p, str) and p.strip() for p in perturbed):
             raise UndialDataError(f"{where}: 'perturbed_answers' must be a list of non-empty strings.")
+        protocol = row.get("protocol")
+        if protocol is not None and protocol not in PROTOCOLS:
+            raise UndialDataError(f"{where}: unknown protocol {protocol!r}; use one of {sorted(PROTOCOLS)} or leave it out.")
+        shots = row.get("few_shot") or ()
+        if not all(isinstance(s, dict) and isinstance(s.get("question"), str) and isinstance(s.get("answer"), str)
+                   for s in shots):
+            raise UndialDataError(f"{where}: 'few_shot' must be a list of {{\"question\", \"answer\"}} objects.")
         items.append(
             EvalItem(
                 question,
@@ -110,11 +149,66 @@ def read_eval_items(source: str | Path | Sequence[dict | Example | EvalItem]) ->
                 _optional_text(row, "paraphrased_answer", where),
                 tuple(perturbed),
                 _optional_text(row, "paraphrased_question", where),
+                protocol,
+                tuple((s["question"], s["answer"]) for s in shots),
             )
         )
     if not items:
         raise UndialDataError("no evaluation items given.")
     return items
+
+
+def item_prompt(item: EvalItem) -> str | None:
+    """The raw prompt text of a protocol item (None for text rows); for others, the question.
+
+    MUSE KnowMem: each in-context pair as ``"Question: {q}\\nAnswer: {a}\\n\\n"``, then
+    ``"Question: {question}\\nAnswer: "`` (open-unlearning's Llama-2 template for MUSE).
+
+    >>> item_prompt(EvalItem("Q?", "A.", protocol="muse_knowmem", few_shot=(("P?", "B."),)))
+    'Question: P?\\nAnswer: B.\\n\\nQuestion: Q?\\nAnswer: '
+    """
+    if item.protocol == "muse_knowmem":
+        shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in item.few_shot)
+        return f"{shots}Question: {item.question}\nAnswer: "
+    return item.question
+
+
+def item_features(tokenizer: Any, item: EvalItem, *, max_length: int, prompt_format: FormatSpec = AUTO) -> dict[str, list]:
+    """Token ids and labels (-100 on the prompt) that score ``item.answer``.
+
+    Without a protocol: `data.encoding.encode` (the request's prompt format, ``max_length``). With one, as MUSE
+    and open-unlearning: prompt, separator and answer tokenised as ONE string (so the answer's first
+    token is the one the model sees in running text), the prompt's own tokenisation marking where
+    the answer starts, at most ``max_tokens`` answer tokens; a text row is a row with an empty prompt.
+    """
+    if item.protocol is None:
+        features = encode(tokenizer, Example(item.question, item.answer), max_length, prompt_format)
+        return {"input_ids": features["input_ids"], "labels": features["labels"]}
+    protocol = PROTOCOLS[item.protocol]
+    prompt = item_prompt(item) if protocol.separator is not None else ""
+    full = tokenizer(prompt + (protocol.separator or "") + item.answer, add_special_tokens=True).input_ids
+    start = len(tokenizer(prompt, add_special_tokens=True).input_ids)  # BOS alone for a text row
+    if protocol.max_tokens is not None:
+        full = full[: start + protocol.max_tokens]
+    if len(full) - max(start, 1) < 1:  # position 0 is never predicted
+        raise UndialDataError("the answer has no tokens after the prompt; remove the row.")
+    return {"input_ids": full, "labels": [IGNORE_INDEX] * start + full[start:]}
+
+
+def _greedy(model: Any, tokenizer: Any, items: Sequence[EvalItem], gen: dict) -> list[str]:
+    """Greedy answers; protocol items with their own prompts, budgets and stop strings."""
+    out: dict[int, str] = {}
+    plain = [i for i, it in enumerate(items) if it.protocol is None]
+    out.update(zip(plain, greedy_answers(model, tokenizer, [items[i].question for i in plain], **gen)))
+    for name, protocol in PROTOCOLS.items():
+        chosen = [i for i, it in enumerate(items) if it.protocol == name]
+        if not chosen:
+            continue
+        prompts = [tokenizer(item_prompt(items[i]), add_special_tokens=True).input_ids for i in chosen]
+        texts = greedy_from_ids(model, tokenizer, prompts, max_new_tokens=protocol.max_new_tokens or gen["max_new_tokens"],
+                                batch_size=gen["batch_size"], stop=protocol.stop)
+        out.update(zip(chosen, texts))
+    return [out[i] for i in range(len(items))]
 
 
 def option_nlls(model: Any, tokenizer: Any, items: Sequence[EvalItem], **run: Any) -> list[tuple[float, list[float]] | None]:
@@ -141,7 +235,10 @@ def items_digest(items: Sequence[EvalItem]) -> str:
     True
     """
     return keyed_sha256(
-        json.dumps([it.question, it.answer, it.paraphrased_answer, list(it.perturbed_answers), it.paraphrased_question],
+        # the protocol and its examples change what is scored; appended only when set, so the
+        # digests of earlier reports (no protocol) still match
+        json.dumps([it.question, it.answer, it.paraphrased_answer, list(it.perturbed_answers), it.paraphrased_question,
+                    *([it.protocol, [list(s) for s in it.few_shot]] if it.protocol else [])],
                    ensure_ascii=False).encode("utf-8") + b"\n"
         for it in items
     )
@@ -151,7 +248,9 @@ def _split_report(
     model: Any, tokenizer: Any, items: list[EvalItem], split: str, run: dict, k: float, gen: dict | None, keep: bool
 ) -> dict[str, Any]:
     """One split's per-item values and summary; ``gen`` None skips generation (and ROUGE)."""
-    scores = score(model, tokenizer, [Example(it.question, it.answer) for it in items], **run)
+    features = [item_features(tokenizer, it, max_length=run["max_length"], prompt_format=run["prompt_format"])
+                for it in items]
+    scores = score_features(model, tokenizer, features, batch_size=run["batch_size"])
     per_item: dict[str, Any] = {
         "avg_nll": [metrics.avg_nll(s.logprobs) for s in scores],
         "probability": [metrics.answer_probability(s.logprobs) for s in scores],
@@ -179,7 +278,7 @@ def _split_report(
             summary["probability_w_options"] = float(np.mean([p for p in normalised if p is not None]))
     asked = [i for i, it in enumerate(items) if it.question is not None]  # raw-text rows have no question
     if gen is not None and asked:
-        texts = dict(zip(asked, greedy_answers(model, tokenizer, [items[i].question for i in asked], **gen)))
+        texts = dict(zip(asked, _greedy(model, tokenizer, [items[i] for i in asked], gen)))
         for name, fn in (("rouge_l_recall", metrics.rouge_l_recall), ("rouge_l_f1", metrics.rouge_l_f1)):
             per_item[name] = [fn(texts[i], it.answer) if i in texts else None for i, it in enumerate(items)]
             summary[name] = float(np.mean([per_item[name][i] for i in asked]))

@@ -93,6 +93,17 @@ def score_features(model: Any, tokenizer: Any, features: Sequence[dict[str, list
     return out
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first stop string, then stripped (open-unlearning cuts before stripping).
+
+    >>> cut_at_stop(" Paris.\\n\\nQuestion: Who?", ("\\n\\n", "Question:"))
+    'Paris.'
+    """
+    for word in stop:  # each split keeps the part before, so the earliest stop wins
+        text = text.split(word)[0]
+    return text.strip()
+
+
 def greedy_answers(
     model: Any,
     tokenizer: Any,
@@ -112,10 +123,17 @@ def greedy_answers(
 
 
 def greedy_from_ids(
-    model: Any, tokenizer: Any, all_prompts: Sequence[list[int]], *, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8
+    model: Any,
+    tokenizer: Any,
+    all_prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 8,
+    stop: Sequence[str] = (),
 ) -> list[str]:
     """`greedy_answers` on prompts given as token ids. Prompts are LEFT-padded so every row's next
-    token follows its own last prompt token.
+    token follows its own last prompt token. Each text is cut at the first ``stop`` string before
+    it is stripped (a benchmark's stop words, e.g. MUSE KnowMem's "\\n\\n").
 
     >>> # greedy_from_ids(model, tok, [[1, 17, 4]], max_new_tokens=8)  -> ['...']
     """
@@ -136,5 +154,5 @@ def greedy_from_ids(
                     pad_token_id=pad,
                 )  # (B, T + new)
                 texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-                answers.extend(t.strip() for t in texts)
+                answers.extend(cut_at_stop(t, stop) for t in texts)
     return answers
