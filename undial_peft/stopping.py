@@ -9,7 +9,8 @@ fixed-length run (no target) is measured once, after its last step:
   ``until_ratio`` x its value before training and/or at most ``until_prob``;
 - ``retain_budget``: the retain set's mean answer probability fell by more than
   ``max_retain_drop`` (a fraction of its value before). The adapter is then rolled back to the last
-  check that was within the budget, so the saved adapter keeps the promise;
+  check that was within the budget, so the saved adapter keeps the promise. After a resume from a
+  checkpoint the resumed weights are measured first: they are the first point it can roll back to;
 - ``max_steps``: the step limit came first; the outcome says by how much the target was missed.
 
 A row's key probability is exp(mean log p) over the tokens that get the UNDIAL adjustment
@@ -33,6 +34,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .adapters import adapter_state
 from .data import Collator
 from .loss import shift_labels_like, token_logprobs
+from .trainer import UndialTrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ class StopWhenForgotten(TrainerCallback):
         self.history: list[dict[str, float]] = []
         self.outcome: dict[str, Any] = {}
         self._good: dict[str, torch.Tensor] | None = None  # trainable weights at the last in-budget check
+        self._good_point: dict[str, float] = {}  # what that check measured: kept with the weights it describes
 
     # --- measuring ------------------------------------------------------------------------
     def _measure(self, model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -139,13 +142,24 @@ class StopWhenForgotten(TrainerCallback):
                 before = self._measure(model, 0)
         else:
             before = self._measure(model, 0)
-        before["step"] = state.global_step
         self.history = [before]
-        self._good = self._snapshot(model)
         target = self._target(before["forget"])
         self.outcome = {"forget_before": before["forget"], "target": target, "retain_before": before.get("retain")}
         if self.max_retain_drop is not None and "retain" in before:
             self.outcome["retain_floor"] = before["retain"] * (1 - self.max_retain_drop)
+        if state.global_step > 0:
+            # Resumed from a checkpoint: the model holds step k's weights, not the ones "before"
+            # measured (new adapter off). Measure them, so that a roll-back returns to weights whose
+            # figures are known, and the outcome reports those figures as "after".
+            resumed = {**self._measure(model, state.global_step), "resumed": 1.0}
+            self.history.append(resumed)
+            floor = self.outcome.get("retain_floor")
+            if floor is not None and resumed["retain"] < floor:
+                raise UndialTrainingError(
+                    f"the checkpoint at step {state.global_step} already loses more of the retain set than"
+                    f" max_retain_drop allows (retain probability {resumed['retain']:.4f} < {floor:.4f}) and"
+                    " no weights within the budget are left to roll back to: train again without resume (--resume).")
+        self._good, self._good_point = self._snapshot(model), self.history[-1]
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not self._due(state.global_step, state.max_steps):
@@ -160,7 +174,7 @@ class StopWhenForgotten(TrainerCallback):
             self._roll_back(model)
             control.should_training_stop = True
             return
-        self._good = self._snapshot(model)
+        self._good, self._good_point = self._snapshot(model), point
         target = self.outcome["target"]
         if target is not None and point["forget"] <= target and state.global_step >= self.min_steps:
             self.outcome.update(stopped="target")
@@ -177,7 +191,9 @@ class StopWhenForgotten(TrainerCallback):
         return bool(self.retain_rows) or (self.outcome["target"] is not None and step >= self.min_steps)
 
     def _roll_back(self, model: torch.nn.Module) -> None:
-        last_good = self.history[-2]  # the previous check was within budget (else training had stopped there)
+        # The snapshot and the point that measured it were saved together: "after" is what the kept
+        # weights measured, also when they are the resumed ones.
+        last_good = self._good_point
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if self._good is not None and name in self._good:
@@ -192,7 +208,7 @@ class StopWhenForgotten(TrainerCallback):
         self.outcome.setdefault("stopped", "max_steps" if target is not None else "fixed_length")
         self.outcome.update(step=int(last["step"]), forget_after=last["forget"], retain_after=last.get("retain"),
                             checks=len(self.history) - 1)
-        self._good = None
+        self._good, self._good_point = None, {}
         logger.info("%s", describe(self.outcome))
         if self.outcome["stopped"] in ("max_steps", "retain_budget") and self.outcome.get("target") is not None:
             logger.warning("target not reached: forget key probability %.4f, target %.4f (missed by %.4f)",
