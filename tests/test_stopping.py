@@ -179,3 +179,28 @@ def test_resume_past_the_retain_budget_is_an_error(monkeypatch):
     run = _Resumed(monkeypatch, resumed_weight=2.0)  # the checkpoint itself is below the floor
     with pytest.raises(UndialTrainingError, match="checkpoint at step 4 already loses more of the retain set"):
         run.stop.on_train_begin(None, run.state, run.control, model=run.model)
+
+
+def test_the_retain_watch_spreads_over_the_whole_set():
+    rows = [{"input_ids": [i, 1], "labels": [i, 1]} for i in range(200)]
+    stop = StopWhenForgotten(rows[:1], 0, retain_rows=rows, max_retain_drop=0.1, max_retain_rows=64)
+    watched = [r["input_ids"][0] for r in stop.retain_rows]
+    # Evenly spaced, by hand: row i * 200 // 64 for i = 0..63, i.e. 0, 3, 6, 9, 12, 15, 18, 21, 25, ... 196.
+    assert watched == [i * 200 // 64 for i in range(64)] and watched[:9] == [0, 3, 6, 9, 12, 15, 18, 21, 25]
+    assert max(watched) == 196  # rows past the first 64 are watched
+    assert len(StopWhenForgotten(rows[:1], 0, retain_rows=rows[:10], max_retain_drop=0.1).retain_rows) == 10  # all
+
+
+def test_max_retain_rows_reaches_the_watch_from_the_config_and_the_cli(tiny_dir, facts):
+    from undial_peft.cli import _forget_config, build_parser
+
+    args = build_parser().parse_args(["forget", "--data", "f.jsonl", "--out", "a", "--max-retain-rows", "3"])
+    config = _config(max_retain_rows=_forget_config(args).max_retain_rows)
+    assert config.max_retain_rows == 3 and UndialConfig().max_retain_rows == 64
+    _, tokenizer = load_model(tiny_dir)
+    retain = [Example(f["question"], f["answer"]) for f in facts[4:16]]  # 12 rows
+    stop = api._stopper(tokenizer, [Example(facts[0]["question"], facts[0]["answer"])], [None], retain, config, [])
+    expected = [encode(tokenizer, retain[i], config.max_length)["input_ids"] for i in (0, 4, 8)]
+    assert [r["input_ids"] for r in stop.retain_rows] == expected
+    with pytest.raises(ValueError, match="max_retain_rows=0 is invalid"):
+        _config(max_retain_rows=0)

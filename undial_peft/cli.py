@@ -61,7 +61,7 @@ def _forget_config(args: argparse.Namespace) -> Any:
     from .config import UndialConfig
 
     given = {"beta": args.beta, "learning_rate": args.lr, "check_every": args.check_every, "max_steps": args.max_steps,
-             "min_steps": args.min_steps}
+             "min_steps": args.min_steps, "max_retain_rows": args.max_retain_rows}
     chosen: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     if args.until is not None:
         chosen.update(_until(args.until))
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--check-every", type=int, default=None, help="measure the forget set every N steps")
     forget.add_argument("--min-steps", type=int, default=None, help="train at least N steps before the target may stop it")
     forget.add_argument("--max-retain-drop", default=None, help="with --retain: stop past this fraction lost, or none")
+    forget.add_argument("--max-retain-rows", type=int, default=None,
+                        help="with --retain: rows scored at each check, evenly spaced over the set (default: UndialConfig's)")
     forget.add_argument("--no-auto-key", action="store_true", help="rows without key: adjust every answer token")
     forget.add_argument("--show-keys", action="store_true", help="dry run: print each row's key to the terminal, train nothing")
     forget.add_argument("--epochs", type=float, default=None, help="fixed epochs (with --until none: fixed length)")

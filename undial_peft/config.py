@@ -56,6 +56,9 @@ class UndialConfig(TrainingArguments):
     max_retain_drop: float | None = field(
         default=0.1, metadata={"help": "With retain data: stop (and roll back) when its answer probability fell by more than this fraction."}
     )
+    max_retain_rows: int = field(
+        default=64, metadata={"help": "With retain data: retain rows scored at each check, evenly spaced over the whole set (each check is a forward pass over them)."}
+    )
     auto_key: bool = field(default=True, metadata={"help": "Rows without `key`: find the fact's tokens with the teacher (keys.py)."})
     auto_key_threshold: float = field(
         default=7.5, metadata={"help": "Automatic keys: nats above the model's neutral prior a token needs (keys.KeyRule)."}
@@ -117,5 +120,7 @@ class UndialConfig(TrainingArguments):
             raise bad("max_retain_drop", "use a fraction between 0 and 1 (e.g. 0.1), or None to not watch the retain set")
         if self.check_every < 1:
             raise bad("check_every", "use 1 or more steps")
+        if self.max_retain_rows < 1:
+            raise bad("max_retain_rows", "watch at least 1 retain row (64 by default)")
         if self.max_length < 2:
             raise bad("max_length", "use at least 2 tokens")

@@ -64,6 +64,21 @@ def key_probabilities(model: torch.nn.Module, rows: Features, pad_token_id: int,
     return torch.cat(out)
 
 
+def spread(rows: Features, size: int) -> list[dict[str, list]]:
+    """``size`` rows evenly spaced over all of ``rows`` (all of them when there are no more), in order.
+
+    Deterministic, so reruns watch the same rows; spread, so a retain file sorted by topic or source
+    is watched across its whole length and not only its head.
+
+    >>> [r["i"] for r in spread([{"i": i} for i in range(10)], 4)]
+    [0, 2, 5, 7]
+    """
+    rows = list(rows)
+    if len(rows) <= size:
+        return rows
+    return [rows[i * len(rows) // size] for i in range(size)]
+
+
 def _answer_only(rows: Features) -> list[dict[str, list]]:
     # Retain rows are judged on the whole answer, whatever their keys.
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
@@ -82,7 +97,9 @@ class StopWhenForgotten(TrainerCallback):
             key probability settles near its adjusted-target floor while the distillation of the
             other tokens undoes collateral damage (measured in the README), so stopping at the
             first check below the target is not what keeps other facts.
-        retain_rows: encoded retain rows to watch (at most ``max_retain_rows`` are used).
+        retain_rows: encoded retain rows to watch.
+        max_retain_rows: how many of them are scored at each check: evenly spaced over the whole
+            set (`spread`); every check is a forward pass over them.
         max_retain_drop: stop when the retain answer probability fell by more than this fraction.
         teacher_adapters: the adapters active before this request, to measure "before" correctly
             even when training resumes from a checkpoint (the new adapter is switched off for it).
@@ -105,11 +122,13 @@ class StopWhenForgotten(TrainerCallback):
         if check_every < 1:
             raise ValueError(f"check_every={check_every} is invalid: measure every 1 or more steps.")
         self.forget_rows, self.pad = list(forget_rows), pad_token_id
+        if max_retain_rows < 1:
+            raise ValueError(f"max_retain_rows={max_retain_rows} is invalid: watch at least 1 retain row.")
         if min_steps < 0:
             raise ValueError(f"min_steps={min_steps} is invalid: use 0 (stop at the first check below the target) or more.")
         self.until_ratio, self.until_prob, self.check_every = until_ratio, until_prob, check_every
         self.min_steps = min_steps
-        self.retain_rows = _answer_only(retain_rows[:max_retain_rows]) if retain_rows and max_retain_drop is not None else []
+        self.retain_rows = _answer_only(spread(retain_rows, max_retain_rows)) if retain_rows and max_retain_drop is not None else []
         self.max_retain_drop = max_retain_drop
         self.teacher_adapters = teacher_adapters
         self.history: list[dict[str, float]] = []
