@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -23,6 +24,7 @@ from undial_peft.evals.attacks import (
     recovered_fraction,
     relearn,
 )
+from undial_peft.evals.report import EvalItem
 from undial_peft.evals.requantise import merged_copy, round_trip
 from undial_peft.models import load_model
 
@@ -51,6 +53,50 @@ def test_recovered_fraction_by_hand():
     assert recovered_fraction(base=0.9, before=0.1, after=0.9) == pytest.approx(1.0)
     assert recovered_fraction(base=0.9, before=0.1, after=0.05) == pytest.approx(-0.0625)
     assert recovered_fraction(base=0.4, before=0.4, after=0.7) is None  # nothing was forgotten
+
+
+class _PromptedSetup:
+    """An `AttackSetup` stand-in whose models answer with fixed probabilities: prompt [0] is the plain
+    question, prompt [1] the attacked one; ``values[(adapter_off, attacked)]`` is the probability."""
+
+    def __init__(self, values: dict[tuple[bool, bool], float], n: int = 3) -> None:
+        self.values, self.off = values, False
+        self.items = [EvalItem(f"Q{i}?", f"A{i}.", paraphrased_question=f"P{i}?") for i in range(n)]
+        self.prompts = [[0]] * n
+        self.base = {"probability": np.full(n, values[(True, False)])}
+        self.before = {"probability": np.full(n, values[(False, False)])}
+        self.model = self
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        self.off = True
+        try:
+            yield
+        finally:
+            self.off = False
+
+    def ask(self, question: str, before=()) -> list[int]:
+        return [1] if before or question.startswith("P") else [0]
+
+    def measure(self, model, prompts, index=None) -> dict[str, np.ndarray]:
+        picked = range(len(prompts)) if index is None else index
+        return {"probability": np.array([self.values[(self.off, prompts[i] == [1])] for i in picked])}
+
+
+@pytest.mark.parametrize("kind", ["paraphrase", "few_shot", "reveal_prompt"])
+def test_prompt_attacks_are_anchored_to_the_base_asked_the_same_way(kind):
+    shots = [{"question": "S?", "answer": "T."}] if kind == "few_shot" else None
+    # The README demo's few_shot figures: base 0.712 plain / 0.830 asked so, unlearned 0.509 / 0.727.
+    # By hand: (0.727 - 0.509) / (0.830 - 0.509) = 0.218 / 0.321 = 0.6791; anchored to the plain base
+    # it read (0.727 - 0.509) / (0.712 - 0.509) = 1.074, the prompt's lift of every model included.
+    setup = _PromptedSetup({(True, False): 0.712, (False, False): 0.509, (True, True): 0.830, (False, True): 0.727})
+    result = prompt_attack(setup, kind, shots=shots)
+    assert result.recovered["probability"] == pytest.approx(0.218 / 0.321)
+    assert result.base == {"probability": pytest.approx(0.830)} and result.settings["base_plain"] == {"probability": pytest.approx(0.712)}
+    # A prompt that lifts the base from 0.5 to 0.9 and the unlearned model from 0.1 to 0.5 (the base's
+    # plain level) closes half the gap it leaves under that prompt: (0.5 - 0.1) / (0.9 - 0.1), not 1.
+    setup = _PromptedSetup({(True, False): 0.5, (False, False): 0.1, (True, True): 0.9, (False, True): 0.5})
+    assert prompt_attack(setup, kind, shots=shots).recovered["probability"] == pytest.approx(0.5)
 
 
 def test_nf4_round_trip_equals_a_real_bitsandbytes_4bit_load(tiny_dir):
@@ -105,7 +151,7 @@ def test_attacks_on_an_unlearned_tiny_model(tiny_dir, unlearned):
         assert q.settings["base_quantised"]["probability"] > 0.5  # quantising the base alone keeps the facts
         assert q.after["probability"] < 0.9  # round-off does not undo this adapter wholesale here
     reveal = prompt_attack(setup, "reveal_prompt")
-    assert reveal.n_items == 4 and set(reveal.settings["base_attacked"]) == {"probability"}
+    assert reveal.n_items == 4 and set(reveal.settings["base_plain"]) == {"probability"}
     assert prompt_attack(setup, "paraphrase").n_items == 4
     with pytest.raises(ValueError, match="few_shot"):
         prompt_attack(setup, "few_shot")

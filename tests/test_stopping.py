@@ -3,21 +3,26 @@ key probability it measures, checked against an independent float64 computation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 
 import numpy as np
 import pytest
+import torch
+from transformers import TrainerControl, TrainerState
 
 from undial_peft import UndialConfig
 from undial_peft.data.encoding import Example, encode
 from undial_peft.deploy.manifest import MANIFEST
 from undial_peft.deploy.stack import attach
+from undial_peft.errors import UndialTrainingError
 from undial_peft.evals.report import score
 from undial_peft.models import load_model
 from undial_peft.training import forget as api
-from undial_peft.training.stopping import describe, key_probabilities
+from undial_peft.training import stopping
+from undial_peft.training.stopping import StopWhenForgotten, describe, key_probabilities
 
 
 def _config(**overrides) -> UndialConfig:
@@ -123,3 +128,80 @@ def test_key_probability_restores_train_mode(tiny_dir):
     key_probabilities(model, [encode(tokenizer, Example("Where was Zorbel born?", "Zorbel was born in Kavara."), 64)],
                       tokenizer.pad_token_id)
     assert model.training and all(p.grad is None for p in model.parameters())
+
+
+class _Resumed:
+    """A one-weight model whose forget / retain figures are set by hand: ``w`` 1.0 is the checkpoint's
+    weight, 2.0 a step that breaks the retain budget; with the new adapter off (before) 0.8 / 0.9."""
+
+    FIGURES = {"off": (0.8, 0.9), 1.0: (0.5, 0.88), 2.0: (0.3, 0.7)}  # (forget, retain); floor 0.9 x 0.9 = 0.81
+
+    def __init__(self, monkeypatch, resumed_weight: float = 1.0) -> None:
+        self.model = torch.nn.Linear(1, 1, bias=False)
+        self.model.weight.data.fill_(resumed_weight)
+        self.model.off = False
+
+        @contextlib.contextmanager
+        def adapter_off(model, active):
+            model.off = True
+            try:
+                yield
+            finally:
+                model.off = False
+
+        def figures(model, rows, pad_token_id, batch_size=16):
+            forget, retain = self.FIGURES["off" if model.off else model.weight.item()]
+            return torch.full((len(rows),), forget if "beta_weight" in rows[0] else retain)
+
+        monkeypatch.setattr(stopping, "adapter_state", adapter_off)
+        monkeypatch.setattr(stopping, "key_probabilities", figures)
+        rows = [{"input_ids": [1, 2], "labels": [1, 2], "beta_weight": [1.0, 1.0]}]
+        self.stop = StopWhenForgotten(rows, 0, until_ratio=0.2, retain_rows=rows, max_retain_drop=0.1, teacher_adapters=[])
+        self.state, self.control = TrainerState(global_step=4, max_steps=10), TrainerControl()
+
+
+def test_resume_then_roll_back_reports_the_weights_it_keeps(monkeypatch):
+    run = _Resumed(monkeypatch)
+    run.stop.on_train_begin(None, run.state, run.control, model=run.model)  # resumed at step 4, w = 1
+    run.model.weight.data.fill_(2.0)  # step 5 breaks the retain budget (0.7 < 0.81)
+    run.state.global_step = 5
+    run.stop.on_step_end(None, run.state, run.control, model=run.model)
+    run.stop.on_train_end(None, run.state, run.control, model=run.model)
+    out = run.stop.outcome
+    assert run.control.should_training_stop and out["stopped"] == "retain_budget" and out["exceeded_at_step"] == 5
+    assert run.model.weight.item() == 1.0  # rolled back to the resumed weights...
+    assert (out["forget_after"], out["retain_after"], out["step"]) == (0.5, pytest.approx(0.88), 4)  # ...and their figures
+    assert (out["forget_before"], out["retain_before"]) == pytest.approx((0.8, 0.9))  # before: the new adapter off
+    assert [p["step"] for p in run.stop.history] == [0, 4, 5, 4]
+    assert "forget key probability 0.800 -> 0.500 (0.62x" in describe(out)
+
+
+def test_resume_past_the_retain_budget_is_an_error(monkeypatch):
+    run = _Resumed(monkeypatch, resumed_weight=2.0)  # the checkpoint itself is below the floor
+    with pytest.raises(UndialTrainingError, match="checkpoint at step 4 already loses more of the retain set"):
+        run.stop.on_train_begin(None, run.state, run.control, model=run.model)
+
+
+def test_the_retain_watch_spreads_over_the_whole_set():
+    rows = [{"input_ids": [i, 1], "labels": [i, 1]} for i in range(200)]
+    stop = StopWhenForgotten(rows[:1], 0, retain_rows=rows, max_retain_drop=0.1, max_retain_rows=64)
+    watched = [r["input_ids"][0] for r in stop.retain_rows]
+    # Evenly spaced, by hand: row i * 200 // 64 for i = 0..63, i.e. 0, 3, 6, 9, 12, 15, 18, 21, 25, ... 196.
+    assert watched == [i * 200 // 64 for i in range(64)] and watched[:9] == [0, 3, 6, 9, 12, 15, 18, 21, 25]
+    assert max(watched) == 196  # rows past the first 64 are watched
+    assert len(StopWhenForgotten(rows[:1], 0, retain_rows=rows[:10], max_retain_drop=0.1).retain_rows) == 10  # all
+
+
+def test_max_retain_rows_reaches_the_watch_from_the_config_and_the_cli(tiny_dir, facts):
+    from undial_peft.cli import _forget_config, build_parser
+
+    args = build_parser().parse_args(["forget", "--data", "f.jsonl", "--out", "a", "--max-retain-rows", "3"])
+    config = _config(max_retain_rows=_forget_config(args).max_retain_rows)
+    assert config.max_retain_rows == 3 and UndialConfig().max_retain_rows == 64
+    _, tokenizer = load_model(tiny_dir)
+    retain = [Example(f["question"], f["answer"]) for f in facts[4:16]]  # 12 rows
+    stop = api._stopper(tokenizer, [Example(facts[0]["question"], facts[0]["answer"])], [None], retain, config, [])
+    expected = [encode(tokenizer, retain[i], config.max_length)["input_ids"] for i in (0, 4, 8)]
+    assert [r["input_ids"] for r in stop.retain_rows] == expected
+    with pytest.raises(ValueError, match="max_retain_rows=0 is invalid"):
+        _config(max_retain_rows=0)

@@ -73,7 +73,8 @@ def format_real(results: dict[str, Any]) -> str:
     out += [rule, f"main lr {main_lr:g}; FQ_p = forget quality (KS p-value of forget truth ratios vs the retain-only"
             f" reference), KS = its statistic; MU = model utility; p_world = real world facts; PrivLeak on"
             f" {PRIVLEAK_ATTACK} (0 ideal); x_target = p_forget / target's; 'stop' rows: forget's stopping rule"
-            " (steps, why it stopped); recovered = (after - before) / (target - before) of the forget answer probability."]
+            " (steps, why it stopped); recovered = (after - before) / (target - before) of the forget answer probability,"
+            " the target asked the same way (paraphrase: the paraphrased question)."]
     return "\n".join(line.rstrip() for line in out)
 
 

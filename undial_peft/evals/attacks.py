@@ -6,6 +6,8 @@ attack (the unlearned model) and AFTER it::
 
     recovered = (after - before) / (base - before)      # 0: nothing comes back, 1: all of it
 
+``base`` is the base asked the way ``after`` asks: for the prompt attacks, with the attack's prompt,
+so a prompt that raises every model's answer probability is not counted as knowledge coming back.
 None where the adapter removed nothing (base == before). Every attack takes the unlearned model
 (a PeftModel with its stack active), its tokenizer and forget items (anything
 `undial_peft.evals.report.read_eval_items` reads) and returns an `AttackResult`:
@@ -200,7 +202,14 @@ def quantise(setup: AttackSetup, scheme: str = "nf4") -> AttackResult:
 
 def prompt_attack(setup: AttackSetup, kind: str, shots: Any = None, n_shots: int = 3) -> AttackResult:
     """The unlearned model asked differently: ``paraphrase``, ``few_shot`` (``shots`` rows as earlier
-    turns) or ``reveal_prompt``; ``settings["base_attacked"]`` is the base asked the same way."""
+    turns) or ``reveal_prompt``.
+
+    ``base`` is the base asked the same (attacked) way, so ``recovered`` is
+    (after - before) / (base asked so - before): the share of what the base knows under this prompt
+    that the unlearned model gets back with it. Anchored to the base asked plainly, a prompt that
+    helps every model (few-shot turns lift the base too) read as recovery, above 1 in the README's
+    demo. ``settings["base_plain"]`` is the base asked plainly, for reference.
+    """
     index = list(range(len(setup.items)))
     if kind == "paraphrase":
         index = [i for i, it in enumerate(setup.items) if it.paraphrased_question]
@@ -222,8 +231,22 @@ def prompt_attack(setup: AttackSetup, kind: str, shots: Any = None, n_shots: int
     after = setup.measure(setup.model, listed, index)
     with setup.model.disable_adapter():
         base_attacked = _means(setup.measure(setup.model, listed, index))
-    return _result(kind, _means(setup.base, index), _means(setup.before, index), _means(after), len(index),
-                   base_attacked=base_attacked)
+    before, after, base_plain = _means(setup.before, index), _means(after), _means(setup.base, index)
+    gap_closed = {m: gap_closed_fraction(base_plain[m], before[m], base_attacked[m], after[m]) for m in after}
+    return _result(kind, base_attacked, before, after, len(index), base_plain=base_plain, gap_closed=gap_closed)
+
+
+def gap_closed_fraction(base_plain: float, before: float, base_attacked: float, after: float) -> float | None:
+    """The share of the forgetting gap that the attack closes: 1 - (base_attacked - after) / (base_plain - before).
+
+    The second reading of a prompt attack, beside ``recovered``: a prompt that lifts the base and the
+    unlearned model alike reads 0 here (``recovered`` reads d / (gap + d) for a lift d).
+
+    >>> gap_closed_fraction(0.75, 0.25, 1.0, 0.5), gap_closed_fraction(0.75, 0.25, 1.0, 0.75)
+    (0.0, 0.5)
+    """
+    gap = base_plain - before
+    return None if abs(gap) < 1e-9 else float(1 - (base_attacked - after) / gap)
 
 
 def _choice_scores(setup: AttackSetup, model: Any, items: list[EvalItem], seed: int) -> tuple[float, float]:
@@ -299,7 +322,9 @@ def run_attacks(model: Any, tokenizer: Any, forget: Any, names: Sequence[str] = 
 
 def format_attacks(attacks: dict[str, Any]) -> str:
     """One line per attack: answer probability base / before / after and the recovered fractions."""
-    rows = [["attack", "n", "p_base", "p_before", "p_after", "recovered_p", "recovered_rouge"]]
+    # p_base is the base asked the way p_after asks (the attack's prompt for the prompt attacks):
+    # the header says so, since it differs from the base row of the evaluation table above it.
+    rows = [["attack", "n", "p_base_same_prompt", "p_before", "p_after", "recovered_p", "recovered_rouge"]]
     for name, r in attacks["results"].items():
         if "skipped" in r:
             rows.append([name, "-", "-", "-", "-", "skipped", r["skipped"]])
@@ -308,4 +333,8 @@ def format_attacks(attacks: dict[str, Any]) -> str:
         rows.append([name, str(r["n_items"]), cell(r["base"]["probability"]), cell(r["before"]["probability"]),
                      cell(r["after"]["probability"]), cell(r["recovered"].get("probability")),
                      cell(r["recovered"].get("rouge_l_recall"))])
-    return "\n".join([*align(rows, right=False), attacks["removal"]])
+    legend = ("recovered = (after - before) / (base_same_prompt - before); base_same_prompt: the base asked the way"
+              " the attacked model is (paraphrase, few_shot, reveal_prompt: with the attack's prompt). Prompt attacks"
+              " also record settings.gap_closed = 1 - (base_same_prompt - after) / (base_plain - before), which reads 0"
+              " for a prompt that lifts every model alike.")
+    return "\n".join([*align(rows, right=False), legend, attacks["removal"]])

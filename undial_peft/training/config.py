@@ -58,6 +58,9 @@ class UndialConfig(TrainingArguments):
     max_retain_drop: float | None = field(
         default=0.1, metadata={"help": "With retain data: stop (and roll back) when its answer probability fell by more than this fraction."}
     )
+    max_retain_rows: int = field(
+        default=64, metadata={"help": "With retain data: retain rows scored at each check, evenly spaced over the whole set (each check is a forward pass over them)."}
+    )
     auto_key: bool = field(default=True, metadata={"help": "Rows without `key`: find the fact's tokens with the teacher (training/answer_keys.py)."})
     auto_key_threshold: float = field(
         default=7.5, metadata={"help": "Automatic keys: nats above the model's neutral prior a token needs (answer_keys.KeyRule)."}
@@ -121,5 +124,7 @@ class UndialConfig(TrainingArguments):
             raise bad("check_every", "use 1 or more steps")
         if self.prompt_format != AUTO:
             PromptFormat.parse(self.prompt_format)  # names the accepted forms
+        if self.max_retain_rows < 1:
+            raise bad("max_retain_rows", "watch at least 1 retain row (64 by default)")
         if self.max_length < 2:
             raise bad("max_length", "use at least 2 tokens")

@@ -234,7 +234,7 @@ def _stopper(
     return StopWhenForgotten(
         rows(forget_rows, weights), tokenizer.pad_token_id, until_ratio=config.until_ratio, until_prob=config.until_prob,
         check_every=config.check_every, min_steps=config.min_steps, retain_rows=rows(retain_rows) if watch_retain else None,
-        max_retain_drop=config.max_retain_drop, teacher_adapters=teacher,
+        max_retain_drop=config.max_retain_drop, max_retain_rows=config.max_retain_rows, teacher_adapters=teacher,
     )
 
 
@@ -261,7 +261,8 @@ def _last_checkpoint(folder: Path) -> str | None:
 def _hyperparameters(config: UndialConfig, lora: LoraConfig) -> dict[str, Any]:
     keys = ("beta", "npo_beta", "forget_weight", "retain_weight", "retain_loss", "learning_rate", "num_train_epochs",
             "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
-            "until_ratio", "until_prob", "check_every", "max_retain_drop", "auto_key", "auto_key_threshold")
+            "until_ratio", "until_prob", "check_every", "max_retain_drop", "max_retain_rows", "auto_key",
+            "auto_key_threshold")
     targets = lora.target_modules
     return {
         **{key: getattr(config, key) for key in keys},

@@ -9,7 +9,8 @@ fixed-length run (no target) is measured once, after its last step:
   ``until_ratio`` x its value before training and/or at most ``until_prob``;
 - ``retain_budget``: the retain set's mean answer probability fell by more than
   ``max_retain_drop`` (a fraction of its value before). The adapter is then rolled back to the last
-  check that was within the budget, so the saved adapter keeps the promise;
+  check that was within the budget, so the saved adapter keeps the promise. After a resume from a
+  checkpoint the resumed weights are measured first: they are the first point it can roll back to;
 - ``max_steps``: the step limit came first; the outcome says by how much the target was missed.
 
 A row's key probability is exp(mean log p) over the tokens that get the UNDIAL adjustment
@@ -31,7 +32,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from undial_peft.data.encoding import Collator
-from undial_peft.errors import UndialConfigError
+from undial_peft.errors import UndialConfigError, UndialTrainingError
 from undial_peft.training.adapters import adapter_state
 from undial_peft.training.loss import shift_labels_like, token_logprobs
 from undial_peft.utils.modes import eval_mode
@@ -61,6 +62,21 @@ def key_probabilities(model: torch.nn.Module, rows: Features, pad_token_id: int,
     return torch.cat(out)
 
 
+def spread(rows: Features, size: int) -> list[dict[str, list]]:
+    """``size`` rows evenly spaced over all of ``rows`` (all of them when there are no more), in order.
+
+    Deterministic, so reruns watch the same rows; spread, so a retain file sorted by topic or source
+    is watched across its whole length and not only its head.
+
+    >>> [r["i"] for r in spread([{"i": i} for i in range(10)], 4)]
+    [0, 2, 5, 7]
+    """
+    rows = list(rows)
+    if len(rows) <= size:
+        return rows
+    return [rows[i * len(rows) // size] for i in range(size)]
+
+
 def _answer_only(rows: Features) -> list[dict[str, list]]:
     # Retain rows are judged on the whole answer, whatever their keys.
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
@@ -79,7 +95,9 @@ class StopWhenForgotten(TrainerCallback):
             key probability settles near its adjusted-target floor while the distillation of the
             other tokens undoes collateral damage (measured in the README), so stopping at the
             first check below the target is not what keeps other facts.
-        retain_rows: encoded retain rows to watch (at most ``max_retain_rows`` are used).
+        retain_rows: encoded retain rows to watch.
+        max_retain_rows: how many of them are scored at each check: evenly spaced over the whole
+            set (`spread`); every check is a forward pass over them.
         max_retain_drop: stop when the retain answer probability fell by more than this fraction.
         teacher_adapters: the adapters active before this request, to measure "before" correctly
             even when training resumes from a checkpoint (the new adapter is switched off for it).
@@ -102,16 +120,19 @@ class StopWhenForgotten(TrainerCallback):
         if check_every < 1:
             raise UndialConfigError(f"check_every={check_every} is invalid: measure every 1 or more steps.")
         self.forget_rows, self.pad = list(forget_rows), pad_token_id
+        if max_retain_rows < 1:
+            raise UndialConfigError(f"max_retain_rows={max_retain_rows} is invalid: watch at least 1 retain row.")
         if min_steps < 0:
             raise UndialConfigError(f"min_steps={min_steps} is invalid: use 0 (stop at the first check below the target) or more.")
         self.until_ratio, self.until_prob, self.check_every = until_ratio, until_prob, check_every
         self.min_steps = min_steps
-        self.retain_rows = _answer_only(retain_rows[:max_retain_rows]) if retain_rows and max_retain_drop is not None else []
+        self.retain_rows = _answer_only(spread(retain_rows, max_retain_rows)) if retain_rows and max_retain_drop is not None else []
         self.max_retain_drop = max_retain_drop
         self.teacher_adapters = teacher_adapters
         self.history: list[dict[str, float]] = []
         self.outcome: dict[str, Any] = {}
         self._good: dict[str, torch.Tensor] | None = None  # trainable weights at the last in-budget check
+        self._good_point: dict[str, float] = {}  # what that check measured: kept with the weights it describes
 
     # --- measuring ------------------------------------------------------------------------
     def _measure(self, model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -138,13 +159,24 @@ class StopWhenForgotten(TrainerCallback):
                 before = self._measure(model, 0)
         else:
             before = self._measure(model, 0)
-        before["step"] = state.global_step
         self.history = [before]
-        self._good = self._snapshot(model)
         target = self._target(before["forget"])
         self.outcome = {"forget_before": before["forget"], "target": target, "retain_before": before.get("retain")}
         if self.max_retain_drop is not None and "retain" in before:
             self.outcome["retain_floor"] = before["retain"] * (1 - self.max_retain_drop)
+        if state.global_step > 0:
+            # Resumed from a checkpoint: the model holds step k's weights, not the ones "before"
+            # measured (new adapter off). Measure them, so that a roll-back returns to weights whose
+            # figures are known, and the outcome reports those figures as "after".
+            resumed = {**self._measure(model, state.global_step), "resumed": 1.0}
+            self.history.append(resumed)
+            floor = self.outcome.get("retain_floor")
+            if floor is not None and resumed["retain"] < floor:
+                raise UndialTrainingError(
+                    f"the checkpoint at step {state.global_step} already loses more of the retain set than"
+                    f" max_retain_drop allows (retain probability {resumed['retain']:.4f} < {floor:.4f}) and"
+                    " no weights within the budget are left to roll back to: train again without resume (--resume).")
+        self._good, self._good_point = self._snapshot(model), self.history[-1]
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not self._due(state.global_step, state.max_steps):
@@ -159,7 +191,7 @@ class StopWhenForgotten(TrainerCallback):
             self._roll_back(model)
             control.should_training_stop = True
             return
-        self._good = self._snapshot(model)
+        self._good, self._good_point = self._snapshot(model), point
         target = self.outcome["target"]
         if target is not None and point["forget"] <= target and state.global_step >= self.min_steps:
             self.outcome.update(stopped="target")
@@ -176,7 +208,9 @@ class StopWhenForgotten(TrainerCallback):
         return bool(self.retain_rows) or (self.outcome["target"] is not None and step >= self.min_steps)
 
     def _roll_back(self, model: torch.nn.Module) -> None:
-        last_good = self.history[-2]  # the previous check was within budget (else training had stopped there)
+        # The snapshot and the point that measured it were saved together: "after" is what the kept
+        # weights measured, also when they are the resumed ones.
+        last_good = self._good_point
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if self._good is not None and name in self._good:
@@ -191,7 +225,7 @@ class StopWhenForgotten(TrainerCallback):
         self.outcome.setdefault("stopped", "max_steps" if target is not None else "fixed_length")
         self.outcome.update(step=int(last["step"]), forget_after=last["forget"], retain_after=last.get("retain"),
                             checks=len(self.history) - 1)
-        self._good = None
+        self._good, self._good_point = None, {}
         logger.info("%s", describe(self.outcome))
         if self.outcome["stopped"] in ("max_steps", "retain_budget") and self.outcome.get("target") is not None:
             logger.warning("target not reached: forget key probability %.4f, target %.4f (missed by %.4f)",
