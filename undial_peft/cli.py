@@ -20,14 +20,13 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-# Library modules are imported only after the arguments are parsed (see main): importing
-# transformers' TrainingArguments or peft imports bitsandbytes whenever it is installed.
+# Library modules are imported only after the arguments are parsed (see main), so that
+# `undial-peft --help` and argument errors answer without loading torch.
 
 # The names of evaluate.SPLITS and evaluate.MAX_NEW_TOKENS, repeated so that parsing arguments does
 # not import torch (tests/test_cli.py checks they agree).
 EVAL_SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts", "general")
 EVAL_MAX_NEW_TOKENS = 200
-NEEDS_BITSANDBYTES = ("--4bit", "--attacks", "bench")  # arguments of the commands that may use it
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -312,27 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_imports(argv: Sequence[str]) -> None:
-    """Keep the terminal to what a user can act on.
-
-    peft and transformers import bitsandbytes whenever it is installed, and on CPUs with
-    AVX512-BF16 that import logs a warning about an optional package ('kernels') that nothing
-    here uses. A command that asks for no 4-bit base, no attacks (the re-quantisation attacks use
-    bitsandbytes' quantiser) and is no benchmark (the real-model one runs them) never needs
-    bitsandbytes, so it is hidden (``sys.modules[name] = None`` reads as "not installed" to imports
-    and ``find_spec``). The other filters silence deprecation and device notices raised inside the
-    libraries' own code.
+def _quiet_imports() -> None:
+    """Keep the terminal to what a user can act on: silence deprecation and device notices raised
+    inside the libraries' own code. (bitsandbytes' 'kernels' notice is filtered where the package
+    is imported, see undial_peft/__init__.py, so the library API gets that too.)
     """
-    if not any(arg in argv for arg in NEEDS_BITSANDBYTES):
-        sys.modules.setdefault("bitsandbytes", None)  # no-op where it is already imported
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true.*", category=UserWarning)
+    # torch's own mkldnn module, imported by bitsandbytes (via peft) through torch._inductor
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_imports(argv)
+    _quiet_imports()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.verb == "bench":
