@@ -84,6 +84,12 @@ def _forget(args: argparse.Namespace) -> None:
     from .manifest import read_manifest
     from .stopping import describe
 
+    if args.quiet:  # no bars at all: loading, de-quantising and saving a model draw their own, not only training
+        import datasets
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # with models._gguf_bar_obeys_progress_switch, GGUF loads too
+        datasets.utils.logging.disable_progress_bar()  # benchmark data sets (--data tofu:...) are read with datasets
     config = _forget_config(args)
     if args.show_keys:  # a dry run: key texts go to this terminal only, never to a log or a file
         for number, (source, text) in enumerate(preview_keys(args.model, args.data, config=config, stack=args.stack,
@@ -269,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--overwrite", action="store_true")
     forget.add_argument("--force", action="store_true", help="accept a stack that fails soft checks")
     forget.add_argument("--description", default=None, help="what is forgotten, for the model card (not the data)")
-    forget.add_argument("--quiet", action="store_true", help="no progress bar")
+    forget.add_argument("--quiet", action="store_true", help="no progress bars (training, model loading and saving)")
     forget.set_defaults(run=_forget)
 
     evaluate = verbs.add_parser("eval", help="TOFU-style metrics, printed and saved as JSON")
