@@ -75,6 +75,67 @@ def random_adapters(tiny_dir: str, where: Path, configs: list, prefix: str = "a"
     return paths
 
 
+# llama.cpp's tensor names of a Llama block, by transformers module (per layer) and for the rest.
+GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+GGUF_OTHER_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def write_tiny_gguf(path: Path, hidden_size: int = 32, num_layers: int = 1, num_heads: int = 4) -> Path:
+    """A random tiny Llama as a GGUF file that transformers loads, tokenizer included, for tests of
+    the GGUF code paths without the embedded model.
+
+    The tokenizer is byte-level BPE (every byte is a token, plus one merge, which transformers'
+    converter needs), so any text encodes. Weights are random and q/k rows are not permuted the
+    way llama.cpp's converter stores them: what the model computes is beside the point here.
+    """
+    import gguf
+    from tokenizers import pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from undial_peft.tiny import CHAT_TEMPLATE
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    ordinary = [*sorted(pre_tokenizers.ByteLevel.alphabet()), "th"]
+    config = LlamaConfig(vocab_size=len(specials) + len(ordinary), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_heads, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden_size)
+    writer.add_block_count(num_layers)
+    writer.add_feed_forward_length(2 * hidden_size)
+    writer.add_head_count(num_heads)
+    writer.add_head_count_kv(num_heads)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(specials + ordinary)
+    writer.add_token_types([gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * len(ordinary))
+    writer.add_token_merges(["t h"])
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(3)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    for name, param in model.named_parameters():
+        module = name.removesuffix(".weight")
+        if module.startswith("model.layers."):
+            index, inner = module.removeprefix("model.layers.").split(".", 1)
+            tensor = f"blk.{index}.{GGUF_LAYER_NAMES[inner]}"
+        else:
+            tensor = GGUF_OTHER_NAMES[module]
+        writer.add_tensor(f"{tensor}.weight", param.detach().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def memorise(model: torch.nn.Module, tokenizer, facts: list[dict[str, str]], steps: int = 150) -> None:
     """Full fine-tune until the answers are near-certain (a stand-in for pretraining knowledge)."""
     features = [encode(tokenizer, Example(f["question"], f["answer"]), 64) for f in facts]

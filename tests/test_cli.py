@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+from conftest import write_tiny_gguf
 
 from undial_peft.cli import main
 from undial_peft.demo import demo_facts, run_demo
@@ -51,39 +53,70 @@ def test_demo_code_path_on_a_tiny_model(tmp_path):
     assert all(0.0 <= row[key] <= 1.0 for row in result["rows"] for key in ("p_before", "p_after", "p_key_after"))
 
 
-def test_help_is_clean_and_imports_no_bitsandbytes(tmp_path):
-    """`undial-peft --help` prints usage only: no library warnings, and bitsandbytes (whose import logs
-    a 'kernels' warning on AVX512-BF16 CPUs) is not imported unless 4-bit is asked for."""
-    probe = ("import sys\nfrom undial_peft.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "loaded = sys.modules.get('bitsandbytes')\nprint('bitsandbytes imported:', loaded is not None)\n")
+def test_help_is_clean(tmp_path):
+    """`undial-peft --help` prints usage only, no library warnings. Building the parser imports
+    transformers (UndialConfig's defaults), hence peft's bitsandbytes: on AVX512-BF16 CPUs this also
+    checks that bitsandbytes' 'kernels' notice is filtered for the command line."""
+    probe = "from undial_peft.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}  # show every warning once
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("usage: undial-peft") and "bitsandbytes imported: False" in run.stdout, run.stdout
+    assert run.stdout.startswith("usage: undial-peft"), run.stdout
     assert run.stderr == "", run.stderr
 
 
-@pytest.mark.parametrize("argv", [["eval", "--attacks"], ["bench", "--model", "default"], ["forget", "--4bit"]])
-def test_commands_that_quantise_can_import_bitsandbytes(argv):
-    """The re-quantisation attacks (eval --attacks, the real-model bench) and --4bit need bitsandbytes: it is
-    hidden only from the other commands (the bench once crashed at its attack stage when it was hidden)."""
-    probe = (f"from undial_peft.cli import _quiet_imports\n_quiet_imports({argv!r})\n"
-             "import bitsandbytes.functional\nprint('quantiser', bitsandbytes.functional.quantize_4bit.__name__)\n")
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+BNB_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def test_bitsandbytes_kernels_notice_is_dropped_and_nothing_else(caplog):
+    """Importing undial_peft filters bitsandbytes' 'kernels' notice on its logger; other records of
+    that logger still pass. (Emitted by hand here: bitsandbytes logs it only on AVX512-BF16 CPUs.)"""
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        bnb_logger.warning(BNB_NOTICE + ": %s. Please make sure you already `pip install kernels`", "no network")
+        bnb_logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+
+
+@pytest.mark.parametrize("how", ["library", "cli --4bit"])
+def test_forget_prints_no_bitsandbytes_kernels_notice(how, tiny_dir, facts, tmp_path):
+    """The library API (which imports peft, and so bitsandbytes) and a --4bit run from the command
+    line print no 'kernels' notice on CPUs where bitsandbytes logs one at import."""
+    pytest.importorskip("bitsandbytes")
+    data = tmp_path / "forget.jsonl"
+    data.write_text("".join(json.dumps(f) + "\n" for f in facts[:2]), encoding="utf-8")
+    if how == "library":
+        command = ["-c", "from undial_peft import UndialConfig, forget\n"
+                   f"forget({tiny_dir!r}, {str(data)!r}, {str(tmp_path / 'r')!r}, "
+                   "config=UndialConfig(max_steps=1, disable_tqdm=True, report_to='none'))\n"]
+    else:
+        command = ["-m", "undial_peft.cli", "forget", "--4bit", "--model", tiny_dir, "--data", str(data),
+                   "--out", str(tmp_path / "r"), "--max-steps", "1", "--quiet"]
+    run = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0 and "quantiser quantize_4bit" in run.stdout, run.stderr
+    assert run.returncode == 0, run.stderr
+    assert BNB_NOTICE not in run.stdout + run.stderr, run.stderr
 
 
-def test_forget_verb_prints_nothing_a_user_cannot_act_on(tiny_dir, facts, tmp_path):
-    """A whole training run from the command line: our own INFO lines and progress bars, no library
-    deprecation warnings or third-party INFO chatter."""
+@pytest.mark.parametrize("base", ["directory", "gguf --4bit"])
+def test_forget_verb_prints_nothing_a_user_cannot_act_on(base, tiny_dir, facts, tmp_path):
+    """A whole training run from the command line with --quiet: our own INFO lines only, no library
+    deprecation warnings or third-party INFO chatter, and no progress bar at all. The GGUF --4bit
+    run draws the most bars (de-quantising the GGUF, loading weights twice, writing the staged
+    checkpoint) and imports bitsandbytes. (Checkpointing is left to the directory run: on a 4-bit
+    base, peft's prepare_model_for_kbit_training raises deprecation and use_reentrant warnings of its own.)"""
+    if base == "directory":
+        model = [tiny_dir, "--gradient-checkpointing"]
+    else:
+        pytest.importorskip("bitsandbytes")
+        model = [str(write_tiny_gguf(tmp_path / "tiny.gguf")), "--4bit"]
     data = tmp_path / "forget.jsonl"
     data.write_text("".join(json.dumps(f) + "\n" for f in facts[:2]), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
-    run = subprocess.run([sys.executable, "-m", "undial_peft.cli", "forget", "--model", tiny_dir, "--data", str(data),
-                          "--out", str(tmp_path / "r"), "--max-steps", "1", "--quiet", "--gradient-checkpointing"],
+    run = subprocess.run([sys.executable, "-m", "undial_peft.cli", "forget", "--model", *model, "--data", str(data),
+                          "--out", str(tmp_path / "r"), "--max-steps", "1", "--quiet"],
                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    lines = [line.split("\r")[-1] for line in run.stderr.splitlines() if line.strip()]
-    noise = [line for line in lines if not line.startswith(("INFO undial_peft", "WARNING undial_peft")) and "it/s]" not in line]
+    lines = [part for line in run.stderr.splitlines() for part in line.split("\r") if part.strip()]  # a bar redraws with \r
+    noise = [line for line in lines if not line.startswith(("INFO undial_peft", "WARNING undial_peft"))]
     assert noise == [], noise

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 
 import pytest
 
 from undial_peft import UndialConfig
 from undial_peft.data.encoding import read_examples
 from undial_peft.deploy.manifest import read_manifest
+from undial_peft.errors import UndialConfigError
 from undial_peft.training.forget import forget
 
 
@@ -45,10 +47,35 @@ def test_key_sources_and_that_the_digest_depends_on_the_key(monkeypatch, tmp_pat
     assert data_digest(rows) != first
     monkeypatch.delenv(KEY_ENV)
     monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "missing.key"))
-    with pytest.raises(FileNotFoundError, match="no such key file"):
+    with pytest.raises(UndialConfigError, match="no such key file"):
         data_key()
     monkeypatch.delenv(KEY_FILE_ENV)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     created = data_key()  # the default key file is created once, owner-only, and reused
     assert default_key_path().stat().st_mode & 0o077 == 0
     assert data_key() == created and len(created) == 64
+
+
+@pytest.mark.parametrize("source", ["environment", "file"])
+def test_one_length_rule_for_keys_from_the_environment_and_from_a_file(source, monkeypatch, tmp_path):
+    """A one-character key once passed from UNDIAL_PEFT_DATA_KEY while a key file needed 16 bytes:
+    both sources now take keys of 16 bytes and up, and refuse shorter ones naming where the key came
+    from and how to generate one."""
+    from undial_peft.data.secret import KEY_ENV, KEY_FILE_ENV, data_key
+
+    def use(key: str) -> str:
+        if source == "environment":
+            monkeypatch.setenv(KEY_ENV, key)
+            return KEY_ENV
+        monkeypatch.delenv(KEY_ENV, raising=False)
+        path = tmp_path / "data.key"
+        path.write_text(key + "\n", encoding="utf-8")
+        monkeypatch.setenv(KEY_FILE_ENV, str(path))
+        return str(path)
+
+    named = use("k")
+    with pytest.raises(ValueError, match=rf"^{re.escape(named)}: the data key has 1 bytes, it needs at least 16; "
+                                         r"generate one with python -c 'import secrets; print\(secrets.token_hex\(32\)\)'$"):
+        data_key()
+    use("x" * 16)
+    assert data_key() == b"x" * 16

@@ -13,6 +13,7 @@ first use, so ``undial-peft --help`` and the error types load without torch.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -85,6 +86,25 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time each name load
     from undial_peft.training.forget import forget, preview_keys
     from undial_peft.training.loss import undial_loss, undial_loss_from_hidden
     from undial_peft.training.trainer import UndialTrainer
+
+# bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional 'kernels' package
+# cannot fetch its fused CPU kernel; it then falls back to its own kernel. peft imports
+# bitsandbytes whenever it is installed, so without this every forget, eval or --4bit run would
+# print it though there is nothing to act on. Only that message on that logger is dropped; the
+# filter sits on the logger (not a handler) so it holds whatever handlers an application adds,
+# and it is installed here, before any of our modules imports peft.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropBitsandbytesKernelsNotice(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_BNB_KERNELS_NOTICE)
+
+
+logging.getLogger(_BNB_CPU_LOGGER).addFilter(_DropBitsandbytesKernelsNotice())
 
 
 def __getattr__(name: str):

@@ -24,12 +24,11 @@ from undial_peft.errors import UndialConfigError, UndialError
 from undial_peft.evals import MAX_NEW_TOKENS, SPLITS
 from undial_peft.utils.tables import dict_rows
 
-# Library modules are imported only after the arguments are parsed (see main): importing
-# transformers' TrainingArguments or peft imports bitsandbytes whenever it is installed.
+# Library modules are imported only after the arguments are parsed (see main), so that argument
+# errors answer without training anything.
 
 # The evaluation protocol's constants come from a torch-free module: parsing arguments imports no torch.
 EVAL_SPLITS, EVAL_MAX_NEW_TOKENS = SPLITS, MAX_NEW_TOKENS
-NEEDS_BITSANDBYTES = ("--4bit", "--attacks", "bench")  # arguments of the commands that may use it
 
 
 def _until(value: str) -> dict[str, float | None]:
@@ -65,6 +64,12 @@ def _forget(args: argparse.Namespace) -> None:
     from undial_peft.training.forget import forget, preview_keys
     from undial_peft.training.stopping import describe
 
+    if args.quiet:  # no bars at all: loading, de-quantising and saving a model draw their own, not only training
+        import datasets
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # with models._gguf_bar_obeys_progress_switch, GGUF loads too
+        datasets.utils.logging.disable_progress_bar()  # benchmark data sets (--data tofu:...) are read with datasets
     config = _forget_config(args)
     if args.show_keys:  # a dry run: key texts go to this terminal only, never to a log or a file
         for number, (source, text) in enumerate(preview_keys(args.model, args.data, config=config, stack=args.stack,
@@ -236,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--overwrite", action="store_true")
     forget.add_argument("--force", action="store_true", help="accept a stack that fails soft checks")
     forget.add_argument("--description", default=None, help="what is forgotten, for the model card (not the data)")
-    forget.add_argument("--quiet", action="store_true", help="no progress bar")
+    forget.add_argument("--quiet", action="store_true", help="no progress bars (training, model loading and saving)")
     add_config_flags(forget.add_argument_group("training (UndialConfig fields; --config FILE sets them too)"))
     forget.set_defaults(run=_forget)
 
@@ -279,27 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_imports(argv: Sequence[str]) -> None:
-    """Keep the terminal to what a user can act on.
-
-    peft and transformers import bitsandbytes whenever it is installed, and on CPUs with
-    AVX512-BF16 that import logs a warning about an optional package ('kernels') that nothing
-    here uses. A command that asks for no 4-bit base, no attacks (the re-quantisation attacks use
-    bitsandbytes' quantiser) and is no benchmark (the real-model one runs them) never needs
-    bitsandbytes, so it is hidden (``sys.modules[name] = None`` reads as "not installed" to imports
-    and ``find_spec``). The other filters silence deprecation and device notices raised inside the
-    libraries' own code.
+def _quiet_imports() -> None:
+    """Keep the terminal to what a user can act on: silence deprecation and device notices raised
+    inside the libraries' own code. (bitsandbytes' 'kernels' notice is filtered where the package
+    is imported, see undial_peft/__init__.py, so the library API gets that too.)
     """
-    if not any(arg in argv for arg in NEEDS_BITSANDBYTES):
-        sys.modules.setdefault("bitsandbytes", None)  # no-op where it is already imported
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true.*", category=UserWarning)
+    # torch's own mkldnn module, imported by bitsandbytes (via peft) through torch._inductor
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_imports(argv)
+    _quiet_imports()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.verb == "bench":

@@ -11,12 +11,13 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,10 +190,11 @@ def load_model(
         if torch.cuda.is_available():
             extra["device_map"] = {"": torch.cuda.current_device()}
     logger.info("loading %s%s", source, f" ({extra['gguf_file']})" if "gguf_file" in extra else "")
-    if load_in_4bit and "gguf_file" in extra:
-        loaded = _gguf_in_4bit(source, extra, dtype)
-    else:
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    with _gguf_bar_obeys_progress_switch() if "gguf_file" in extra else contextlib.nullcontext():
+        if load_in_4bit and "gguf_file" in extra:
+            loaded = _gguf_in_4bit(source, extra, dtype)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     if load_in_4bit:
         disable_cpu_repacking(loaded)
     loaded = _plain_if_gguf(loaded)
@@ -202,6 +204,29 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **tok_extra)
     loaded.config.use_cache = False  # training never reuses the KV cache
     return loaded, _with_pad_token(tokenizer)
+
+
+@contextlib.contextmanager
+def _gguf_bar_obeys_progress_switch() -> Iterator[None]:
+    """Make transformers' GGUF de-quantisation bar follow its own progress-bar switch.
+
+    transformers draws that bar with tqdm directly, so ``transformers.utils.logging.
+    disable_progress_bar()`` (what ``--quiet`` calls) silences every loading and saving bar but
+    that one. For the length of our load, its module gets transformers' own tqdm wrapper instead,
+    which draws the same bar while bars are enabled and none while they are not.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as transformers_logging
+
+    original = getattr(gguf_loading, "tqdm", None)
+    if original is None:  # a transformers that draws no bar there: nothing to route
+        yield
+        return
+    gguf_loading.tqdm = transformers_logging.tqdm
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = original
 
 
 def _gguf_in_4bit(source: str, extra: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:

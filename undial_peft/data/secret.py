@@ -8,10 +8,10 @@ hashing the guess; with HMAC-SHA256 under a key the operator keeps, that needs t
 
 The key, first found wins:
 - ``UNDIAL_PEFT_DATA_KEY``: the key itself (use a long random string);
-- ``UNDIAL_PEFT_DATA_KEY_FILE``: a file holding it;
+- ``UNDIAL_PEFT_DATA_KEY_FILE``: a file holding it (surrounding whitespace is ignored);
 - ``$XDG_CONFIG_HOME/undial-peft/data.key`` (default ``~/.config/...``), created on first use
   with 32 random bytes, readable by its owner only.
-Share the key between machines that must compare digests; keep it out of adapter directories.
+Either way a key must have at least 16 bytes (`check_key`). Share the key between machines that must compare digests; keep it out of adapter directories.
 
 >>> digest = keyed_sha256([b"row 1", b"row 2"])  # doctest: +SKIP
 """
@@ -26,7 +26,11 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from undial_peft.errors import UndialConfigError
+
 KEY_ENV, KEY_FILE_ENV = "UNDIAL_PEFT_DATA_KEY", "UNDIAL_PEFT_DATA_KEY_FILE"
+MIN_KEY_BYTES = 16  # a short key can be guessed along with the data, which is what the key prevents
+GENERATE_KEY = "python -c 'import secrets; print(secrets.token_hex(32))'"  # what the default key file holds
 
 
 def default_key_path() -> Path:
@@ -38,15 +42,22 @@ def default_key_path() -> Path:
 def data_key() -> bytes:
     """The operator's key (see the module docstring); creates the default key file on first use."""
     if os.environ.get(KEY_ENV):
-        return os.environ[KEY_ENV].encode("utf-8")
+        return check_key(os.environ[KEY_ENV].encode("utf-8"), KEY_ENV)
     path = Path(os.environ.get(KEY_FILE_ENV) or default_key_path())
     if not path.is_file():
         if os.environ.get(KEY_FILE_ENV):
-            raise FileNotFoundError(f"{KEY_FILE_ENV}={path}: no such key file; create it or unset the variable.")
+            raise UndialConfigError(f"{KEY_FILE_ENV}={path}: no such key file; create it or unset the variable.")
         _create_key(path)
-    key = path.read_bytes().strip()
-    if len(key) < 16:
-        raise ValueError(f"{path}: a data key needs at least 16 bytes; write a long random string into it.")
+    return check_key(path.read_bytes().strip(), str(path))
+
+
+def check_key(key: bytes, source: str) -> bytes:
+    """``key`` if it is long enough to be a data key, else an UndialConfigError naming ``source`` (the
+    variable or file it came from) and how to generate one. One rule for every source, so that a
+    key does not pass from the environment that a key file would be refused for."""
+    if len(key) < MIN_KEY_BYTES:
+        raise UndialConfigError(f"{source}: the data key has {len(key)} bytes, it needs at least {MIN_KEY_BYTES}; "
+                         f"generate one with {GENERATE_KEY}")
     return key
 
 
