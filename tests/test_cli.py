@@ -120,3 +120,19 @@ def test_forget_verb_prints_nothing_a_user_cannot_act_on(base, tiny_dir, facts, 
     lines = [part for line in run.stderr.splitlines() for part in line.split("\r") if part.strip()]  # a bar redraws with \r
     noise = [line for line in lines if not line.startswith(("INFO undial_peft", "WARNING undial_peft"))]
     assert noise == [], noise
+
+
+def test_eval_asks_in_the_prompt_format_the_adapter_recorded(tiny_dir, facts, tmp_path, capsys):
+    data = tmp_path / "forget.jsonl"
+    data.write_text("".join(json.dumps(f) + "\n" for f in facts[:2]), encoding="utf-8")
+    out, report = tmp_path / "req-001", tmp_path / "report.json"
+    assert main(["forget", "--model", tiny_dir, "--data", str(data), "--out", str(out), "--max-steps", "1",
+                 "--quiet", "--prompt-template", "Q: {prompt} A:"]) == 0
+    recorded = json.loads((out / "undial.json").read_text())["prompt_format"]
+    assert recorded == {"kind": "template", "template": "Q: {prompt} A:"}
+    assert main(["eval", "--model", tiny_dir, "--adapters", str(out), "--forget", str(data), "--out", str(report),
+                 "--max-new-tokens", "2"]) == 0
+    assert json.loads(report.read_text())["prompt_format"] == recorded
+    assert main(["eval", "--model", tiny_dir, "--adapters", str(out), "--forget", str(data), "--out", str(report),
+                 "--max-new-tokens", "2", "--prompt-format", "completion"]) == 0
+    assert json.loads(report.read_text())["prompt_format"]["kind"] == "completion"

@@ -79,3 +79,33 @@ def test_an_already_loaded_four_bit_model_gets_cpu_repacking_disabled(tiny_dir):
     returned, _ = load_model(model, tokenizer=tokenizer)
     assert returned is model
     assert not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+def test_a_four_bit_run_is_measured_on_the_full_precision_base_it_is_served_on(tiny_dir, facts, tmp_path):
+    """forget --4bit records the forget rows' key probability on the float32 base (as `attach` serves the
+    adapter), measured independently here; the stopping line never calls a target reached there that is not."""
+    from undial_peft import UndialConfig, attach, forget
+    from undial_peft.deploy.manifest import read_manifest
+    from undial_peft.training.stopping import describe, key_probabilities
+
+    rows = facts[:4]
+    config = UndialConfig(max_steps=3, min_steps=0, until_ratio=0.9, auto_key=False, learning_rate=1e-2, beta=3.0)
+    out = forget(tiny_dir, rows, tmp_path / "req-4bit", config=config, load_in_4bit=True)
+    deployed = read_manifest(out)["deployed"]
+    assert deployed["form"] == "full-precision base (float32)"
+
+    served = attach(tiny_dir, [out])  # float32 base + the adapter, as deployed
+    tokenizer = served.tokenizer
+    features = [encode(tokenizer, e, 512, "auto") for e in read_examples(rows)]
+    after = float(key_probabilities(served, features, tokenizer.pad_token_id).mean())
+    with served.disable_adapter():
+        before = float(key_probabilities(served, features, tokenizer.pad_token_id).mean())
+    assert deployed["forget_before"] == pytest.approx(before, rel=1e-5)
+    assert deployed["forget_after"] == pytest.approx(after, rel=1e-5)
+    assert deployed["reached"] == (after <= 0.9 * before)
+
+    outcome = {"stopped": "target", "step": 3, "forget_before": 0.8, "forget_after": 0.1, "target": 0.16,
+               "deployed": {**deployed, "forget_before": 0.7, "forget_after": 0.3, "target": 0.14, "reached": False,
+                            "missed_by": 0.16}}
+    line = describe(outcome)
+    assert "NOT as served" in line and "MISSED by 0.160" in line and "target reached;" not in line

@@ -117,6 +117,7 @@ def _source(value: str, data_dir: str | None = None) -> str | list[dict]:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
+    from undial_peft.deploy.manifest import recorded_prompt_format
     from undial_peft.deploy.stack import attach
     from undial_peft.evals.report import evaluate, format_table, read_eval_items, save_report
     from undial_peft.models import load_model
@@ -128,12 +129,15 @@ def _eval(args: argparse.Namespace) -> None:
         model = attach(model, args.adapters, tokenizer=tokenizer, force=args.force)
     splits = {name: read_eval_items(_source(path, args.data_dir)) for name in EVAL_SPLITS if (path := getattr(args, name))}
     reference = json.loads(open(args.reference, encoding="utf-8").read()) if args.reference else None
-    report = evaluate(model, tokenizer, **splits, reference=reference, max_new_tokens=args.max_new_tokens)
+    # Asked the way the adapters were trained (their manifests record it) unless told otherwise.
+    fmt = args.prompt_format or recorded_prompt_format(args.adapters) or "auto"
+    report = evaluate(model, tokenizer, **splits, reference=reference, max_new_tokens=args.max_new_tokens,
+                      prompt_format=fmt)
     print(format_table(report))
     if args.attacks is not None:
         from undial_peft.evals.attacks import ATTACKS, format_attacks, run_attacks
 
-        report["attacks"] = run_attacks(model, tokenizer, splits["forget"], args.attacks or ATTACKS,
+        report["attacks"] = run_attacks(model, tokenizer, splits["forget"], args.attacks or ATTACKS, prompt_format=fmt,
                                         related=splits.get("retain"), generate=True, max_new_tokens=args.max_new_tokens)
         print(format_attacks(report["attacks"]))
     if args.out:
@@ -258,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--attacks", nargs="*", default=None, metavar="NAME",
                           help="attacks that try to undo the forgetting (no names: all of relearn, relearn_related,"
                                " quantise_nf4, quantise_int8, paraphrase, few_shot, reveal_prompt, multiple_choice)")
+    evaluate.add_argument("--prompt-format", default=None, metavar="FORMAT",
+                          help="auto, chat, completion or a template holding {prompt} (default: the adapters' recorded one)")
     evaluate.add_argument("--out", default=None, help="write the report as JSON")
     evaluate.add_argument("--force", action="store_true")
     evaluate.set_defaults(run=_eval)

@@ -200,6 +200,17 @@ def verify_stack(
     return entries
 
 
+def recorded_prompt_format(stack: Sequence[str | Path]) -> dict[str, Any] | None:
+    """The prompt format the stack's manifests record (None where none records one), so that eval
+    asks the way the adapters were trained and verified; adapters that disagree are an error."""
+    formats = {json.dumps(m.prompt_format, sort_keys=True) for d in stack
+               if (m := Manifest.from_pretrained(d)) is not None and m.prompt_format is not None}
+    if len(formats) > 1:
+        raise UndialStackError(f"the stack's adapters were trained in different prompt formats ({sorted(formats)}); "
+                               "pass the one to measure with --prompt-format.")
+    return json.loads(formats.pop()) if formats else None
+
+
 def recorded_base(stack: Sequence[str | Path]) -> str:
     """The base model the stack's manifests name (``base.source``), for commands run without ``--model``.
 

@@ -61,6 +61,9 @@ class UndialConfig(TrainingArguments):
     max_retain_rows: int = field(
         default=64, metadata={"help": "With retain data: retain rows scored at each check, evenly spaced over the whole set (each check is a forward pass over them)."}
     )
+    verify_deployed: bool = field(default=True, metadata={"help": (
+        "After a 4-bit run, measure the forget set on the full-precision base it is served on (loads it once) and "
+        "record it; a target met only on the 4-bit model is then reported as missed.")})
     auto_key: bool = field(default=True, metadata={"help": "Rows without `key`: find the fact's tokens with the teacher (training/answer_keys.py)."})
     auto_key_threshold: float = field(
         default=7.5, metadata={"help": "Automatic keys: nats above the model's neutral prior a token needs (answer_keys.KeyRule)."}

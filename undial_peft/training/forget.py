@@ -32,6 +32,7 @@ from undial_peft.training.answer_keys import KeyRule, auto_key_weights
 from undial_peft.training.config import UndialConfig
 from undial_peft.training.stopping import StopWhenForgotten
 from undial_peft.training.trainer import UndialTrainer
+from undial_peft.training.verify import deployed_figures, describe_deployed, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ def forget(
         result = trainer.train(resume_from_checkpoint=last)
         after = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
         logger.info("forget-set answer probability: %s -> %s", before, after)
+        deployed = _deployed(model, peft_model, lora or default_lora_config(), stack, tokenizer, forget_rows, weights,
+                             config, load_in_4bit, stopper)
 
         manifest = Manifest(
             id=output_dir.name,
@@ -141,6 +144,7 @@ def forget(
                      "train_loss": result.training_loss, "steps": result.global_step},
             keys=_key_counts(forget_rows, weights),
             stopping={**stopper.outcome, "history": stopper.history} if stopper else {"stopped": "fixed_length"},
+            deployed=deployed,
             description=description,
         )
         if main_process:  # under DDP every rank holds the same adapter; one writes it
@@ -212,6 +216,28 @@ def _key_counts(rows: Sequence[Example], weights: Sequence[list[float] | None]) 
     auto = sum(w is not None for w in weights)
     return {"user": user, "auto": auto, "all_answer_tokens": len(rows) - user - auto,
             "auto_key_tokens": int(sum(sum(w) for w in weights if w is not None))}
+
+
+def _deployed(
+    model: Any, trained: Any, lora: LoraConfig, stack: Sequence[str | Path], tokenizer: Any, rows: Sequence[Example],
+    weights: Sequence[list[float] | None], config: UndialConfig, load_in_4bit: bool, stopper: StopWhenForgotten | None,
+) -> dict[str, Any] | None:
+    """The forget rows measured on the model as served (after a 4-bit run: the full-precision base), with
+    the stopping target applied to them; None where training ran on the served form already."""
+    if not load_in_4bit or not config.verify_deployed:
+        return None
+    if isinstance(model, PreTrainedModel):
+        logger.warning("trained on a loaded 4-bit model: its full-precision form is unknown here, so the forgetting "
+                       "was not measured as served; run `undial-peft eval --adapters ...` on the served base.")
+        return {"form": None, "skipped": "a loaded model was given; its full-precision form is unknown"}
+    features = [encode(tokenizer, e, config.max_length, config.prompt_format, weights[i]) for i, e in enumerate(rows)]
+    figures = deployed_figures(model, trained, lora, stack, features, tokenizer.pad_token_id)
+    figures.update(verdict(figures, config.until_ratio, config.until_prob))
+    if stopper is not None and stopper.outcome:
+        stopper.outcome["deployed"] = figures  # the card and the CLI line read it from the outcome
+    if figures["reached"] is False:
+        logger.warning("%s", describe_deployed(figures))
+    return figures
 
 
 def _stopper(

@@ -241,10 +241,17 @@ def describe(outcome: dict[str, Any]) -> str:
     reason = {"target": "target reached", "retain_budget": "retain budget reached (rolled back to the last check within it)",
               "max_steps": "step limit reached before the target", "fixed_length": "fixed length (no target)"}
     before, after = outcome["forget_before"], outcome["forget_after"]
-    text = f"stopped at step {outcome['step']}: {reason[outcome['stopped']]}; forget key probability {before:.3f} -> {after:.3f}"
+    why = reason[outcome["stopped"]]
+    if outcome.get("deployed", {}).get("reached") is False and outcome["stopped"] == "target":
+        why = "target reached on the 4-bit model trained, NOT as served"
+    text = f"stopped at step {outcome['step']}: {why}; forget key probability {before:.3f} -> {after:.3f}"
     text += f" ({after / before:.2f}x" if before > 0 else " ("
     text += f"; target {outcome['target']:.3f})" if outcome.get("target") is not None else ")"
     if outcome.get("retain_before") is not None and outcome.get("retain_after") is not None:
         text += f"; retain probability {outcome['retain_before']:.3f} -> {outcome['retain_after']:.3f}"
+    if outcome.get("deployed", {}).get("forget_before") is not None:  # trained on another form than the one served
+        from undial_peft.training.verify import describe_deployed
+
+        text += f"; {describe_deployed(outcome['deployed'])}"
     return text
 

@@ -1,0 +1,86 @@
+"""Measure a new adapter on the model as it will be served, not only on the model it was trained on.
+
+An adapter trained over a 4-bit (NF4) base is deployed on the full-precision base: the LoRA weights
+learned to move an NF4 model, and the same weights move the full-precision model less (measured on
+SmolLM2: 0.19x of the forget key probability on NF4, 0.34x deployed). `deployed_figures` loads the
+base the way `attach` serves it, puts the stack and the new adapter's weights on it and measures the
+forget rows' key probability with and without the new adapter. ``forget`` records the result in the
+manifest (``deployed``) and never calls a target reached that the deployed form misses.
+
+>>> verdict({"forget_before": 0.8, "forget_after": 0.2}, until_ratio=0.2, until_prob=None)
+{'target': 0.16000000000000003, 'reached': False, 'missed_by': 0.03999999999999998}
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+from undial_peft.models import load_model
+from undial_peft.training.adapters import NEW, adapter_state, build_trainable, stack_name
+from undial_peft.training.stopping import key_probabilities
+
+logger = logging.getLogger(__name__)
+
+
+def verdict(figures: dict[str, float], until_ratio: float | None, until_prob: float | None) -> dict[str, Any]:
+    """The stopping target applied to deployed figures: the target, whether it holds, and by how much it is missed."""
+    before, after = figures["forget_before"], figures["forget_after"]
+    targets = [t for t in (before * until_ratio if until_ratio is not None else None, until_prob) if t is not None]
+    if not targets:
+        return {"target": None, "reached": None, "missed_by": None}
+    target = min(targets)  # with both targets, both must hold
+    return {"target": target, "reached": after <= target, "missed_by": max(0.0, after - target)}
+
+
+def describe_deployed(figures: dict[str, Any]) -> str:
+    """One line: the forget key probability as served, and whether the target holds there.
+
+    >>> describe_deployed({"form": "full-precision base (float32)", "forget_before": 0.7, "forget_after": 0.238,
+    ...                    "target": 0.14, "reached": False, "missed_by": 0.098})
+    'as served (full-precision base (float32)): forget key probability 0.700 -> 0.238 (0.34x); target 0.140 MISSED by 0.098'
+    """
+    before, after = figures["forget_before"], figures["forget_after"]
+    text = f"as served ({figures['form']}): forget key probability {before:.3f} -> {after:.3f}"
+    text += f" ({after / before:.2f}x)" if before > 0 else ""
+    if figures.get("reached") is True:
+        text += f"; target {figures['target']:.3f} reached"
+    elif figures.get("reached") is False:
+        text += f"; target {figures['target']:.3f} MISSED by {figures['missed_by']:.3f}"
+    return text
+
+
+def deployed_figures(
+    model: str | Path,
+    trained: torch.nn.Module,
+    lora: LoraConfig,
+    stack: Sequence[str | Path],
+    forget_rows: Sequence[dict[str, list]],
+    pad_token_id: int,
+) -> dict[str, Any]:
+    """Forget key probability before/after the new adapter, on ``model`` loaded as it is served.
+
+    ``trained`` is the peft model holding the new adapter (`NEW`), e.g. over a 4-bit base; its LoRA
+    weights are copied onto the full-precision base with the same ``stack`` below them.
+    """
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(trained, adapter_name=NEW).items()}
+    base, _ = load_model(model)  # float32, as `attach` loads it to serve
+    served = build_trainable(base, lora, stack)
+    try:
+        set_peft_model_state_dict(served, weights, adapter_name=NEW)
+        earlier = [stack_name(i) for i in range(len(stack))]
+        with adapter_state(served, active=earlier):
+            before = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
+        with adapter_state(served, active=[*earlier, NEW]):
+            after = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
+    finally:
+        del served, base
+        gc.collect()
+    return {"form": "full-precision base (float32)", "forget_before": float(before.mean()),
+            "forget_after": float(after.mean())}
