@@ -1,0 +1,150 @@
+"""One forget request on two real models, measured on the model as served, in the format it is asked.
+
+SmolLM2-135M-Instruct (chat, ``--model default``) forgets 13 chemical symbols from
+``undial_peft/data/real_facts.jsonl`` (questions, answers in its own lead-in style); Gemma-3-270M
+(base, no chat template, ``--model gemma3-270m``) forgets 12 from ``examples/data/gemma_facts.jsonl``
+(completion rows: "The chemical symbol for iron is" -> " Fe."). Rows carry no key: automatic keys
+choose them. Every other topic in the files is never asked about.
+
+    python examples/two_models.py                                 # both models, plain and --4bit (~25 min)
+    python examples/two_models.py --models gemma3-270m --variants plain --out runs/two_models.json
+
+Printed per model and variant: the forget key probability the stopping rule reported (on the model it
+trained), the one recorded as served (the float32 base for a 4-bit run), and per topic the key
+probability measured here on the float32 base + adapter (x its value before), with wall time and
+steps; then the automatic keys' token precision / recall against the hand keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from undial_peft import UndialConfig, attach, forget
+from undial_peft.data.encoding import Example, encode
+from undial_peft.data.prompt_format import PromptFormat
+from undial_peft.demo import real_facts
+from undial_peft.deploy.manifest import read_manifest
+from undial_peft.models import load_model
+from undial_peft.training.adapters import build_trainable, default_lora_config
+from undial_peft.training.answer_keys import KeyRule, auto_key_weights
+from undial_peft.training.stopping import key_probabilities
+from undial_peft.utils.tables import align
+
+HERE = Path(__file__).resolve().parent
+REQUEST = "chemistry"
+
+
+def facts(model: str) -> list[dict[str, str]]:
+    """Rows as prompt / answer / key / topic for ``model``."""
+    if model == "default":
+        return [{"prompt": f["question"], "answer": f["answer"], "key": f["key"], "topic": f["topic"]} for f in real_facts()]
+    rows = [json.loads(line) for line in (HERE / "data" / "gemma_facts.jsonl").read_text().splitlines() if line]
+    return [{"prompt": r["prompt"], "answer": r["completion"], "key": r["key"], "topic": r["topic"]} for r in rows]
+
+
+def measure(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> dict[str, float]:
+    """Mean key probability per topic (exp mean log p over the hand key's tokens), in the auto format."""
+    fmt = PromptFormat.resolve("auto", tokenizer)
+    keyed = [encode(tokenizer, Example(r["prompt"], r["answer"], r["key"]), 512, fmt) for r in rows]
+    p = key_probabilities(model, keyed, tokenizer.pad_token_id).numpy()
+    topics = np.array([r["topic"] for r in rows])
+    return {t: float(p[topics == t].mean()) for t in dict.fromkeys(topics)}
+
+
+def key_agreement(base: Any, tokenizer: Any, rows: list[dict[str, str]]) -> dict[str, float]:
+    """Token precision and recall of the automatic keys against the hand keys, and rows matched exactly."""
+    fmt = PromptFormat.resolve("auto", tokenizer)
+    examples = [Example(r["prompt"], r["answer"]) for r in rows]
+    model = build_trainable(base, default_lora_config())
+    try:
+        auto = auto_key_weights(model, tokenizer, examples, prompt_format=fmt, rule=KeyRule())
+    finally:
+        model.unload()
+    tp = fp = fn = exact = 0
+    for r, weights in zip(rows, auto):
+        encoded = encode(tokenizer, Example(r["prompt"], r["answer"], r["key"]), 512, fmt)
+        n = sum(label != -100 for label in encoded["labels"])  # answer tokens
+        hand = [w > 0 for w in encoded["beta_weight"][-n:]]
+        chosen = [w > 0 for w in (weights or [1.0] * n)]  # no key found: every answer token
+        tp += sum(h and c for h, c in zip(hand, chosen))
+        fp += sum(c and not h for h, c in zip(hand, chosen))
+        fn += sum(h and not c for h, c in zip(hand, chosen))
+        exact += hand == chosen
+    return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "exact_rows": exact, "rows": len(rows)}
+
+
+def run(model_name: str, variants: list[str], work: Path) -> dict[str, Any]:
+    rows = facts(model_name)
+    asked = [{"prompt": r["prompt"], "completion": r["answer"]} if model_name != "default"
+             else {"question": r["prompt"], "answer": r["answer"]} for r in rows if r["topic"] == REQUEST]
+    base, tokenizer = load_model(model_name)
+    before = measure(base, tokenizer, rows)
+    result: dict[str, Any] = {"before": before, "keys": key_agreement(base, tokenizer, [r for r in rows if r["topic"] == REQUEST])}
+    for variant in variants:
+        out = work / f"{model_name}-{variant}"
+        start = time.perf_counter()
+        if variant == "4bit":
+            forget(model_name, asked, out, config=UndialConfig(), load_in_4bit=True)
+        else:
+            forget(base, asked, out, config=UndialConfig(), tokenizer=tokenizer)
+        seconds = time.perf_counter() - start
+        manifest = read_manifest(out)
+        served = attach(base, [out], tokenizer=tokenizer)
+        try:
+            after = measure(served, tokenizer, rows)
+        finally:
+            served.unload()
+        stopping, deployed = manifest["stopping"], manifest.get("deployed") or {}
+        result[variant] = {
+            "reported": stopping["forget_after"] / stopping["forget_before"],
+            "deployed": deployed["forget_after"] / deployed["forget_before"] if deployed.get("forget_before") else None,
+            "x_before": {t: after[t] / before[t] for t in before}, "seconds": seconds,
+            "steps": manifest["metrics"]["steps"], "stopped": stopping["stopped"],
+            "prompt_format": manifest["prompt_format"]["kind"],
+        }
+        print(f"[{model_name} {variant}] {result[variant]}", flush=True)
+    return result
+
+
+def table(results: dict[str, Any]) -> str:
+    topics = list(dict.fromkeys(t for r in results.values() for t in r["before"]))
+    lines = [["model / variant", "format", "reported", "as served", *topics, "steps", "wall"]]
+    for model, r in results.items():
+        for variant, v in r.items():
+            if variant in ("before", "keys"):
+                continue
+            served = v["deployed"] if v["deployed"] is not None else v["x_before"][REQUEST]
+            lines.append([f"{model} {variant}", v["prompt_format"], f"{v['reported']:.2f}x", f"{served:.2f}x",
+                          *(f"{v['x_before'][t]:.2f}" if t in v["x_before"] else "-" for t in topics),
+                          f"{v['steps']} ({v['stopped']})", f"{v['seconds']:.0f} s"])
+    keys = [f"{m}: auto keys vs hand keys, token precision {r['keys']['precision']:.2f}, recall {r['keys']['recall']:.2f},"
+            f" {r['keys']['exact_rows']}/{r['keys']['rows']} rows exact" for m, r in results.items()]
+    return "\n".join([*align(lines), *keys])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["default", "gemma3-270m"])
+    parser.add_argument("--variants", nargs="+", choices=["plain", "4bit"], default=["plain", "4bit"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write the results as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="two-models-") as work:
+        results = {m: run(m, args.variants, Path(work)) for m in args.models}
+    print(table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
