@@ -155,13 +155,11 @@ def test_new_adapter_dropout_keeps_the_cache(tiny_dir, facts, tmp_path):
     assert _trainer(tiny_dir, facts, tmp_path, lora=lora)._build_teacher_cache() is not None
 
 
-def test_fallback_for_base_dropout_and_soft_capping(tiny_dir, facts, tmp_path, caplog):
+def test_fallback_for_base_dropout(tiny_dir, facts, tmp_path, caplog):
+    # Heads that scale or soft-cap logits: tests/test_logit_heads.py.
     trainer = _trainer(tiny_dir, facts, tmp_path)
     trainer.model.config.attention_dropout = 0.1
     assert "attention_dropout=0.1 makes the teacher random" in _fallback(trainer, caplog)
-    trainer.model.config.attention_dropout = 0.0
-    trainer.model.config.final_logit_softcapping = 30.0
-    assert "logit soft-capping/scaling" in _fallback(trainer, caplog)
 
 
 def test_npo_cache_holds_with_full_logits(tiny_dir, facts, tmp_path):

@@ -147,7 +147,8 @@ def undial_loss_from_hidden(
 
     Equal to ``undial_loss(lm_head(student_hidden), lm_head(teacher_hidden), labels, beta)`` but
     never materialises (B, T, V) logits: only counted positions are projected, ``chunk_size`` rows
-    at a time. Assumes logits = lm_head(hidden) (no soft-capping or logit scaling).
+    at a time. Assumes logits = lm_head(hidden) (no soft-capping or logit scaling); the trainer
+    measures that once (`UndialTrainer._plain_head`) before using it.
 
     Args:
         student_hidden: (B, T, H) final hidden states of the student (requires grad).

@@ -5,8 +5,12 @@ The model is a PEFT model built by `adapters.build_trainable`: earlier forget ad
 with ``NEW`` switched off under ``torch.no_grad()``; there is never a second copy of the model.
 Before training, one teacher pass fills a `teacher_cache.TeacherCache` (``teacher_cache="auto"``)
 that the losses read instead of a live teacher pass per step; where the cache cannot equal the
-live teacher (dropout in the teacher, a head with soft-capping, too big) training uses the live
-teacher and logs why.
+live teacher (dropout in the teacher, too big) training uses the live teacher and logs why.
+
+The fused loss and the hidden-state caches rebuild logits as lm_head(last hidden state). Some
+heads do more (Granite and MiniCPM3 scale the logits, Gemma-2 soft-caps them, Falcon-H1 multiplies
+them), so the trainer measures it once, on one short row, and where it does not hold uses the live
+teacher and full logits (`UndialTrainer._plain_head`).
 
 >>> trainer = UndialTrainer(model=peft_model, args=UndialConfig(output_dir="ckpt"),  # doctest: +SKIP
 ...                         train_dataset=dataset, data_collator=collator, stack=[])
@@ -39,6 +43,13 @@ from undial_peft.training.config import UndialConfig
 Batch = dict[str, torch.Tensor]
 logger = logging.getLogger(__name__)
 
+HEAD_PROBE_TOKENS = 16  # length of the one row the head check runs on
+HEAD_PROBE_POSITIONS = 4  # last positions of that row whose logits are compared
+# Largest |lm_head(h) - logits| allowed, relative to the largest |logit|. Both sides are the same
+# matmul on the same input, so only the summation order may differ; scaling or soft-capping moves
+# logits by a factor (Granite: 1/8) or by tens of percent at the large ones. Half types get 4 eps.
+HEAD_TOLERANCE = 1e-3
+
 
 class UndialTrainer(Trainer):
     """Trainer for UNDIAL and the baselines (GA, GradDiff, NPO) on one PEFT model."""
@@ -53,6 +64,7 @@ class UndialTrainer(Trainer):
         # sequences itself, so the Trainer must not divide by the accumulation steps again.
         self.loss_is_scaled_for_ga = True
         self.teacher_cache: teacher_cache.TeacherCache | None = None  # filled by train()
+        self._head_mismatch: str | None = None  # why logits != lm_head(hidden), "" if equal; None: not measured
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Restore only the ``NEW`` adapter from a checkpoint, in place.
@@ -87,8 +99,65 @@ class UndialTrainer(Trainer):
             return model(**batch)
 
     def _plain_head(self) -> bool:
-        config = self.model.config
-        return getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
+        """Whether logits = lm_head(last hidden state), which the fused loss and the caches assume.
+
+        Measured once per trainer (`_measure_head`), not read from config fields: the heads that
+        scale or cap logits name it in many ways (``logits_scaling``, ``logit_scale``,
+        ``final_logit_softcapping``, ``lm_head_multiplier``, ...). Where it fails, one warning says so.
+        """
+        if self._head_mismatch is None:
+            start = time.perf_counter()
+            self._head_mismatch = self._measure_head()
+            logger.debug("head check: %.3f s", time.perf_counter() - start)
+            if self._head_mismatch:
+                logger.warning("%s; using the live teacher and full logits", self._head_mismatch)
+        return not self._head_mismatch
+
+    def _probe_ids(self) -> torch.Tensor:
+        """(1, T) token ids of one short row: the start of the first training row, else ids 0..T-1."""
+        dataset, ids = self.train_dataset, torch.empty(0, dtype=torch.int64)
+        if isinstance(dataset, datasets.Dataset) and len(dataset) and "input_ids" in dataset.column_names:
+            ids = torch.as_tensor(dataset[0]["input_ids"][:HEAD_PROBE_TOKENS])  # (T,)
+        if ids.numel() == 0:  # nothing indexable to read without touching a sampler's RNG
+            vocab = getattr(self.model.config, "vocab_size", None) or HEAD_PROBE_TOKENS
+            ids = torch.arange(min(HEAD_PROBE_TOKENS, vocab))  # (T,)
+        return ids[None].to(self.args.device)  # (1, T)
+
+    def _measure_head(self) -> str:
+        """Compare the teacher's logits with lm_head(its last hidden state) on one short row.
+
+        Returns "" when they agree, else the reason. The forward is the teacher's (stack on, new
+        adapter off, no grad) in training mode, as the teacher pass and the cache run it: an
+        eval-mode forward would repack 4-bit CPU weights into a kernel with no backward. The RNG
+        state is restored afterwards, so dropout in the forward does not shift the training run.
+        """
+        model, head = self.model, self.model.get_output_embeddings()
+        ids = self._probe_ids()  # (1, T)
+        keep = min(HEAD_PROBE_POSITIONS, ids.shape[1])
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        training = model.training
+        model.train()
+        try:
+            with torch.random.fork_rng(devices=cuda), self.compute_loss_context_manager(), torch.no_grad():
+                out = self._teacher(model, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    output_hidden_states=True, logits_to_keep=keep)
+                if out.hidden_states is None:
+                    return "the model returns no hidden states"
+                hidden = out.hidden_states[-1][:, -keep:]  # (1, k, H)
+                # exactly what the fused loss computes per chunk
+                rebuilt = torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, head.bias)  # (1, k, V)
+        finally:
+            model.train(training)
+        logits = out.logits[:, -keep:].float()  # (1, k, V)
+        rebuilt = rebuilt.float()  # (1, k, V)
+        scale = logits.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+        error = ((rebuilt - logits).abs().max() / scale).item()
+        eps = max(torch.finfo(t.dtype).eps for t in (out.logits, head.weight) if t.dtype.is_floating_point)
+        if error <= max(HEAD_TOLERANCE, 4 * eps):
+            return ""
+        ratio = ((rebuilt * logits).sum() / (logits * logits).sum().clamp(min=torch.finfo(torch.float32).tiny)).item()
+        return (f"lm_head(hidden) != logits (ratio {ratio:#.3g}, largest difference {error:.1%} of the largest "
+                f"logit): the head scales or soft-caps logits")
 
     def _fused(self) -> bool:
         return self.args.loss_chunk_size > 0 and self._plain_head()
@@ -120,12 +189,13 @@ class UndialTrainer(Trainer):
             return set(), ["remove_unused_columns=True would drop the row index the cache is keyed by"]
         if (dropout := teacher_cache.teacher_dropout(self.model, self.stack)) is not None:
             return set(), [f"{dropout} makes the teacher random in training mode"]
+        # A head that is not lm_head(hidden) has logged its reason once in _plain_head.
         if "hidden" in needs and not self._fused():
             needs.discard("hidden")
-            why.append("the UNDIAL loss reads full teacher logits (logit soft-capping/scaling, or loss_chunk_size=0)")
+            if self.args.loss_chunk_size == 0:
+                why.append("loss_chunk_size=0: the UNDIAL loss reads full teacher logits")
         if "retain_hidden" in needs and not self._plain_head():
-            needs.discard("retain_hidden")
-            why.append("the KL retain loss needs logits = lm_head(hidden) (this head soft-caps or scales them)")
+            needs.discard("retain_hidden")  # the KL retain loss would rebuild logits as lm_head(hidden)
         return needs, why
 
     def _build_teacher_cache(self) -> teacher_cache.TeacherCache | None:
@@ -222,7 +292,7 @@ class UndialTrainer(Trainer):
         hidden = self._cached(self._cache_part("retain_hidden"), inputs, labels)  # (N, H)
         if hidden is not None:
             head = self.model.get_output_embeddings()
-            teacher = head(hidden.to(head.weight.dtype))  # (N, V): logits = lm_head(hidden), checked in _cache_plan
+            teacher = head(hidden.to(head.weight.dtype))  # (N, V): logits = lm_head(hidden), measured in _plain_head
         else:
             teacher = self._teacher(model, **batch).logits[mask]  # (N, V)
         teacher_logp = teacher.float().log_softmax(-1)  # (N, V)
