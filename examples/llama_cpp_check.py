@@ -87,8 +87,9 @@ def worker() -> None:
 
 def _facts_batch(tokenizer: Any) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
     """The demo facts and, per fact, the token ids, the positions predicting answer tokens, key mask."""
-    from undial_peft.data.encoding import Example, encode, prompt_ids
-    from undial_peft.demo import demo_facts
+    from undial_peft.data.encoding import encode, prompt_ids
+    from undial_peft.data.packaged import demo_facts
+    from undial_peft.data.readers import Example
 
     facts = demo_facts()
     encoded = []

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from undial_peft import UndialConfig
-from undial_peft.demo import demo_facts, measure_facts
+from undial_peft.data.packaged import demo_facts
+from undial_peft.demo import measure_facts
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.deploy.stack import attach, export_stack
 from undial_peft.deploy.vllm import check_vllm, vllm_max_lora_rank

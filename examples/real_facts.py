@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from undial_peft import UndialConfig, forget
-from undial_peft.data.encoding import Example, encode
-from undial_peft.demo import demo_facts, real_facts
+from undial_peft.data.encoding import encode
+from undial_peft.data.packaged import demo_facts, real_facts
+from undial_peft.data.readers import Example
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.deploy.stack import attach
 from undial_peft.models import load_model

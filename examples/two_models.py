@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from undial_peft import UndialConfig, attach, forget
-from undial_peft.data.encoding import Example, encode
+from undial_peft.data.encoding import encode
+from undial_peft.data.packaged import real_facts
 from undial_peft.data.prompt_format import PromptFormat
-from undial_peft.demo import real_facts
+from undial_peft.data.readers import Example
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.models import load_model
 from undial_peft.training.adapters import build_trainable, default_lora_config

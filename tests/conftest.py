@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from undial_peft.data.encoding import Collator, Example, encode
+from undial_peft.data.encoding import Collator, encode
+from undial_peft.data.readers import Example
 from undial_peft.tiny import tiny_llama, word_tokenizer
 
 torch.set_num_threads(int(os.environ.get("UNDIAL_TEST_THREADS", "2")))
-# Data digests are keyed (undial_peft.data.secret); tests and their subprocesses use a fixed test key
+# Data digests are keyed (undial_peft.data.digests); tests and their subprocesses use a fixed test key
 # instead of creating one in the user's config folder.
 os.environ.setdefault("UNDIAL_PEFT_DATA_KEY", "test key for the undial_peft suite only")
 

@@ -12,7 +12,8 @@ import pytest
 from conftest import write_tiny_gguf
 
 from undial_peft.cli import main
-from undial_peft.demo import demo_facts, run_demo
+from undial_peft.data.packaged import demo_facts
+from undial_peft.demo import run_demo
 from undial_peft.tiny import tiny_llama, word_tokenizer
 from undial_peft.utils.storage import file_sha256
 

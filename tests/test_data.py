@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import normalizers
 
-from undial_peft.data.encoding import Collator, Example, build_dataset, encode, prompt_ids, read_examples
+from undial_peft.data.encoding import Collator, build_dataset, encode, prompt_ids
+from undial_peft.data.readers import Example, read_examples
 from undial_peft.errors import UndialConfigError, UndialDataError
 from undial_peft.tiny import word_tokenizer
 from undial_peft.training.loss import IGNORE_INDEX
@@ -121,7 +122,7 @@ def test_missing_or_non_string_fields(row, message):
 
 def test_duplicates_are_dropped_with_a_warning_that_holds_no_text(caplog):
     other = {"question": QA["question"], "answer": "Zorbel was born in Solbeck."}
-    with caplog.at_level(logging.WARNING, logger="undial_peft.data.encoding"):
+    with caplog.at_level(logging.WARNING, logger="undial_peft.data.readers"):
         rows = read_examples([QA, other, dict(QA), TEXT, dict(TEXT)])
     assert [(r.prompt, r.answer) for r in rows] == [(QA["question"], QA["answer"]),
                                                    (other["question"], other["answer"]), (None, TEXT["text"])]

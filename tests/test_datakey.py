@@ -10,7 +10,7 @@ import re
 import pytest
 
 from undial_peft import UndialConfig
-from undial_peft.data.encoding import read_examples
+from undial_peft.data.readers import read_examples
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.errors import UndialConfigError
 from undial_peft.training.forget import forget
@@ -28,8 +28,7 @@ def test_a_guessed_one_row_request_cannot_be_confirmed_from_the_manifest(tiny_di
     adapter = forget(tiny_dir, [guess], tmp_path / "one-row", config=config)
     manifest_text = (adapter / "undial.json").read_text(encoding="utf-8")
     assert not any(digest in manifest_text for digest in _plain_digests(guess))
-    from undial_peft.data.encoding import data_digest
-    from undial_peft.data.secret import key_id
+    from undial_peft.data.digests import data_digest, key_id
 
     # ... while the operator, who holds the key and the data, can still confirm it
     assert read_manifest(adapter)["data"]["hmac_sha256"] == data_digest(read_examples([guess]))
@@ -37,8 +36,7 @@ def test_a_guessed_one_row_request_cannot_be_confirmed_from_the_manifest(tiny_di
 
 
 def test_key_sources_and_that_the_digest_depends_on_the_key(monkeypatch, tmp_path):
-    from undial_peft.data.encoding import data_digest
-    from undial_peft.data.secret import KEY_ENV, KEY_FILE_ENV, data_key, default_key_path
+    from undial_peft.data.digests import KEY_ENV, KEY_FILE_ENV, data_digest, data_key, default_key_path
 
     rows = read_examples([{"question": "Q?", "answer": "A."}])
     monkeypatch.setenv(KEY_ENV, "first operator key, long enough")
@@ -61,7 +59,7 @@ def test_one_length_rule_for_keys_from_the_environment_and_from_a_file(source, m
     """A one-character key once passed from UNDIAL_PEFT_DATA_KEY while a key file needed 16 bytes:
     both sources now take keys of 16 bytes and up, and refuse shorter ones naming where the key came
     from and how to generate one."""
-    from undial_peft.data.secret import KEY_ENV, KEY_FILE_ENV, data_key
+    from undial_peft.data.digests import KEY_ENV, KEY_FILE_ENV, data_key
 
     def use(key: str) -> str:
         if source == "environment":

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from undial_peft.data.encoding import Collator, encode, read_examples
+from undial_peft.data.encoding import Collator, encode
+from undial_peft.data.readers import read_examples
 from undial_peft.evals.report import score
 from undial_peft.models import four_bit_config, load_model
 from undial_peft.training.adapters import adapter_state, build_trainable, default_lora_config
@@ -86,7 +87,7 @@ def test_a_four_bit_run_is_measured_on_the_full_precision_base_it_is_served_on(t
     adapter), measured independently here; the stopping line never calls a target reached there that is not."""
     from undial_peft import UndialConfig, attach, forget
     from undial_peft.deploy.manifest import read_manifest
-    from undial_peft.training.stopping import describe, key_probabilities
+    from undial_peft.training.stopping import describe_outcome, key_probabilities
 
     rows = facts[:4]
     config = UndialConfig(max_steps=3, min_steps=0, until_ratio=0.9, auto_key=False, learning_rate=1e-2, beta=3.0)
@@ -107,5 +108,5 @@ def test_a_four_bit_run_is_measured_on_the_full_precision_base_it_is_served_on(t
     outcome = {"stopped": "target", "step": 3, "forget_before": 0.8, "forget_after": 0.1, "target": 0.16,
                "deployed": {**deployed, "forget_before": 0.7, "forget_after": 0.3, "target": 0.14, "reached": False,
                             "missed_by": 0.16}}
-    line = describe(outcome)
+    line = describe_outcome(outcome)
     assert "NOT as served" in line and "MISSED by 0.160" in line and "target reached;" not in line

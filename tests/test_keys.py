@@ -19,7 +19,7 @@ import pytest
 from conftest import CITIES, NAMES, memorise
 
 from undial_peft import UndialConfig
-from undial_peft.data.encoding import Example, read_examples
+from undial_peft.data.readers import Example, read_examples
 from undial_peft.deploy.manifest import MANIFEST
 from undial_peft.evals.report import greedy_answers
 from undial_peft.tiny import tiny_llama, word_tokenizer

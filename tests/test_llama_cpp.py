@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from undial_peft import UndialConfig
-from undial_peft.demo import demo_facts, run_demo
+from undial_peft.data.packaged import demo_facts
+from undial_peft.demo import run_demo
 from undial_peft.training.forget import forget
 
 LLAMA_PYTHON = os.environ.get("UNDIAL_LLAMA_CPP_PYTHON") or (

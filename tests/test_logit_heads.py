@@ -15,7 +15,8 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
 
 from undial_peft import UndialConfig
-from undial_peft.data.encoding import Collator, build_dataset, read_examples
+from undial_peft.data.encoding import Collator, build_dataset
+from undial_peft.data.readers import read_examples
 from undial_peft.models import load_model
 from undial_peft.tiny import word_tokenizer
 from undial_peft.training import loss as L

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from undial_peft.data.encoding import Example
+from undial_peft.data.readers import Example
 from undial_peft.data.synthetic import make_benchmark_data
 from undial_peft.evals import metrics
 from undial_peft.evals.report import (

@@ -35,8 +35,8 @@ from safetensors.torch import load_file
 
 from undial_peft import UndialConfig
 from undial_peft.cli import main as cli_main
-from undial_peft.data.encoding import data_digest, read_examples
-from undial_peft.data.secret import key_id
+from undial_peft.data.digests import data_digest, key_id
+from undial_peft.data.readers import read_examples
 from undial_peft.deploy.manifest import MANIFEST, WEIGHTS
 from undial_peft.errors import UndialConfigError, UndialModelError, UndialStackError, UndialTrainingError
 from undial_peft.models import load_model

@@ -31,9 +31,9 @@ from transformers import AutoModelForCausalLM
 
 from undial_peft import UndialConfig
 from undial_peft.cli import main as cli_main
-from undial_peft.data.encoding import read_examples
+from undial_peft.data.readers import read_examples
 from undial_peft.deploy.manifest import CONFIG, WEIGHTS, read_manifest
-from undial_peft.deploy.stack import attach, describe, export_stack, merge_stack
+from undial_peft.deploy.stack import attach, export_stack, list_stack, merge_stack
 from undial_peft.errors import UndialStackError
 from undial_peft.models import load_model
 from undial_peft.tiny import tiny_llama
@@ -235,7 +235,7 @@ def test_revert_by_attaching_without_a_request_brings_its_facts_back(trained, ti
 
 
 def test_describe_table_and_cli_list(trained, capsys):
-    rows = describe(trained.stack)
+    rows = list_stack(trained.stack)
     assert [row["id"] for row in rows] == ["r0", "r1", "r2"]
     assert [row["parents"] for row in rows] == ["-", "r0", "r0,r1"]
     assert [row["status"] for row in rows] == ["ok"] * 3
@@ -244,7 +244,7 @@ def test_describe_table_and_cli_list(trained, capsys):
     text = dict_rows(rows)
     lines = text.splitlines()
     assert lines[0].split() == list(rows[0]) and len(lines) == 4
-    assert describe([trained.stack[1]])[0]["status"] == "parents differ"  # r1 listed without r0
+    assert list_stack([trained.stack[1]])[0]["status"] == "parents differ"  # r1 listed without r0
 
     assert cli_main(["stack", "list", *map(str, trained.stack)]) == 0
     out = capsys.readouterr().out

@@ -14,7 +14,8 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from undial_peft import UndialConfig
-from undial_peft.data.encoding import Example, encode
+from undial_peft.data.encoding import encode
+from undial_peft.data.readers import Example
 from undial_peft.deploy.manifest import MANIFEST
 from undial_peft.deploy.stack import attach
 from undial_peft.errors import UndialTrainingError
@@ -22,7 +23,7 @@ from undial_peft.evals.report import score
 from undial_peft.models import load_model
 from undial_peft.training import forget as api
 from undial_peft.training import stopping
-from undial_peft.training.stopping import StopWhenForgotten, describe, key_probabilities
+from undial_peft.training.stopping import StopWhenForgotten, describe_outcome, key_probabilities
 
 
 def _config(**overrides) -> UndialConfig:
@@ -116,7 +117,7 @@ def test_fixed_length_without_a_target(tiny_dir, facts, tmp_path):
 
 
 def test_describe_says_why():
-    text = describe({"stopped": "max_steps", "step": 100, "forget_before": 0.8, "forget_after": 0.4, "target": 0.16,
+    text = describe_outcome({"stopped": "max_steps", "step": 100, "forget_before": 0.8, "forget_after": 0.4, "target": 0.16,
                      "retain_before": 0.9, "retain_after": 0.85})
     assert text == ("stopped at step 100: step limit reached before the target; forget key probability 0.800 -> 0.400 "
                     "(0.50x; target 0.160); retain probability 0.900 -> 0.850")
@@ -173,7 +174,7 @@ def test_resume_then_roll_back_reports_the_weights_it_keeps(monkeypatch):
     assert (out["forget_after"], out["retain_after"], out["step"]) == (0.5, pytest.approx(0.88), 4)  # ...and their figures
     assert (out["forget_before"], out["retain_before"]) == pytest.approx((0.8, 0.9))  # before: the new adapter off
     assert [p["step"] for p in run.stop.history] == [0, 4, 5, 4]
-    assert "forget key probability 0.800 -> 0.500 (0.62x" in describe(out)
+    assert "forget key probability 0.800 -> 0.500 (0.62x" in describe_outcome(out)
 
 
 def test_resume_past_the_retain_budget_is_an_error(monkeypatch):

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from undial_peft.data.encoding import read_examples
+from undial_peft.data.readers import read_examples
 from undial_peft.data.synthetic import ATTRIBUTES, make_benchmark_data, write_jsonl
 
 KEYS = {"question", "answer", "paraphrased_question", "paraphrased_answer", "perturbed_answers", "entity"}

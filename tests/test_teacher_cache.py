@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from undial_peft import UndialConfig
-from undial_peft.data.encoding import Collator, build_dataset, read_examples
+from undial_peft.data.encoding import Collator, build_dataset
+from undial_peft.data.readers import read_examples
 from undial_peft.errors import UndialTrainingError
 from undial_peft.models import load_model
 from undial_peft.training import teacher_cache

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from undial_peft import UndialConfig
-from undial_peft.data.encoding import Collator, build_dataset, read_examples
+from undial_peft.data.encoding import Collator, build_dataset
+from undial_peft.data.readers import read_examples
 from undial_peft.deploy.stack import attach
 from undial_peft.errors import UndialTrainingError
 from undial_peft.models import load_model

@@ -62,7 +62,7 @@ def _forget(args: argparse.Namespace) -> None:
 
     from undial_peft.deploy.manifest import read_manifest
     from undial_peft.training.forget import forget, preview_keys
-    from undial_peft.training.stopping import describe
+    from undial_peft.training.stopping import describe_outcome
 
     if args.quiet:  # no bars at all: loading, de-quantising and saving a model draw their own, not only training
         import datasets
@@ -86,7 +86,7 @@ def _forget(args: argparse.Namespace) -> None:
                   description=args.description)
     stopping = (read_manifest(path) or {}).get("stopping", {})
     if "forget_after" in stopping:
-        print(describe(stopping))
+        print(describe_outcome(stopping))
     print(f"wrote {path}")
 
 
@@ -97,21 +97,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _source(value: str, data_dir: str | None = None) -> str | list[dict]:
-    """A path, ``demo:forget`` / ``demo:keep`` (the demo's packaged real facts), or a benchmark name
-    such as ``tofu:forget10`` or ``muse:news/knowmem/forget_qa`` (see `undial_peft.data.named`)."""
-    from undial_peft.data.named import is_data_name, load_rows
+    from undial_peft.data.named import resolve_source
 
-    if is_data_name(value):
-        return load_rows(value, data_dir)
-    if value.startswith("demo:"):
-        from undial_peft.demo import demo_facts
-
-        probes = ("paraphrased_question", "perturbed_answers")  # on the forget facts, for truth ratio and attacks
-        rows = [{k: f[k] for k in ("question", "answer", *probes) if k in f} for f in demo_facts() if f["split"] == value[5:]]
-        if not rows:
-            raise UndialConfigError(f"{value}: use demo:forget or demo:keep.")
-        return rows
-    return value
+    return resolve_source(value, data_dir)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -146,10 +134,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _stack(args: argparse.Namespace) -> None:
-    from undial_peft.deploy.stack import describe, export_stack, merge_stack
+    from undial_peft.deploy.stack import export_stack, list_stack, merge_stack
 
     if args.action == "list":
-        print(dict_rows(describe(args.dirs)))
+        print(dict_rows(list_stack(args.dirs)))
         return
     if args.action == "check":
         for directory in args.dirs:

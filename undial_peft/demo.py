@@ -10,36 +10,21 @@ fact's answer probability and greedy answer before and after one forget adapter 
 from __future__ import annotations
 
 import datetime
-import json
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from undial_peft.data.encoding import Example, encode
+from undial_peft.data.encoding import encode
+from undial_peft.data.packaged import demo_facts
+from undial_peft.data.readers import Example
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.evals.metrics import answer_probability
 from undial_peft.evals.report import greedy_answers, score
 from undial_peft.training.config import UndialConfig
-from undial_peft.training.stopping import describe
+from undial_peft.training.stopping import describe_outcome
 from undial_peft.utils.tables import dict_rows
-
-
-def _packaged(name: str) -> list[dict[str, str]]:
-    text = resources.files("undial_peft").joinpath(f"data/{name}").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def demo_facts() -> list[dict[str, str]]:
-    """The packaged facts: question, answer, key word and split (forget / keep)."""
-    return _packaged("demo_facts.jsonl")
-
-
-def real_facts() -> list[dict[str, str]]:
-    """Real facts the model knows (hand key probability >= 0.5): question, answer, key and topic."""
-    return _packaged("real_facts.jsonl")
 
 
 def measure_facts(model: Any, tokenizer: Any, facts: list[dict[str, str]], config: UndialConfig) -> list[dict[str, Any]]:
@@ -99,7 +84,7 @@ def run_demo(
                      config=config, tokenizer=tokenizer, description="Demo: six well-known facts (capitals and authors).")
     stopping = (read_manifest(adapter) or {}).get("stopping", {})
     log(f"[demo] trained in {time.perf_counter() - started_training:.0f}s; "
-        + (describe(stopping) if "forget_after" in stopping else "fixed length"))
+        + (describe_outcome(stopping) if "forget_after" in stopping else "fixed length"))
     log(f"[demo] saved {output_dir}; measuring again with the adapter attached ...")
     after = measure_facts(attach(base, [output_dir], tokenizer=tokenizer), tokenizer, facts, config)
     rows = [

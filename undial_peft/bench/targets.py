@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from undial_peft.bench.settings import BenchSize, RealSize
-from undial_peft.data.encoding import Collator, Example, data_digest, encode
+from undial_peft.data.digests import data_digest
+from undial_peft.data.encoding import Collator, encode
+from undial_peft.data.readers import Example
 from undial_peft.evals import scoring
 from undial_peft.utils.storage import atomic_directory
 
@@ -139,7 +141,7 @@ def freeze_for_fine_tune(model: torch.nn.Module, trained_layers: int | None) -> 
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def base_identity(model: str | Path) -> dict[str, Any]:
+def file_identity(model: str | Path) -> dict[str, Any]:
     """A cheap identity of a base model for cache keys: its file (or directory) name and size in bytes."""
     from undial_peft.models import local_path
 
@@ -161,7 +163,7 @@ def cached_fine_tune(
     """
     from undial_peft.models import load_model
 
-    recipe = {"format": 1, "base": base_identity(model), "rows": len(rows), "rows_digest": rows_digest(rows),
+    recipe = {"format": 1, "base": file_identity(model), "rows": len(rows), "rows_digest": rows_digest(rows),
               "max_epochs": size.finetune_epochs, "memorised_at": size.memorised_at, "lr": size.finetune_lr, "batch_size": size.finetune_batch_size,
               "trained_layers": size.trained_layers, "seed": seed, "default_system_prompt": False}
     path = cache / f"{name}-{recipe_key(recipe)}"

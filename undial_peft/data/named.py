@@ -10,7 +10,7 @@ split in the hub's own format (``.jsonl``, ``.json`` or ``.parquet``)::
     DATA/muse/news/knowmem/forget_qa.jsonl    # muse-bench/MUSE-News, config knowmem, split forget_qa
 
 Rows come back in the field names `undial_peft.evals.report.read_eval_items` and
-`undial_peft.data.encoding.read_examples` read: TOFU keeps question / answer / paraphrased_answer /
+`undial_peft.data.readers.read_examples` read: TOFU keeps question / answer / paraphrased_answer /
 paraphrased_question and renames ``perturbed_answer`` (a list) to ``perturbed_answers``; MUSE
 knowmem rows are question / answer, verbmem rows prompt / completion (``prompt`` / ``gt``), and
 raw, privleak rows are ``{"text": ...}``. MUSE knowmem, verbmem and privleak rows also name their
@@ -99,7 +99,7 @@ def _local_rows(path: Path) -> list[dict[str, Any]]:
     Not through ``datasets.load_dataset("json")``: that writes an Arrow copy of the text into the
     datasets cache (~/.cache), which would outlive the forget request.
     """
-    from undial_peft.data.encoding import _read_rows
+    from undial_peft.data.readers import _read_rows
 
     return list(row for _, row in _read_rows(path))
 
@@ -181,3 +181,23 @@ def load_rows(name: str, data_dir: str | Path | None = None) -> list[dict[str, A
                 f"{name}: row {i} lacks field {err}; it has {sorted(row)}. Save the split in the hub's own format."
             ) from err
     return rows
+
+
+def resolve_source(value: str, data_dir: str | Path | None = None) -> str | list[dict[str, Any]]:
+    """What a CLI data argument names: a benchmark split (``tofu:forget10``, ``muse:news/knowmem/forget_qa``),
+    the demo's packaged facts (``demo:forget`` / ``demo:keep``), or else a path, returned as given.
+
+    >>> len(resolve_source("demo:keep")) > 0, resolve_source("forget.jsonl")
+    (True, 'forget.jsonl')
+    """
+    if is_data_name(value):
+        return load_rows(value, data_dir)
+    if value.startswith("demo:"):
+        from undial_peft.data.packaged import demo_facts
+
+        probes = ("paraphrased_question", "perturbed_answers")  # on the forget facts, for truth ratio and attacks
+        rows = [{k: f[k] for k in ("question", "answer", *probes) if k in f} for f in demo_facts() if f["split"] == value[5:]]
+        if not rows:
+            raise UndialDataError(f"{value}: use demo:forget or demo:keep.")
+        return rows
+    return value

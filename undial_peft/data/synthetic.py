@@ -278,7 +278,7 @@ def real_author_facts() -> list[dict[str, Any]]:
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """One JSON object per line (UTF-8), readable by `undial_peft.data.encoding.read_examples`.
+    """One JSON object per line (UTF-8), readable by `undial_peft.data.readers.read_examples`.
 
     >>> import tempfile, os; p = os.path.join(tempfile.mkdtemp(), "f.jsonl")
     >>> write_jsonl([{"question": "Q?", "answer": "A."}], p); open(p).read()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from undial_peft.training.stopping import describe
+from undial_peft.training.stopping import describe_outcome
 
 
 def _value(value: Any) -> str:
@@ -19,7 +19,7 @@ def _value(value: Any) -> str:
 def _stopping(outcome: dict[str, Any] | None) -> list[str]:
     if not outcome or outcome.get("stopped") == "fixed_length" or "forget_after" not in outcome:
         return [f"- Training: {'fixed length' if outcome else 'not recorded'}"]
-    return [f"- Training {describe(outcome)}"]
+    return [f"- Training {describe_outcome(outcome)}"]
 
 
 def model_card(manifest: dict[str, Any]) -> str:

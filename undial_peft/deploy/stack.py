@@ -100,7 +100,7 @@ def _status(directory: str | Path, manifest: dict[str, Any] | None, earlier: lis
     return ", ".join(problems) or "ok"
 
 
-def describe(stack: Sequence[str | Path]) -> list[dict[str, Any]]:
+def list_stack(stack: Sequence[str | Path]) -> list[dict[str, Any]]:
     """One summary row per adapter, in the given order.
 
     Columns: id, parents (ids from the manifest), rank, size on disk, method, beta, date, the
@@ -352,4 +352,4 @@ def _provenance(stack: Sequence[str | Path], how: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["attach", "concatenated_deltas", "describe", "export_stack", "merge_stack"]
+__all__ = ["attach", "concatenated_deltas", "list_stack", "export_stack", "merge_stack"]

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from undial_peft.data.encoding import Collator, Example, encode
+from undial_peft.data.encoding import Collator, encode
 from undial_peft.data.prompt_format import AUTO, FormatSpec, PromptFormat
+from undial_peft.data.readers import Example
 from undial_peft.errors import UndialConfigError, UndialDataError
 from undial_peft.evals import MAX_NEW_TOKENS, metrics
 from undial_peft.evals.report import EvalItem, read_eval_items

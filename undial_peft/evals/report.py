@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from undial_peft.data.encoding import Example, _read_rows, encode
+from undial_peft.data.digests import key_id, keyed_sha256
+from undial_peft.data.encoding import encode
 from undial_peft.data.prompt_format import AUTO, FormatSpec, PromptFormat
-from undial_peft.data.secret import key_id, keyed_sha256
+from undial_peft.data.readers import Example, _read_rows
 from undial_peft.errors import UndialDataError
 from undial_peft.evals import MAX_NEW_TOKENS, SPLITS, metrics
 from undial_peft.evals.scoring import TokenScores, greedy_answers, greedy_from_ids, score, score_features

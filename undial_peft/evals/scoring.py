@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from undial_peft.data.encoding import Collator, Example, encode
+from undial_peft.data.encoding import Collator, encode
 from undial_peft.data.prompt_format import AUTO, FormatSpec, PromptFormat
+from undial_peft.data.readers import Example
 from undial_peft.evals import MAX_NEW_TOKENS, metrics
 from undial_peft.models import pad_id
 from undial_peft.training.loss import shift_labels, token_logprobs
-from undial_peft.utils.modes import eval_mode
+from undial_peft.utils.modes import model_mode
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,7 +75,7 @@ def score_features(model: Any, tokenizer: Any, features: Sequence[dict[str, list
     """
     collate, device = Collator(pad_id(tokenizer)), _device(model)
     out: list[TokenScores] = []
-    with eval_mode(model):
+    with model_mode(model):
         with torch.no_grad():
             for start in range(0, len(features), batch_size):
                 batch = {k: v.to(device) for k, v in collate(list(features[start : start + batch_size])).items()}
@@ -139,7 +140,7 @@ def greedy_from_ids(
     """
     pad, device = pad_id(tokenizer), _device(model)
     answers: list[str] = []
-    with eval_mode(model):
+    with model_mode(model):
         with torch.no_grad():
             for start in range(0, len(all_prompts), batch_size):
                 prompts = all_prompts[start : start + batch_size]

@@ -35,11 +35,12 @@ from typing import Any
 
 import torch
 
-from undial_peft.data.encoding import Example, prompt_ids
+from undial_peft.data.encoding import prompt_ids
 from undial_peft.data.prompt_format import AUTO, FormatSpec
+from undial_peft.data.readers import Example
 from undial_peft.errors import UndialDataError
 from undial_peft.models import pad_id
-from undial_peft.utils.modes import eval_mode
+from undial_peft.utils.modes import model_mode
 
 NEUTRAL_PROMPTS = ("Say something.", "Tell me about your day.", "Write a short paragraph about anything you like.")
 WORD = re.compile(r"\w+")
@@ -132,7 +133,7 @@ def auto_key_weights(
     (they keep the adjustment on every answer token). ``model`` must be the teacher: the model as
     deployed before this request. Its mode is restored.
     """
-    with eval_mode(model):
+    with model_mode(model):
         weights: list[list[float] | None] = []
         prior = None
         for example in examples:

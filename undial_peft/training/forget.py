@@ -20,9 +20,10 @@ import torch
 from peft import LoraConfig
 from transformers import PreTrainedModel, set_seed
 
-from undial_peft.data.encoding import Collator, DataSource, Example, build_dataset, data_digest, encode, read_examples
+from undial_peft.data.digests import data_digest, key_id
+from undial_peft.data.encoding import Collator, build_dataset, encode
 from undial_peft.data.prompt_format import PromptFormat
-from undial_peft.data.secret import key_id
+from undial_peft.data.readers import DataSource, Example, read_examples
 from undial_peft.deploy.manifest import Manifest, save_adapter, verify_stack
 from undial_peft.errors import OutputExistsError, UndialConfigError
 from undial_peft.evals.scoring import mean_answer_probability

@@ -35,7 +35,7 @@ from undial_peft.data.encoding import Collator
 from undial_peft.errors import UndialConfigError, UndialTrainingError
 from undial_peft.training.adapters import adapter_state
 from undial_peft.training.loss import shift_labels_like, token_logprobs
-from undial_peft.utils.modes import eval_mode
+from undial_peft.utils.modes import model_mode
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def key_probabilities(model: torch.nn.Module, rows: Features, pad_token_id: int,
     """
     device = next(model.parameters()).device
     collate, out = Collator(pad_token_id), []
-    with eval_mode(model):
+    with model_mode(model):
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(list(rows[start : start + batch_size])).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
@@ -226,16 +226,16 @@ class StopWhenForgotten(TrainerCallback):
         self.outcome.update(step=int(last["step"]), forget_after=last["forget"], retain_after=last.get("retain"),
                             checks=len(self.history) - 1)
         self._good, self._good_point = None, {}
-        logger.info("%s", describe(self.outcome))
+        logger.info("%s", describe_outcome(self.outcome))
         if self.outcome["stopped"] in ("max_steps", "retain_budget") and self.outcome.get("target") is not None:
             logger.warning("target not reached: forget key probability %.4f, target %.4f (missed by %.4f)",
                            last["forget"], self.outcome["target"], last["forget"] - self.outcome["target"])
 
 
-def describe(outcome: dict[str, Any]) -> str:
+def describe_outcome(outcome: dict[str, Any]) -> str:
     """One line saying why training stopped, with the before/after figures.
 
-    >>> describe({"stopped": "target", "step": 12, "forget_before": 0.8, "forget_after": 0.15, "target": 0.16})
+    >>> describe_outcome({"stopped": "target", "step": 12, "forget_before": 0.8, "forget_after": 0.15, "target": 0.16})
     'stopped at step 12: target reached; forget key probability 0.800 -> 0.150 (0.19x; target 0.160)'
     """
     reason = {"target": "target reached", "retain_budget": "retain budget reached (rolled back to the last check within it)",

@@ -39,6 +39,7 @@ from undial_peft.training import loss as L
 from undial_peft.training import teacher_cache
 from undial_peft.training.adapters import NEW, adapter_state
 from undial_peft.training.config import UndialConfig
+from undial_peft.utils.modes import model_mode
 
 Batch = dict[str, torch.Tensor]
 logger = logging.getLogger(__name__)
@@ -135,19 +136,15 @@ class UndialTrainer(Trainer):
         ids = self._probe_ids()  # (1, T)
         keep = min(HEAD_PROBE_POSITIONS, ids.shape[1])
         cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-        training = model.training
-        model.train()
-        try:
-            with torch.random.fork_rng(devices=cuda), self.compute_loss_context_manager(), torch.no_grad():
-                out = self._teacher(model, input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    output_hidden_states=True, logits_to_keep=keep)
-                if out.hidden_states is None:
-                    return "the model returns no hidden states"
-                hidden = out.hidden_states[-1][:, -keep:]  # (1, k, H)
-                # exactly what the fused loss computes per chunk
-                rebuilt = torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, head.bias)  # (1, k, V)
-        finally:
-            model.train(training)
+        with model_mode(model, training=True), torch.random.fork_rng(devices=cuda), self.compute_loss_context_manager(), \
+                torch.no_grad():
+            out = self._teacher(model, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                output_hidden_states=True, logits_to_keep=keep)
+            if out.hidden_states is None:
+                return "the model returns no hidden states"
+            hidden = out.hidden_states[-1][:, -keep:]  # (1, k, H)
+            # exactly what the fused loss computes per chunk
+            rebuilt = torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, head.bias)  # (1, k, V)
         logits = out.logits[:, -keep:].float()  # (1, k, V)
         rebuilt = rebuilt.float()  # (1, k, V)
         scale = logits.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
@@ -209,19 +206,15 @@ class UndialTrainer(Trainer):
             collate = self.data_collator
             if not isinstance(collate, teacher_cache.IndexedCollator):
                 collate = teacher_cache.IndexedCollator(collate)
-            start, training = time.perf_counter(), self.model.training
+            start = time.perf_counter()
             # Training mode, as the live teacher runs (no dropout is active, checked above); an
             # eval-mode forward would also repack 4-bit CPU weights into a kernel with no backward.
-            self.model.train()
-            try:
-                with self.compute_loss_context_manager():
-                    cache, where = teacher_cache.build(
-                        dataset, collate.inner, lambda **b: self._teacher(self.model, **b), needs,
-                        self.args.teacher_cache, Path(self.args.output_dir), self.args.per_device_train_batch_size,
-                        self.args.device,
-                    )
-            finally:
-                self.model.train(training)
+            with model_mode(self.model, training=True), self.compute_loss_context_manager():
+                cache, where = teacher_cache.build(
+                    dataset, collate.inner, lambda **b: self._teacher(self.model, **b), needs,
+                    self.args.teacher_cache, Path(self.args.output_dir), self.args.per_device_train_batch_size,
+                    self.args.device,
+                )
             if cache is None:
                 why.append(where)
             else:

@@ -69,7 +69,9 @@ def deployed_figures(
     ``trained`` is the peft model holding the new adapter (`NEW`), e.g. over a 4-bit base; its LoRA
     weights are copied onto the full-precision base with the same ``stack`` below them.
     """
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(trained, adapter_name=NEW).items()}
+    # save_embedding_layers=False: peft's "auto" would look the base up on the hub (see manifest.save_adapter)
+    state = get_peft_model_state_dict(trained, adapter_name=NEW, save_embedding_layers=False)
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
     base, _ = load_model(model)  # float32, as `attach` loads it to serve
     served = build_trainable(base, lora, stack)
     try:

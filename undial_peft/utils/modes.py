@@ -1,8 +1,8 @@
-"""Run a model in eval mode for a while and hand it back in the mode it was in.
+"""Run a model in eval (or train) mode for a while and hand it back in the mode it was in.
 
 >>> import torch
 >>> layer = torch.nn.Dropout().train()
->>> with eval_mode(layer):
+>>> with model_mode(layer):
 ...     layer.training
 False
 >>> layer.training
@@ -18,7 +18,7 @@ import torch
 
 
 @contextlib.contextmanager
-def eval_mode(model: torch.nn.Module, training: bool = False) -> Iterator[torch.nn.Module]:
+def model_mode(model: torch.nn.Module, training: bool = False) -> Iterator[torch.nn.Module]:
     """``model`` in eval mode (train mode with ``training=True``) inside the block, restored after, even on errors."""
     was_training = model.training
     model.train(training)

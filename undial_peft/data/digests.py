@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from undial_peft.data.readers import Example
 from undial_peft.errors import UndialConfigError
 
 KEY_ENV, KEY_FILE_ENV = "UNDIAL_PEFT_DATA_KEY", "UNDIAL_PEFT_DATA_KEY_FILE"
@@ -88,3 +90,13 @@ def keyed_sha256(chunks: Iterable[bytes]) -> str:
 def key_id() -> str:
     """A short name of the key, so a digest mismatch can say "other key" rather than "other data"."""
     return keyed_sha256([b"undial-peft key id"])[:16]
+
+
+def data_digest(examples: Sequence[Example]) -> str:
+    """A keyed digest of the rows (HMAC-SHA256 under the operator's key, see `data_key`): names the
+    data for whoever holds the key without storing any of it, and a guessed row cannot be
+    confirmed from a manifest or report without the key."""
+    return keyed_sha256(
+        json.dumps([example.prompt, example.answer, example.key], ensure_ascii=False).encode("utf-8") + b"\n"
+        for example in examples
+    )
