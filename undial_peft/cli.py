@@ -72,7 +72,7 @@ def _forget(args: argparse.Namespace) -> None:
         datasets.utils.logging.disable_progress_bar()  # benchmark data sets (--data tofu:...) are read with datasets
     config = _forget_config(args)
     if args.show_keys:  # a dry run: key texts go to this terminal only, never to a log or a file
-        for number, (source, text) in enumerate(preview_keys(args.model, args.data, config=config, stack=args.stack,
+        for number, (source, text) in enumerate(preview_keys(args.model, _source(args.data, args.data_dir), config=config, stack=args.stack,
                                                              force=args.force), 1):
             print(f"row {number} ({source}): {text!r}")
         return
