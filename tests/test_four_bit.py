@@ -110,3 +110,28 @@ def test_a_four_bit_run_is_measured_on_the_full_precision_base_it_is_served_on(t
                             "missed_by": 0.16}}
     line = describe_outcome(outcome)
     assert "NOT as served" in line and "MISSED by 0.160" in line and "target reached;" not in line
+
+
+def test_a_four_bit_miss_as_served_trains_on_at_full_precision(tiny_dir, facts, tmp_path, monkeypatch):
+    """Where the float32 base misses the target, training goes on there and that adapter is saved."""
+    from undial_peft import UndialConfig, forget
+    from undial_peft.deploy.manifest import read_manifest
+    from undial_peft.training import forget as api
+
+    measured = []
+
+    def first_misses(served, n_stack, rows, pad):
+        figures = real(served, n_stack, rows, pad)
+        measured.append(figures)
+        return {**figures, "forget_after": figures["forget_before"]} if len(measured) == 1 else figures
+
+    real = api.measure_served
+    monkeypatch.setattr(api, "measure_served", first_misses)
+    config = UndialConfig(max_steps=2, min_steps=0, until_ratio=0.9, auto_key=False, learning_rate=1e-2, beta=3.0)
+    out = forget(tiny_dir, facts[:4], tmp_path / "req-4bit", config=config, load_in_4bit=True)
+    manifest = read_manifest(out)
+    deployed = manifest["deployed"]
+    assert len(measured) == 2 and deployed["before_finish"]["reached"] is False
+    assert 1 <= deployed["finish_steps"] <= 2
+    assert manifest["metrics"]["steps"] == manifest["stopping"]["step"] + deployed["finish_steps"]
+    assert deployed["forget_after"] == pytest.approx(measured[1]["forget_after"])  # measured after the finish

@@ -64,6 +64,9 @@ class UndialConfig(TrainingArguments):
     verify_deployed: bool = field(default=True, metadata={"help": (
         "After a 4-bit run, measure the forget set on the full-precision base it is served on (loads it once) and "
         "record it; a target met only on the 4-bit model is then reported as missed.")})
+    finish_on_served: bool = field(default=True, metadata={"help": (
+        "After a 4-bit run whose adapter misses the target on the full-precision base, train on there until it "
+        "holds (needs that model's memory for those steps); else only report the miss.")})
     auto_key: bool = field(default=True, metadata={"help": "Rows without `key`: find the fact's tokens with the teacher (training/answer_keys.py)."})
     auto_key_threshold: float = field(
         default=7.5, metadata={"help": "Automatic keys: nats above the model's neutral prior a token needs (answer_keys.KeyRule)."}

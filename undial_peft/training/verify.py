@@ -49,11 +49,39 @@ def describe_deployed(figures: dict[str, Any]) -> str:
     before, after = figures["forget_before"], figures["forget_after"]
     text = f"as served ({figures['form']}): forget key probability {before:.3f} -> {after:.3f}"
     text += f" ({after / before:.2f}x)" if before > 0 else ""
+    if figures.get("finish_steps"):
+        text += f", after {figures['finish_steps']} more steps on it"
     if figures.get("reached") is True:
         text += f"; target {figures['target']:.3f} reached"
     elif figures.get("reached") is False:
         text += f"; target {figures['target']:.3f} MISSED by {figures['missed_by']:.3f}"
     return text
+
+
+SERVED_FORM = "full-precision base (float32)"
+
+
+def served_copy(model: str | Path, trained: torch.nn.Module, lora: LoraConfig, stack: Sequence[str | Path]) -> Any:
+    """``model`` loaded as it is served (float32, as `attach` loads it), with ``stack`` below a trainable
+    copy of ``trained``'s new adapter (`NEW`), e.g. one trained over a 4-bit base."""
+    # save_embedding_layers=False: peft's "auto" would look the base up on the hub (see manifest.save_adapter)
+    state = get_peft_model_state_dict(trained, adapter_name=NEW, save_embedding_layers=False)
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    base, _ = load_model(model)
+    served = build_trainable(base, lora, stack)
+    set_peft_model_state_dict(served, weights, adapter_name=NEW)
+    return served
+
+
+def measure_served(served: torch.nn.Module, n_stack: int, forget_rows: Sequence[dict[str, list]],
+                   pad_token_id: int) -> dict[str, Any]:
+    """Mean forget key probability on ``served`` without and with the new adapter (the stack stays on)."""
+    earlier = [stack_name(i) for i in range(n_stack)]
+    with adapter_state(served, active=earlier):
+        before = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
+    with adapter_state(served, active=[*earlier, NEW]):
+        after = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
+    return {"form": SERVED_FORM, "forget_before": float(before.mean()), "forget_after": float(after.mean())}
 
 
 def deployed_figures(
@@ -64,25 +92,10 @@ def deployed_figures(
     forget_rows: Sequence[dict[str, list]],
     pad_token_id: int,
 ) -> dict[str, Any]:
-    """Forget key probability before/after the new adapter, on ``model`` loaded as it is served.
-
-    ``trained`` is the peft model holding the new adapter (`NEW`), e.g. over a 4-bit base; its LoRA
-    weights are copied onto the full-precision base with the same ``stack`` below them.
-    """
-    # save_embedding_layers=False: peft's "auto" would look the base up on the hub (see manifest.save_adapter)
-    state = get_peft_model_state_dict(trained, adapter_name=NEW, save_embedding_layers=False)
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-    base, _ = load_model(model)  # float32, as `attach` loads it to serve
-    served = build_trainable(base, lora, stack)
+    """`measure_served` on a `served_copy` that is dropped afterwards."""
+    served = served_copy(model, trained, lora, stack)
     try:
-        set_peft_model_state_dict(served, weights, adapter_name=NEW)
-        earlier = [stack_name(i) for i in range(len(stack))]
-        with adapter_state(served, active=earlier):
-            before = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
-        with adapter_state(served, active=[*earlier, NEW]):
-            after = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
+        return measure_served(served, len(stack), forget_rows, pad_token_id)
     finally:
-        del served, base
+        del served
         gc.collect()
-    return {"form": "full-precision base (float32)", "forget_before": float(before.mean()),
-            "forget_after": float(after.mean())}
