@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from undial_peft import UndialConfig
 from undial_peft.data.encoding import encode
 from undial_peft.data.packaged import guard_bank
 from undial_peft.data.prompt_format import PromptFormat
 from undial_peft.data.readers import Example
+from undial_peft.deploy.manifest import read_manifest
+from undial_peft.errors import UndialConfigError
 from undial_peft.tiny import tiny_llama, word_tokenizer
+from undial_peft.training import forget as forget_module
 from undial_peft.training.adapters import NEW, build_trainable, default_lora_config
+from undial_peft.training.forget import forget
 from undial_peft.training.guard import guard_rows
+from undial_peft.training.trainer import UndialTrainer
 
 BANK = guard_bank()
 
@@ -81,3 +88,54 @@ def test_guard_rows_are_deterministic_and_come_from_the_teacher():
     assert guard_rows(model, tokenizer, "completion", [], teacher_adapters=[], size=8, new_tokens=4) == first
     student = guard_rows(model, tokenizer, "completion", [], teacher_adapters=[NEW], size=8, new_tokens=4)
     assert student != first  # the adapter does change the answers, so the check above could fail
+
+
+def test_guard_settings_are_checked():
+    for bad in ({"guard": "retain"}, {"guard_weight": 0.0}, {"guard_weight": float("nan")}, {"guard_rows": 0}):
+        with pytest.raises(UndialConfigError, match=next(iter(bad))):
+            UndialConfig(**bad)
+
+
+def _settings(**extra) -> UndialConfig:
+    return UndialConfig(max_steps=3, until_ratio=None, auto_key=False, learning_rate=1e-2, seed=0,
+                        per_device_train_batch_size=4, disable_tqdm=True, **extra)
+
+
+def test_forget_with_the_bank_guard_trains_a_kl_retain_term(tiny_dir, facts, tmp_path, monkeypatch):
+    seen = []
+    original = UndialTrainer._retain_loss
+
+    def recording(self, model, inputs):
+        loss = original(self, model, inputs)
+        seen.append((self.args.retain_loss, self.args.retain_weight, loss.item()))
+        return loss
+
+    monkeypatch.setattr(UndialTrainer, "_retain_loss", recording)
+    path = forget(tiny_dir, facts[:4], tmp_path / "guarded", config=_settings(guard="bank", guard_weight=2.0, guard_rows=8))
+    assert seen and all(kind == "kl" and weight == 2.0 for kind, weight, _ in seen)
+    assert max(loss for *_, loss in seen) > 0  # zero at step 1 (student == teacher), then the student moves
+    manifest = read_manifest(path)
+    assert manifest["data"]["guard_rows"] == 8
+    assert {k: manifest["hyperparameters"][k] for k in ("guard", "guard_weight", "guard_rows")} == \
+        {"guard": "bank", "guard_weight": 2.0, "guard_rows": 8}
+    assert manifest["stopping"] == {"stopped": "fixed_length"}  # no retain watch for guard rows
+
+
+def test_guard_none_asks_nothing_and_bank_changes_the_adapter(tiny_dir, facts, tmp_path, monkeypatch):
+    calls = []
+    real = forget_module.guard_rows
+    monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = forget(tiny_dir, facts[:4], tmp_path / "plain", config=_settings())
+    assert not calls and "guard_rows" not in read_manifest(plain)["data"]
+    guarded = forget(tiny_dir, facts[:4], tmp_path / "guarded", config=_settings(guard="bank", guard_rows=8))
+    assert calls
+    a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (plain, guarded))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-6
+
+
+def test_guard_is_skipped_with_user_retain_data(tiny_dir, facts, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or [])
+    path = forget(tiny_dir, facts[:4], tmp_path / "kept", retain=facts[12:],
+                  config=_settings(guard="bank", retain_weight=1.0, max_retain_drop=None))
+    assert not calls and read_manifest(path)["data"]["guard_rows"] == 0
