@@ -2,6 +2,8 @@
 
 >>> sorted({f["split"] for f in demo_facts()}), sorted({f["topic"] for f in real_facts()})[:2]
 (['forget', 'keep'], ['authors', 'capitals'])
+>>> len({row["relation"] for row in guard_bank()}) >= 10
+True
 """
 
 from __future__ import annotations
@@ -24,3 +26,9 @@ def demo_facts() -> list[dict[str, str]]:
 def real_facts() -> list[dict[str, str]]:
     """Real facts the model knows (hand key probability >= 0.5): question, answer, key and topic."""
     return _packaged("real_facts.jsonl")
+
+
+def guard_bank() -> list[dict[str, str]]:
+    """Factual prompts across many relations, with no answers (the teacher gives them, training/guard.py):
+    relation, subject (a phrase in both prompts), question (chat models) and stub (base models)."""
+    return _packaged("guard_bank.jsonl")

@@ -138,8 +138,28 @@ def greedy_from_ids(
 
     >>> # greedy_from_ids(model, tok, [[1, 17, 4]], max_new_tokens=8)  -> ['...']
     """
+    generated = greedy_new_ids(model, tokenizer, all_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    return [cut_at_stop(t, stop) for t in texts]
+
+
+def greedy_new_ids(
+    model: Any,
+    tokenizer: Any,
+    all_prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 8,
+) -> list[list[int]]:
+    """The greedy new token ids after each prompt (left-padded batches; a row that ended early is
+    followed by pad ids, which decoding with ``skip_special_tokens`` drops).
+
+    For callers that decode themselves, e.g. to keep the leading space of a completion answer,
+    which some tokenizers drop when the new tokens are decoded alone.
+    >>> # greedy_new_ids(model, tok, [[1, 17, 4]], max_new_tokens=2)  -> [[23, 9]]
+    """
     pad, device = pad_id(tokenizer), _device(model)
-    answers: list[str] = []
+    out: list[list[int]] = []
     with model_mode(model):
         with torch.no_grad():
             for start in range(0, len(all_prompts), batch_size):
@@ -154,6 +174,5 @@ def greedy_from_ids(
                     do_sample=False,
                     pad_token_id=pad,
                 )  # (B, T + new)
-                texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-                answers.extend(cut_at_stop(t, stop) for t in texts)
-    return answers
+                out.extend(generated[:, width:].tolist())
+    return out

@@ -20,6 +20,7 @@ from undial_peft.errors import UndialConfigError
 METHODS = ("undial", "ga", "graddiff", "npo")
 RETAIN_LOSSES = ("nll", "kl")
 TEACHER_CACHES = ("auto", "memory", "disk", "off")
+GUARDS = ("none", "bank")  # what training/guard.py can add when the user holds no retain set
 
 
 @dataclass
@@ -61,6 +62,12 @@ class UndialConfig(TrainingArguments):
     max_retain_rows: int = field(
         default=64, metadata={"help": "With retain data: retain rows scored at each check, evenly spaced over the whole set (each check is a forward pass over them)."}
     )
+    # A guard without retain data (training/guard.py): the teacher's answers to shipped prompts, kept by KL.
+    guard: str = field(default="none", metadata={"help": (
+        f"Without retain data, what to keep: one of {GUARDS}. bank: the teacher's greedy answers to a shipped bank of "
+        "factual prompts across many relations, trained as a KL retain term (no retain watch). Skipped with --retain.")})
+    guard_weight: float = field(default=1.0, metadata={"help": "Weight of the guard's KL term (the retain weight for guard rows)."})
+    guard_rows: int = field(default=64, metadata={"help": "Bank prompts the guard asks the teacher (round-robin over relations)."})
     verify_deployed: bool = field(default=True, metadata={"help": (
         "After a 4-bit run, measure the forget set on the full-precision base it is served on (loads it once) and "
         "record it; a target met only on the 4-bit model is then reported as missed.")})
@@ -132,5 +139,11 @@ class UndialConfig(TrainingArguments):
             PromptFormat.parse(self.prompt_format)  # names the accepted forms
         if self.max_retain_rows < 1:
             raise bad("max_retain_rows", "watch at least 1 retain row (64 by default)")
+        if self.guard not in GUARDS:
+            raise bad("guard", f"choose one of {GUARDS}")
+        if not (math.isfinite(self.guard_weight) and self.guard_weight > 0):
+            raise bad("guard_weight", "use a finite value > 0 (guard='none' turns the guard off)")
+        if self.guard_rows < 1:
+            raise bad("guard_rows", "ask at least 1 bank prompt (64 by default)")
         if self.max_length < 2:
             raise bad("max_length", "use at least 2 tokens")

@@ -32,6 +32,7 @@ from undial_peft.models import base_identity, load_model, source_name
 from undial_peft.training.adapters import NEW, adapter_state, build_trainable, default_lora_config, stack_name
 from undial_peft.training.answer_keys import KeyRule, auto_key_weights
 from undial_peft.training.config import UndialConfig
+from undial_peft.training.guard import guard_rows
 from undial_peft.training.stopping import StopWhenForgotten
 from undial_peft.training.trainer import UndialTrainer
 from undial_peft.training.verify import describe_deployed, measure_served, served_copy, verdict
@@ -71,7 +72,9 @@ def forget(
         data: the forget request: a JSONL/JSON/CSV/parquet path, a ``datasets.Dataset`` or dicts.
         output_dir: the new adapter directory; written atomically, never half-written.
         stack: earlier adapter directories, in order; active and frozen while this one trains.
-        retain: optional data to preserve (used when ``config.retain_weight > 0``).
+        retain: optional data to preserve (used when ``config.retain_weight > 0``). Without it,
+            ``config.guard="bank"`` keeps the teacher's answers to a shipped prompt bank instead
+            (training/guard.py); with it, the guard is skipped.
         force: attach a stack whose soft checks fail (other base, broken chain, changed weights).
         resume: continue from the last complete Trainer checkpoint (written with
             ``config.save_strategy="steps"``) in ``<output_dir parent>/.<name>.checkpoints``, or in
@@ -113,9 +116,15 @@ def forget(
         # build_trainable has set up checkpointing; the Trainer must not redo it. (transformers 5
         # resolves the deprecated gradient_checkpointing alias from activation_checkpointing.)
         args = dataclasses.replace(config, output_dir=str(checkpoints), activation_checkpointing=False)
+        guard = _guard(peft_model, tokenizer, forget_rows, retain_rows, config, teacher)
+        if guard:
+            # The guard rows are this request's retain rows for the loss only: a KL term to the teacher.
+            # They are not handed to the stopping rule's retain watch, which is for the user's own data.
+            args = dataclasses.replace(args, retain_loss="kl", retain_weight=config.guard_weight)
         weights = _auto_keys(peft_model, tokenizer, forget_rows, config, teacher)
-        if any(w is not None for w in weights):
-            dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, fmt, weights)
+        if any(w is not None for w in weights) or guard:
+            dataset = build_dataset(tokenizer, forget_rows, retain_rows or guard or None, config.max_length, fmt,
+                                    weights)
         stopper = _stopper(tokenizer, forget_rows, weights, retain_rows, config, teacher)
         qa_rows = [row for row in forget_rows if row.prompt is not None]
         before = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
@@ -144,7 +153,9 @@ def forget(
             parents=parents,
             prompt_format=fmt.to_dict(),
             data={"hmac_sha256": data_digest(forget_rows), "examples": len(forget_rows), "key_id": key_id(),
-                  "retain_hmac_sha256": data_digest(retain_rows) if retain_rows else None},
+                  "retain_hmac_sha256": data_digest(retain_rows) if retain_rows else None,
+                  # a count only (0: skipped); the prompts are shipped, the answers the teacher's
+                  **({"guard_rows": len(guard)} if config.guard != "none" else {})},
             metrics={"forget_probability_before": before, "forget_probability_after": after,
                      "train_loss": result.training_loss, "steps": steps},
             keys=_key_counts(forget_rows, weights),
@@ -213,6 +224,24 @@ def _auto_keys(
     with adapter_state(model, active=teacher):
         rule = KeyRule(threshold=config.auto_key_threshold, fallback=config.auto_key_threshold * 2 / 3)
         return auto_key_weights(model, tokenizer, rows, prompt_format=config.prompt_format, rule=rule)
+
+
+def _guard(
+    model: torch.nn.Module, tokenizer: Any, forget_rows: Sequence[Example], retain_rows: Sequence[Example] | None,
+    config: UndialConfig, teacher: Sequence[str],
+) -> list[Example]:
+    """The guard's rows (training/guard.py), or [] where there is no guard to train."""
+    if config.guard == "none":
+        return []
+    if retain_rows is not None:
+        logger.info("guard=%s skipped: the request has its own retain data, which says better what to keep", config.guard)
+        return []
+    rows = guard_rows(model, tokenizer, config.prompt_format, forget_rows, teacher, size=config.guard_rows)
+    if rows:
+        logger.info("guard=%s: %d teacher answers kept by KL (weight %s)", config.guard, len(rows), config.guard_weight)
+    else:
+        logger.warning("guard=%s: the teacher answered none of the bank prompts; training without a guard", config.guard)
+    return rows
 
 
 def _key_counts(rows: Sequence[Example], weights: Sequence[list[float] | None]) -> dict[str, int]:
@@ -318,7 +347,7 @@ def _hyperparameters(config: UndialConfig, lora: LoraConfig) -> dict[str, Any]:
     keys = ("beta", "npo_beta", "forget_weight", "retain_weight", "retain_loss", "learning_rate", "num_train_epochs",
             "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
             "until_ratio", "until_prob", "check_every", "max_retain_drop", "max_retain_rows", "auto_key",
-            "auto_key_threshold")
+            "auto_key_threshold", "guard", "guard_weight", "guard_rows")
     targets = lora.target_modules
     return {
         **{key: getattr(config, key) for key in keys},

@@ -1,0 +1,141 @@
+"""The guard without a retain set: bank prompts in the request's format, answered by the teacher, kept by KL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from undial_peft import UndialConfig
+from undial_peft.data.encoding import encode
+from undial_peft.data.packaged import guard_bank
+from undial_peft.data.prompt_format import PromptFormat
+from undial_peft.data.readers import Example
+from undial_peft.deploy.manifest import read_manifest
+from undial_peft.errors import UndialConfigError
+from undial_peft.tiny import tiny_llama, word_tokenizer
+from undial_peft.training import forget as forget_module
+from undial_peft.training.adapters import NEW, build_trainable, default_lora_config
+from undial_peft.training.forget import forget
+from undial_peft.training.guard import guard_rows
+from undial_peft.training.trainer import UndialTrainer
+
+BANK = guard_bank()
+
+
+def _bank_model(chat: bool):
+    """A random tiny model whose word vocabulary holds every bank word, so prompts encode without <unk>."""
+    texts = [row[name] for row in BANK for name in ("question", "stub")]
+    tokenizer = word_tokenizer(texts, chat_template=chat)
+    return build_trainable(tiny_llama(tokenizer, hidden_size=32, num_layers=1), default_lora_config()), tokenizer
+
+
+def test_the_bank_spans_many_relations_and_each_subject_is_in_both_prompts():
+    assert 60 <= len(BANK) <= 80 and len({row["relation"] for row in BANK}) >= 10
+    for row in BANK:
+        assert set(row) == {"relation", "subject", "question", "stub"}, row
+        assert row["subject"].lower() in row["question"].lower() and row["subject"].lower() in row["stub"].lower(), row
+    assert len({row["question"] for row in BANK}) == len(BANK)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_guard_rows_are_asked_in_the_request_format(chat):
+    model, tokenizer = _bank_model(chat)
+    fmt = PromptFormat.resolve("auto", tokenizer)  # chat where the tokenizer has a template, else completion
+    rows = guard_rows(model, tokenizer, "auto", [], teacher_adapters=[], size=13, new_tokens=4)
+    assert len(rows) >= 10
+    field = "question" if chat else "stub"
+    by_prompt = {row[field]: row for row in BANK}
+    assert all(row.prompt in by_prompt for row in rows)
+    assert len({by_prompt[row.prompt]["relation"] for row in rows}) == len(rows)  # round-robin: one per relation
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    for row in rows:
+        ids = encode(tokenizer, row, 128, fmt)["input_ids"]
+        prompt = fmt.prompt_ids(tokenizer, row.prompt)
+        assert ids[: len(prompt)] == prompt
+        assert (assistant in prompt) is chat  # the chat template's generation prompt, or the stub verbatim
+        if not chat:
+            assert prompt == tokenizer(row.prompt).input_ids
+            assert "\n" not in row.answer
+
+
+def test_guard_rows_follow_a_template_with_the_stub():
+    model, tokenizer = _bank_model(chat=True)
+    rows = guard_rows(model, tokenizer, "Question : {prompt}", [], teacher_adapters=[], size=3, new_tokens=3)
+    assert [row.prompt for row in rows] == [row["stub"] for row in BANK[::6][:3]]
+
+
+def test_guard_rows_leave_out_what_the_request_forgets():
+    model, tokenizer = _bank_model(chat=True)
+    every = guard_rows(model, tokenizer, "chat", [Example("Who are you?", "Nobody.")], [], size=100, new_tokens=2)
+    assert len(every) == len(BANK)  # an unrelated forget row removes nothing
+    same_prompt = Example("  what is the CAPITAL of peru ", "Lima.")  # case, spaces and "?" differ
+    subject_in_answer = Example("Which gas?", "Neon glows red.")  # the bank's "neon" row asks this subject
+    rows = guard_rows(model, tokenizer, "chat", [same_prompt, subject_in_answer], [], size=100, new_tokens=2)
+    prompts = {row.prompt for row in rows}
+    assert "What is the capital of Peru?" not in prompts
+    assert "What is the chemical symbol for neon?" not in prompts
+    assert len(rows) == len(BANK) - 2
+
+
+def test_guard_rows_are_deterministic_and_come_from_the_teacher():
+    model, tokenizer = _bank_model(chat=False)
+    first = guard_rows(model, tokenizer, "completion", [], teacher_adapters=[], size=8, new_tokens=4)
+    assert first == guard_rows(model, tokenizer, "completion", [], teacher_adapters=[], size=8, new_tokens=4)
+    for name, param in model.named_parameters():  # a trained new adapter must not change the teacher's answers
+        if "lora_B" in name:
+            param.data.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    assert guard_rows(model, tokenizer, "completion", [], teacher_adapters=[], size=8, new_tokens=4) == first
+    student = guard_rows(model, tokenizer, "completion", [], teacher_adapters=[NEW], size=8, new_tokens=4)
+    assert student != first  # the adapter does change the answers, so the check above could fail
+
+
+def test_guard_settings_are_checked():
+    for bad in ({"guard": "retain"}, {"guard_weight": 0.0}, {"guard_weight": float("nan")}, {"guard_rows": 0}):
+        with pytest.raises(UndialConfigError, match=next(iter(bad))):
+            UndialConfig(**bad)
+
+
+def _settings(**extra) -> UndialConfig:
+    return UndialConfig(max_steps=3, until_ratio=None, auto_key=False, learning_rate=1e-2, seed=0,
+                        per_device_train_batch_size=4, disable_tqdm=True, **extra)
+
+
+def test_forget_with_the_bank_guard_trains_a_kl_retain_term(tiny_dir, facts, tmp_path, monkeypatch):
+    seen = []
+    original = UndialTrainer._retain_loss
+
+    def recording(self, model, inputs):
+        loss = original(self, model, inputs)
+        seen.append((self.args.retain_loss, self.args.retain_weight, loss.item()))
+        return loss
+
+    monkeypatch.setattr(UndialTrainer, "_retain_loss", recording)
+    path = forget(tiny_dir, facts[:4], tmp_path / "guarded", config=_settings(guard="bank", guard_weight=2.0, guard_rows=8))
+    assert seen and all(kind == "kl" and weight == 2.0 for kind, weight, _ in seen)
+    assert max(loss for *_, loss in seen) > 0  # zero at step 1 (student == teacher), then the student moves
+    manifest = read_manifest(path)
+    assert manifest["data"]["guard_rows"] == 8
+    assert {k: manifest["hyperparameters"][k] for k in ("guard", "guard_weight", "guard_rows")} == \
+        {"guard": "bank", "guard_weight": 2.0, "guard_rows": 8}
+    assert manifest["stopping"] == {"stopped": "fixed_length"}  # no retain watch for guard rows
+
+
+def test_guard_none_asks_nothing_and_bank_changes_the_adapter(tiny_dir, facts, tmp_path, monkeypatch):
+    calls = []
+    real = forget_module.guard_rows
+    monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = forget(tiny_dir, facts[:4], tmp_path / "plain", config=_settings())
+    assert not calls and "guard_rows" not in read_manifest(plain)["data"]
+    guarded = forget(tiny_dir, facts[:4], tmp_path / "guarded", config=_settings(guard="bank", guard_rows=8))
+    assert calls
+    a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (plain, guarded))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-6
+
+
+def test_guard_is_skipped_with_user_retain_data(tiny_dir, facts, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or [])
+    path = forget(tiny_dir, facts[:4], tmp_path / "kept", retain=facts[12:],
+                  config=_settings(guard="bank", retain_weight=1.0, max_retain_drop=None))
+    assert not calls and read_manifest(path)["data"]["guard_rows"] == 0

@@ -1,0 +1,124 @@
+"""A guard without a retain set: the teacher's own answers to a shipped bank of factual prompts.
+
+Forgetting a request without retain data erodes facts nobody asked about, mostly facts of the same
+relation (forget four capitals and the other capitals lose probability). The teacher, the model as
+deployed before this request, already knows what to keep: `guard_rows` asks it a small bank of
+factual prompts across many relations (``undial_peft/data/guard_bank.jsonl``, shipped without
+answers) and returns its greedy answers as question/answer rows. `forget` trains on them as a KL
+retain term (``guard="bank"``), so the student is pulled back to the teacher on those answers.
+
+>>> rows = guard_rows(peft_model, tokenizer, "chat", forget_rows, teacher_adapters=[], size=4)  # doctest: +SKIP
+>>> rows[0]  # doctest: +SKIP
+Example(prompt='What is the capital of Peru?', answer='The capital of Peru is Lima.', key=None)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from undial_peft.data.packaged import guard_bank
+from undial_peft.data.prompt_format import CHAT, FormatSpec, PromptFormat
+from undial_peft.data.readers import Example
+from undial_peft.evals.scoring import greedy_new_ids
+from undial_peft.training.adapters import adapter_state
+
+logger = logging.getLogger(__name__)
+
+NEW_TOKENS = 16  # a short fact and its sentence; longer answers drift into text no one asked to keep
+
+
+def guard_rows(
+    model: Any,
+    tokenizer: Any,
+    prompt_format: FormatSpec,
+    forget_rows: Sequence[Example],
+    teacher_adapters: Sequence[str],
+    size: int = 64,
+    new_tokens: int = NEW_TOKENS,
+) -> list[Example]:
+    """Up to ``size`` bank prompts in the request's format, each with the teacher's greedy answer.
+
+    Chat formats ask the bank's ``question``; completion and template formats its ``stub``
+    (rendered by the format when encoded), and their answers are cut at the first newline and keep
+    their leading space, so the answer's tokens are the ones the teacher produced after the prompt.
+    Bank rows about what is being forgotten are dropped: those whose question or stub equals a
+    forget row's prompt (case, spaces and end punctuation ignored), and those whose ``subject``
+    appears as words in a forget row's prompt or answer; a guard on them would pull the student
+    back to the very fact it must lose. The rest are taken round-robin over relations, in file order,
+    so a small ``size`` still spans every relation. Rows whose answer is empty are skipped.
+
+    The teacher is ``model`` with exactly ``teacher_adapters`` active (the deployed stack, without the
+    adapter being trained). Greedy decoding and a fixed order make the rows deterministic. The answers
+    live in memory only; a cache keyed by the base fingerprint and the stack could come later.
+
+    >>> rows = guard_rows(model, tokenizer, "completion", [Example("The capital of Peru is", " Lima.")],
+    ...                   teacher_adapters=["stack_0"], size=8)  # doctest: +SKIP
+    >>> [row.prompt for row in rows][:2]  # doctest: +SKIP
+    ['The capital of Poland is', 'The official language of Finland is']
+    """
+    fmt = PromptFormat.resolve(prompt_format, tokenizer)
+    field = "question" if fmt.kind == CHAT else "stub"
+    bank = guard_bank()
+    kept = [row for row in bank if not _about_forget(row, forget_rows)]
+    if len(kept) < len(bank):
+        logger.info("guard: %d of %d bank prompts left out: they ask about what this request forgets",
+                    len(bank) - len(kept), len(bank))
+    chosen = _round_robin(kept, size)
+    prompts = [row[field] for row in chosen]
+    ids = [fmt.prompt_ids(tokenizer, prompt) for prompt in prompts]
+    with adapter_state(model, active=list(teacher_adapters)):
+        generated = greedy_new_ids(model, tokenizer, ids, max_new_tokens=new_tokens, batch_size=16)
+    rows = []
+    for prompt, prompt_ids, new in zip(prompts, ids, generated):
+        answer = _answer_text(tokenizer, prompt_ids, new, chat=fmt.kind == CHAT)
+        if answer.strip():
+            rows.append(Example(prompt, answer, where="guard bank"))
+    if len(rows) < len(chosen):
+        logger.info("guard: %d bank prompts skipped: the teacher's answer was empty", len(chosen) - len(rows))
+    return rows
+
+
+def _normalise(text: str) -> str:
+    """Lower case, one space between words, no end punctuation: "What is  X?" == "what is x"."""
+    return " ".join(text.casefold().split()).rstrip(" ?.!:")
+
+
+def _about_forget(row: dict[str, str], forget_rows: Sequence[Example]) -> bool:
+    """Whether a bank row asks what a forget row states: the same prompt, or its subject in the forget row."""
+    prompts = {_normalise(row["question"]), _normalise(row["stub"])}
+    subject = re.compile(rf"\b{re.escape(_normalise(row['subject']))}\b")
+    for example in forget_rows:
+        if example.prompt is not None and _normalise(example.prompt) in prompts:
+            return True
+        if subject.search(_normalise(f"{example.prompt or ''} {example.answer}")):
+            return True
+    return False
+
+
+def _round_robin(rows: Sequence[dict[str, str]], size: int) -> list[dict[str, str]]:
+    """The first row of each relation, then the second of each, ...: ``size`` rows spanning the relations."""
+    by_relation: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_relation.setdefault(row["relation"], []).append(row)
+    order = [group[i] for i in range(max(map(len, by_relation.values()), default=0))
+             for group in by_relation.values() if i < len(group)]
+    return order[:size]
+
+
+def _answer_text(tokenizer: Any, prompt_ids: list[int], new: list[int], chat: bool) -> str:
+    """The teacher's answer as text that re-encodes to the tokens it generated after the prompt.
+
+    Chat answers start a turn, so they are stripped. Completion answers continue the prompt's text:
+    some tokenizers drop a leading space when new tokens are decoded alone, so the answer is the
+    decoded whole minus the decoded prompt; it ends at the first newline (a base model's next line
+    is a new topic).
+    """
+    if chat:
+        return tokenizer.decode(new, skip_special_tokens=True).strip()
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(prompt_ids + new, skip_special_tokens=True)
+    text = whole[len(head):] if whole.startswith(head) else tokenizer.decode(new, skip_special_tokens=True)
+    return text.split("\n")[0].rstrip()
