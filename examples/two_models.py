@@ -7,6 +7,7 @@ SmolLM2-135M-Instruct (chat, ``--model default``) forgets 13 chemical symbols fr
 choose them. Every other topic in the files is never asked about.
 
     python examples/two_models.py                                 # both models, plain and --4bit (~25 min)
+    python examples/two_models.py --variants guard                # the defaults + the bank guard (guard='bank')
     python examples/two_models.py --models gemma3-270m --variants plain --out runs/two_models.json
 
 Printed per model and variant: the forget key probability the stopping rule reported (on the model it
@@ -94,8 +95,9 @@ def run(model_name: str, variants: list[str], work: Path) -> dict[str, Any]:
         start = time.perf_counter()
         if variant == "4bit":
             forget(model_name, asked, out, config=UndialConfig(), load_in_4bit=True)
-        else:
-            forget(base, asked, out, config=UndialConfig(), tokenizer=tokenizer)
+        else:  # "plain": the defaults; "guard": the defaults and the teacher-answered bank guard
+            config = UndialConfig(guard="bank") if variant == "guard" else UndialConfig()
+            forget(base, asked, out, config=config, tokenizer=tokenizer)
         seconds = time.perf_counter() - start
         manifest = read_manifest(out)
         served = attach(base, [out], tokenizer=tokenizer)
@@ -134,7 +136,7 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["default", "gemma3-270m"])
-    parser.add_argument("--variants", nargs="+", choices=["plain", "4bit"], default=["plain", "4bit"])
+    parser.add_argument("--variants", nargs="+", choices=["plain", "4bit", "guard"], default=["plain", "4bit"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
