@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import random_adapters
+from conftest import random_adapters, write_tiny_gguf
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -28,6 +28,7 @@ from transformers import (
     Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
@@ -38,6 +39,8 @@ from transformers import (
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from undial_peft.cli import main as cli_main
+from undial_peft.deploy import gguf_export
+from undial_peft.deploy import stack as stack_module
 from undial_peft.deploy.gguf_export import check_against_base, export_gguf, gguf_lora_tensors, llama_row_order
 from undial_peft.deploy.stack import attach
 from undial_peft.errors import UndialExportError
@@ -167,6 +170,8 @@ def test_names_and_shapes_match_a_base_gguf_as_llama_cpp_checks(tiny_dir, plain_
     tensors["blk.9.attn_q.weight.lora_b"] = tensors["blk.0.attn_q.weight.lora_b"]
     with pytest.raises(UndialExportError, match="not a tensor of base.gguf"):
         check_against_base(tensors, tmp_path / "base.gguf")
+    with pytest.raises(UndialExportError, match="for 'gemma3' but base.gguf is 'llama'"):
+        check_against_base(tensors, tmp_path / "base.gguf", "gemma3")  # llama.cpp refuses another architecture
 
 
 def test_one_file_per_request_sums_to_the_single_file(tiny_dir, plain_stack, tmp_path):
@@ -187,7 +192,7 @@ def test_refusals_name_the_fix(tiny_dir, plain_stack, tmp_path):
     block = {"model.layers.0.self_attn.q_proj": (torch.zeros(2, 8), torch.zeros(8, 2))}
     with pytest.raises(UndialExportError, match="not mirrored here.*convert_lora_to_gguf"):
         gguf_lora_tensors(block, types.SimpleNamespace(model_type="gpt2", num_hidden_layers=1))  # llama.cpp has gpt2
-    with pytest.raises(UndialExportError, match="no architecture for model_type 'nonesuch'.*convert_lora_to_gguf"):
+    with pytest.raises(UndialExportError, match="no llama.cpp architecture for model_type 'nonesuch'.*convert_lora_to_gguf"):
         gguf_lora_tensors(block, types.SimpleNamespace(model_type="nonesuch", num_hidden_layers=1))
     vision = {"model.vision_tower.encoder.layers.0.self_attn.q_proj": (torch.zeros(2, 8), torch.zeros(8, 2))}
     with pytest.raises(UndialExportError, match="no llama.cpp gemma3 tensor.*target_modules"):
@@ -297,3 +302,36 @@ def test_every_mapped_architecture_gets_llama_cpp_names_shapes_and_row_order(arc
             expected = expected[llama_row_order(out, heads[module]).numpy()]
             assert np.abs(expected - b_hf.numpy()).max() > 1e-3  # the permutation moves rows: the check can fail
         np.testing.assert_array_equal(b, expected, err_msg=name)
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("the base model was loaded")
+
+
+def test_an_unmapped_architecture_is_refused_before_any_weight_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_export, "attach", _no_loading)
+    monkeypatch.setattr(stack_module, "load_model", _no_loading)
+    directory = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40).save_pretrained(directory)  # a config, no weights
+    with pytest.raises(UndialExportError, match="not 'gpt2'.*convert_lora_to_gguf"):
+        export_gguf(str(directory), [tmp_path / "adapter"], tmp_path / "out.gguf")
+    base = gguf.GGUFWriter(tmp_path / "base.gguf", arch="gpt2")  # llama.cpp serves gpt2; its conversion is not mapped
+    base.add_token_list([f"t{i}" for i in range(100)])
+    base.write_header_to_file()
+    base.write_kv_data_to_file()
+    base.close()
+    with pytest.raises(UndialExportError, match="not 'gpt2' \\(base.gguf's general.architecture\\)"):
+        export_gguf(str(tmp_path / "base.gguf"), [tmp_path / "adapter"], tmp_path / "out.gguf")
+    with pytest.raises(UndialExportError, match="not 'gpt2'"):  # a separate base_gguf is read the same way
+        export_gguf(str(directory), [tmp_path / "adapter"], tmp_path / "out.gguf", base_gguf=tmp_path / "base.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_header_reader_skips_arrays_and_strings_like_gguf_reader(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    reader = gguf.GGUFReader(path)
+    # The chat template comes after the token list (strings), token types (ints) and merges.
+    key = gguf.Keys.Tokenizer.CHAT_TEMPLATE
+    assert gguf_export._header_string(path, key) == reader.fields[key].contents()
+    assert gguf_export._header_string(path, "no.such.key") is None
+    assert gguf_export.gguf_file_architecture(path) == gguf.MODEL_ARCH.LLAMA
