@@ -215,6 +215,8 @@ def test_cli_gguf_export(tiny_dir, plain_stack, tmp_path, capsys):
     assert cli_main(["stack", "export", "--model", tiny_dir, "--format", "gguf", "--per-request",
                      "--out", str(tmp_path / "parts"), *stack]) == 0
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["00-req0.gguf", "01-req1.gguf"]
+    assert sorted(p.name for p in tmp_path.glob("*.Modelfile")) == ["a.Modelfile"]
+    assert "a.Modelfile (Ollama: ollama create NAME -f" in capsys.readouterr().out
     assert cli_main(["stack", "export", "--model", tiny_dir, "--per-request", "--out", str(tmp_path / "x"), *stack]) == 2
     assert "--format gguf" in capsys.readouterr().err
 
@@ -335,3 +337,20 @@ def test_header_reader_skips_arrays_and_strings_like_gguf_reader(tmp_path):
     assert gguf_export._header_string(path, key) == reader.fields[key].contents()
     assert gguf_export._header_string(path, "no.such.key") is None
     assert gguf_export.gguf_file_architecture(path) == gguf.MODEL_ARCH.LLAMA
+
+
+def test_single_file_export_writes_an_ollama_modelfile_per_request_none(tiny_dir, plain_stack, tmp_path):
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    base = _write_base(base_model, tmp_path / "my base.gguf")  # a space: FROM must quote the path
+    (path,) = export_gguf(tiny_dir, plain_stack, tmp_path / "out" / "all.gguf", base_gguf=base)
+    recipe = tmp_path / "out" / "all.Modelfile"
+    assert recipe.read_text() == f'FROM "{base.resolve()}"\nADAPTER ./all.gguf\n'
+    # Without a GGUF base, FROM names the model directory; the ADAPTER path is relative to the Modelfile.
+    export_gguf(tiny_dir, plain_stack, tmp_path / "out" / "dir.gguf")
+    assert (tmp_path / "out" / "dir.Modelfile").read_text() == f"FROM {Path(tiny_dir).resolve()}\nADAPTER ./dir.gguf\n"
+    with pytest.raises(FileExistsError):  # an existing recipe is refused before anything is written
+        (tmp_path / "out" / "new.Modelfile").write_text("mine")
+        export_gguf(tiny_dir, plain_stack, tmp_path / "out" / "new.gguf")
+    assert not (tmp_path / "out" / "new.gguf").exists() and (tmp_path / "out" / "new.Modelfile").read_text() == "mine"
+    export_gguf(tiny_dir, plain_stack, tmp_path / "parts", per_request=True)  # Ollama takes one adapter: no recipe
+    assert not list(tmp_path.rglob("parts*.Modelfile")) and not list((tmp_path / "parts").glob("*Modelfile"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,7 +42,9 @@ from undial_peft.deploy.stack import attach, concatenated_deltas
 from undial_peft.errors import UndialExportError
 from undial_peft.models import fingerprint, local_path
 from undial_peft.training.adapters import stack_name
-from undial_peft.utils.storage import atomic_directory, atomic_file
+from undial_peft.utils.storage import atomic_directory, atomic_file, refuse_existing
+
+logger = logging.getLogger(__name__)
 
 # llama.cpp architecture name -> gguf.MODEL_ARCH, from the gguf package's own table.
 ARCH_BY_NAME: dict[str, gguf.MODEL_ARCH] = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
@@ -303,6 +306,53 @@ def base_architecture(
     return gguf_architecture(AutoConfig.from_pretrained(str(local_path(model))))
 
 
+def modelfile_path(adapter: str | Path) -> Path:
+    """Where `export_gguf` writes the Ollama recipe for a single-file export.
+
+    >>> modelfile_path("adapters/all.gguf").as_posix()
+    'adapters/all.Modelfile'
+    """
+    # Named after the adapter, not plain "Modelfile": several exports may share a folder.
+    return Path(adapter).with_suffix(".Modelfile")
+
+
+def write_modelfile(adapter: str | Path, base: str, *, overwrite: bool = False) -> Path:
+    """Write an Ollama Modelfile beside a GGUF LoRA: the base with this one adapter.
+
+    ``base`` is what ``FROM`` names: the base GGUF file (absolute path), else the model as given.
+    ``ADAPTER`` is relative, and Ollama reads it relative to the Modelfile, so the two files move
+    together. Ollama applies one adapter per model, hence a single-file export only.
+
+    >>> write_modelfile("adapters/all.gguf", "/models/gemma-3-270m-q4_k_m.gguf")  # doctest: +SKIP
+    PosixPath('adapters/all.Modelfile')
+
+    then ``ollama create forgetful -f adapters/all.Modelfile && ollama run forgetful``.
+    """
+    adapter = Path(adapter)
+    path = modelfile_path(adapter)
+    text = f"FROM {_modelfile_value(base)}\nADAPTER {_modelfile_value('./' + adapter.name)}\n"
+    with atomic_file(path, overwrite=overwrite) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    logger.info("wrote %s (ollama create NAME -f %s)", path, path)
+    return path
+
+
+def _modelfile_value(value: str) -> str:
+    # Ollama's Modelfile parser reads a quoted value as one argument; quote paths with spaces.
+    return json.dumps(value) if any(c.isspace() for c in value) else value
+
+
+def _ollama_base(model: str | Path | PreTrainedModel, base_gguf: str | Path | None) -> str:
+    """What a Modelfile's FROM names: the base GGUF file, a local model directory (absolute), else the name."""
+    gguf_file = base_gguf or base_gguf_path(model)
+    if gguf_file is not None:
+        return str(Path(gguf_file).resolve())
+    if isinstance(model, PreTrainedModel):
+        return str(model.name_or_path)
+    path = local_path(model)
+    return str(path.resolve()) if path.exists() else str(model)
+
+
 def export_gguf(
     model: str | Path | PreTrainedModel,
     stack: Sequence[str | Path],
@@ -322,9 +372,19 @@ def export_gguf(
     `attach` does (base fingerprint, parent chain); a loaded ``model`` is handed back unwrapped.
     Tensor names and shapes are checked against ``base_gguf`` (default: ``model`` when it names a
     GGUF file, as "default" does).
+
+    A single file also gets an Ollama recipe beside it, ``<output stem>.Modelfile`` (`write_modelfile`:
+    ``FROM`` the base, ``ADAPTER`` the file). Per-request exports get none: Ollama takes one
+    adapter per model, so serve those with llama.cpp, or export one file.
     """
+    if not per_request:
+        if Path(output).suffix != ".gguf":
+            raise UndialExportError(f"{output}: a single-file export needs a .gguf file name (or use --per-request DIR).")
+        refuse_existing(Path(output), overwrite)  # both files, before the load
+        refuse_existing(modelfile_path(output), overwrite)
     # Refuse an unmapped architecture in seconds, not after loading the model (68 s for Gemma-3-270M).
     base_architecture(model, base_gguf)
+    ollama_base = _ollama_base(model, base_gguf)
     attached = attach(model, stack, tokenizer=tokenizer, force=force)
     try:
         base = attached.get_base_model()
@@ -346,11 +406,13 @@ def export_gguf(
         return {"undial.stack": json.dumps([parent_entry(p) for p in paths]), "undial.base_fingerprint": base_print}
 
     if not per_request:
-        if Path(output).suffix != ".gguf":
-            raise UndialExportError(f"{output}: a single-file export needs a .gguf file name (or use --per-request DIR).")
         (tensors, alpha), = files
-        return [write_gguf_lora(tensors, alpha, output, metadata=metadata(sources[0]), architecture=architecture,
-                                overwrite=overwrite)]
+        path = write_gguf_lora(tensors, alpha, output, metadata=metadata(sources[0]), architecture=architecture,
+                               overwrite=overwrite)
+        write_modelfile(path, ollama_base, overwrite=overwrite)
+        return [path]
+    logger.info("no Ollama Modelfile for a per-request export: Ollama applies one adapter per model "
+                "(export one file for it)")
     written = []
     with atomic_directory(output, overwrite=overwrite) as staging:
         for index, ((tensors, alpha), paths) in enumerate(zip(files, sources)):
@@ -367,4 +429,5 @@ def _gguf_file(attached: Any, names: Sequence[str], config: Any) -> tuple[dict[s
 
 
 __all__ = ["CONVERSIONS", "UndialExportError", "base_architecture", "check_against_base", "export_gguf",
-           "gguf_architecture", "gguf_file_architecture", "gguf_lora_tensors", "gguf_tensor_name", "llama_row_order", "write_gguf_lora"]
+           "gguf_architecture", "gguf_file_architecture", "gguf_lora_tensors", "gguf_tensor_name", "llama_row_order", "modelfile_path",
+           "write_gguf_lora", "write_modelfile"]
