@@ -1,10 +1,13 @@
-"""GGUF LoRA export checked structurally on the tiny Llama (no llama.cpp needed).
+"""GGUF LoRA export checked structurally on the tiny Llama and on tiny random models of every mapped
+architecture (no llama.cpp needed).
 
 The delta llama.cpp will add for each module, alpha / r * B @ A read back from the file, must
 equal peft's own delta of the stack (``get_delta_weight``) with q/k rows permuted the way
 llama.cpp's converter stores them; the permutation is checked against a hand-written index
 formula and against transformers' GGUF loader, which undoes it. Names and shapes are checked
-against a base GGUF written here with llama.cpp's tensor names typed out by hand.
+against a base GGUF written here with llama.cpp's tensor names typed out by hand; for the other
+architectures, against names typed out per architecture (and present in llama.cpp's tensor list
+for that architecture) and against the HF lora_B rows, permuted for llama and mistral only.
 """
 
 from __future__ import annotations
@@ -16,16 +19,32 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import random_adapters
+from conftest import random_adapters, write_tiny_gguf
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+    SiglipVisionConfig,
+)
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from undial_peft.cli import main as cli_main
+from undial_peft.deploy import gguf_export
+from undial_peft.deploy import stack as stack_module
 from undial_peft.deploy.gguf_export import check_against_base, export_gguf, gguf_lora_tensors, llama_row_order
 from undial_peft.deploy.stack import attach
 from undial_peft.errors import UndialExportError
+from undial_peft.tiny import word_tokenizer
 
 # HF module -> llama.cpp tensor, typed from llama.cpp's llama tensor names (not from our name map).
 LLAMA_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -151,6 +170,8 @@ def test_names_and_shapes_match_a_base_gguf_as_llama_cpp_checks(tiny_dir, plain_
     tensors["blk.9.attn_q.weight.lora_b"] = tensors["blk.0.attn_q.weight.lora_b"]
     with pytest.raises(UndialExportError, match="not a tensor of base.gguf"):
         check_against_base(tensors, tmp_path / "base.gguf")
+    with pytest.raises(UndialExportError, match="for 'gemma3' but base.gguf is 'llama'"):
+        check_against_base(tensors, tmp_path / "base.gguf", "gemma3")  # llama.cpp refuses another architecture
 
 
 def test_one_file_per_request_sums_to_the_single_file(tiny_dir, plain_stack, tmp_path):
@@ -169,8 +190,13 @@ def test_one_file_per_request_sums_to_the_single_file(tiny_dir, plain_stack, tmp
 
 def test_refusals_name_the_fix(tiny_dir, plain_stack, tmp_path):
     block = {"model.layers.0.self_attn.q_proj": (torch.zeros(2, 8), torch.zeros(8, 2))}
-    with pytest.raises(UndialExportError, match="convert_lora_to_gguf"):
-        gguf_lora_tensors(block, types.SimpleNamespace(model_type="qwen2", num_hidden_layers=1))
+    with pytest.raises(UndialExportError, match="not mirrored here.*convert_lora_to_gguf"):
+        gguf_lora_tensors(block, types.SimpleNamespace(model_type="gpt2", num_hidden_layers=1))  # llama.cpp has gpt2
+    with pytest.raises(UndialExportError, match="no llama.cpp architecture for model_type 'nonesuch'.*convert_lora_to_gguf"):
+        gguf_lora_tensors(block, types.SimpleNamespace(model_type="nonesuch", num_hidden_layers=1))
+    vision = {"model.vision_tower.encoder.layers.0.self_attn.q_proj": (torch.zeros(2, 8), torch.zeros(8, 2))}
+    with pytest.raises(UndialExportError, match="no llama.cpp gemma3 tensor.*target_modules"):
+        gguf_lora_tensors(vision, _gemma3_multimodal())  # the text GGUF holds no vision tower
     embedding = {"model.embed_tokens": (torch.zeros(2, 50), torch.zeros(8, 2))}
     with pytest.raises(UndialExportError, match="target_modules"):
         gguf_lora_tensors(embedding, types.SimpleNamespace(model_type="llama", num_hidden_layers=1))
@@ -189,5 +215,142 @@ def test_cli_gguf_export(tiny_dir, plain_stack, tmp_path, capsys):
     assert cli_main(["stack", "export", "--model", tiny_dir, "--format", "gguf", "--per-request",
                      "--out", str(tmp_path / "parts"), *stack]) == 0
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["00-req0.gguf", "01-req1.gguf"]
+    assert sorted(p.name for p in tmp_path.glob("*.Modelfile")) == ["a.Modelfile"]
+    assert "a.Modelfile (Ollama: ollama create NAME -f" in capsys.readouterr().out
     assert cli_main(["stack", "export", "--model", tiny_dir, "--per-request", "--out", str(tmp_path / "x"), *stack]) == 2
     assert "--format gguf" in capsys.readouterr().err
+
+
+# --- every mapped architecture, on tiny random models -------------------------------------------------
+
+# HF module -> llama.cpp tensor, typed out per architecture from llama.cpp's tensor names (not from
+# the gguf name map the export uses). phi3 keeps its fused projections: one tensor each.
+SPLIT_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+PHI3_NAMES = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+SIZES = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _gemma3_multimodal() -> Gemma3Config:
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    return Gemma3Config(text_config=Gemma3TextConfig(**SIZES, head_dim=8), vision_config=vision, mm_tokens_per_image=4)
+
+
+# name: (config, llama.cpp architecture, module names, q/k rows permuted)
+ARCHS = {
+    "llama": (lambda: LlamaConfig(**SIZES), "llama", SPLIT_NAMES, True),
+    "mistral": (lambda: MistralConfig(**SIZES), "llama", SPLIT_NAMES, True),  # llama.cpp stores Mistral as llama
+    "qwen2": (lambda: Qwen2Config(**SIZES), "qwen2", SPLIT_NAMES, False),
+    "qwen3": (lambda: Qwen3Config(**SIZES, head_dim=8), "qwen3", SPLIT_NAMES, False),
+    "gemma2": (lambda: Gemma2Config(**SIZES, head_dim=8), "gemma2", SPLIT_NAMES, False),
+    "gemma3_text": (lambda: Gemma3TextConfig(**SIZES, head_dim=8), "gemma3", SPLIT_NAMES, False),
+    "gemma3": (_gemma3_multimodal, "gemma3", SPLIT_NAMES, False),
+    "phi3": (lambda: Phi3Config(**SIZES), "phi3", PHI3_NAMES, False),
+}
+
+
+def _tiny_arch_base(config, where: Path) -> Path:
+    """A random tiny model of ``config``'s architecture saved with a tokenizer (what `load_model` reads)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(where)
+    word_tokenizer(["a b c d e"]).save_pretrained(where)
+    return where
+
+
+def _hf_module(name: str) -> tuple[int, str]:
+    """(layer, module under the layer) of a decoder-layer LoRA key, the multimodal nesting dropped."""
+    layer, module = name.split(".layers.", 1)[1].split(".", 1)
+    return int(layer), module
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_mapped_architecture_gets_llama_cpp_names_shapes_and_row_order(arch, tmp_path):
+    make_config, arch_name, names, permuted = ARCHS[arch]
+    config = make_config()
+    base = _tiny_arch_base(config, tmp_path / "base")
+    # All linear layers of the text model (a multimodal model's vision tower has no tensor in the text GGUF).
+    leaves = "|".join(sorted({m.split(".")[-1] for m in names}))
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=rf"^(?!.*vision).*\.({leaves})$")
+    (adapter,) = random_adapters(str(base), tmp_path, [lora], prefix="adapter")
+    hf = {key: value for key, value in load_file(adapter / "adapter_model.safetensors").items() if "vision" not in key}
+    (path,) = export_gguf(str(base), [adapter], tmp_path / "out.gguf")
+    fields, tensors = _read(path)
+    assert fields["general.architecture"] == arch_name
+    templates = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch_name.upper()]]}
+    assert {f"blk.{{bid}}.{tensor}" for tensor in names.values()} <= templates  # llama.cpp's arch has them
+    text = config.get_text_config()
+    want = {f"blk.{i}.{tensor}.weight.lora_{ab}" for i in range(text.num_hidden_layers) for tensor in names.values()
+            for ab in "ab"}
+    assert sorted(tensors) == sorted(want)
+    base_model = AutoModelForCausalLM.from_pretrained(base)
+    weights = {_hf_module(n.removesuffix(".weight")): p for n, p in base_model.named_parameters()
+               if ".layers." in n and "vision" not in n and n.endswith("proj.weight")}
+    heads = {"self_attn.q_proj": text.num_attention_heads, "self_attn.k_proj": text.num_key_value_heads}
+    for key, b_hf in hf.items():
+        if ".lora_B." not in key:
+            continue
+        layer, module = _hf_module(key.split(".lora_B.")[0])
+        name = f"blk.{layer}.{names[module]}.weight"
+        out, inner = weights[(layer, module)].shape
+        b, a = tensors[name + ".lora_b"], tensors[name + ".lora_a"]
+        assert b.shape == (out, 4) and a.shape == (4, inner), name  # numpy (out, r) / (r, in): ggml ne reversed
+        expected = b_hf.numpy()
+        if permuted and module in heads:
+            expected = expected[llama_row_order(out, heads[module]).numpy()]
+            assert np.abs(expected - b_hf.numpy()).max() > 1e-3  # the permutation moves rows: the check can fail
+        np.testing.assert_array_equal(b, expected, err_msg=name)
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("the base model was loaded")
+
+
+def test_an_unmapped_architecture_is_refused_before_any_weight_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_export, "attach", _no_loading)
+    monkeypatch.setattr(stack_module, "load_model", _no_loading)
+    directory = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40).save_pretrained(directory)  # a config, no weights
+    with pytest.raises(UndialExportError, match="not 'gpt2'.*convert_lora_to_gguf"):
+        export_gguf(str(directory), [tmp_path / "adapter"], tmp_path / "out.gguf")
+    base = gguf.GGUFWriter(tmp_path / "base.gguf", arch="gpt2")  # llama.cpp serves gpt2; its conversion is not mapped
+    base.add_token_list([f"t{i}" for i in range(100)])
+    base.write_header_to_file()
+    base.write_kv_data_to_file()
+    base.close()
+    with pytest.raises(UndialExportError, match="not 'gpt2' \\(base.gguf's general.architecture\\)"):
+        export_gguf(str(tmp_path / "base.gguf"), [tmp_path / "adapter"], tmp_path / "out.gguf")
+    with pytest.raises(UndialExportError, match="not 'gpt2'"):  # a separate base_gguf is read the same way
+        export_gguf(str(directory), [tmp_path / "adapter"], tmp_path / "out.gguf", base_gguf=tmp_path / "base.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_header_reader_skips_arrays_and_strings_like_gguf_reader(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    reader = gguf.GGUFReader(path)
+    # The chat template comes after the token list (strings), token types (ints) and merges.
+    key = gguf.Keys.Tokenizer.CHAT_TEMPLATE
+    assert gguf_export._header_string(path, key) == reader.fields[key].contents()
+    assert gguf_export._header_string(path, "no.such.key") is None
+    assert gguf_export.gguf_file_architecture(path) == gguf.MODEL_ARCH.LLAMA
+
+
+def test_single_file_export_writes_an_ollama_modelfile_per_request_none(tiny_dir, plain_stack, tmp_path):
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    base = _write_base(base_model, tmp_path / "my base.gguf")  # a space: FROM must quote the path
+    (path,) = export_gguf(tiny_dir, plain_stack, tmp_path / "out" / "all.gguf", base_gguf=base)
+    recipe = tmp_path / "out" / "all.Modelfile"
+    assert recipe.read_text() == f'FROM "{base.resolve()}"\nADAPTER ./all.gguf\n'
+    # Without a GGUF base, FROM names the model directory; the ADAPTER path is relative to the Modelfile.
+    export_gguf(tiny_dir, plain_stack, tmp_path / "out" / "dir.gguf")
+    assert (tmp_path / "out" / "dir.Modelfile").read_text() == f"FROM {Path(tiny_dir).resolve()}\nADAPTER ./dir.gguf\n"
+    with pytest.raises(FileExistsError):  # an existing recipe is refused before anything is written
+        (tmp_path / "out" / "new.Modelfile").write_text("mine")
+        export_gguf(tiny_dir, plain_stack, tmp_path / "out" / "new.gguf")
+    assert not (tmp_path / "out" / "new.gguf").exists() and (tmp_path / "out" / "new.Modelfile").read_text() == "mine"
+    export_gguf(tiny_dir, plain_stack, tmp_path / "parts", per_request=True)  # Ollama takes one adapter: no recipe
+    assert not list(tmp_path.rglob("parts*.Modelfile")) and not list((tmp_path / "parts").glob("*Modelfile"))

@@ -148,13 +148,16 @@ def _stack(args: argparse.Namespace) -> None:
     if args.format == "gguf" or args.per_request:
         if args.action != "export" or args.format != "gguf":
             raise UndialConfigError("--per-request and --format gguf go together, with stack export.")
-        from undial_peft.deploy.gguf_export import export_gguf
+        from undial_peft.deploy.gguf_export import export_gguf, modelfile_path
         from undial_peft.deploy.manifest import recorded_base
 
         model = args.model if args.model is not None else recorded_base(args.dirs)  # the GGUF base's file is needed
         for path in export_gguf(model, args.dirs, args.out, per_request=args.per_request, force=args.force,
                                 overwrite=args.overwrite):
             print(f"wrote {path}")
+        if not args.per_request:
+            recipe = modelfile_path(args.out)
+            print(f"wrote {recipe} (Ollama: ollama create NAME -f {recipe})")
         return
     if args.action == "export":
         path = export_stack(args.model, args.dirs, args.out, force=args.force, overwrite=args.overwrite,

@@ -26,6 +26,7 @@ from typing import Any
 from safetensors import safe_open
 
 from undial_peft.errors import UndialStackError
+from undial_peft.models import PACKAGED
 from undial_peft.utils.storage import atomic_directory, file_sha256, write_json
 from undial_peft.utils.versions import versions
 
@@ -225,7 +226,7 @@ def recorded_base(stack: Sequence[str | Path]) -> str:
             "or plain peft adapters record none); pass the base with --model."
         )
     source = sources.pop()
-    if source != "default" and not Path(source).exists():
+    if source not in PACKAGED and not Path(source).exists():  # "default", "gemma3-270m": packaged aliases
         raise UndialStackError(f"the stack's recorded base {source!r} is not on this machine; pass the base with --model.")
     return source
 
