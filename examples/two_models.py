@@ -34,6 +34,7 @@ from undial_peft.data.packaged import real_facts
 from undial_peft.data.prompt_format import PromptFormat
 from undial_peft.data.readers import Example
 from undial_peft.deploy.manifest import read_manifest
+from undial_peft.evals.scoring import greedy_answers
 from undial_peft.models import load_model
 from undial_peft.training.adapters import build_trainable, default_lora_config
 from undial_peft.training.answer_keys import KeyRule, auto_key_weights
@@ -83,6 +84,21 @@ def key_agreement(base: Any, tokenizer: Any, rows: list[dict[str, str]]) -> dict
     return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "exact_rows": exact, "rows": len(rows)}
 
 
+def own_words(base: Any, tokenizer: Any, rows: list[dict[str, str]], new_tokens: int = 24) -> list[dict[str, str]]:
+    """The rows with the model's own greedy answer in place of the written one, kept where it states the key
+    (cut after the sentence that names it)."""
+    fmt = PromptFormat.resolve("auto", tokenizer)
+    answers = greedy_answers(base, tokenizer, [r["prompt"] for r in rows], max_new_tokens=new_tokens, prompt_format=fmt)
+    kept = []
+    for r, text in zip(rows, answers):
+        if r["key"] not in text:
+            continue
+        end = text.find(".", text.index(r["key"]) + len(r["key"]))
+        answer = text[: end + 1] if end >= 0 else text
+        kept.append({**r, "answer": answer if fmt.kind == "chat" else " " + answer})  # completions keep their space
+    return kept
+
+
 def run(model_name: str, variants: list[str], work: Path) -> dict[str, Any]:
     rows = facts(model_name)
     asked = [{"prompt": r["prompt"], "completion": r["answer"]} if model_name != "default"
@@ -90,6 +106,8 @@ def run(model_name: str, variants: list[str], work: Path) -> dict[str, Any]:
     base, tokenizer = load_model(model_name)
     before = measure(base, tokenizer, rows)
     result: dict[str, Any] = {"before": before, "keys": key_agreement(base, tokenizer, [r for r in rows if r["topic"] == REQUEST])}
+    own = own_words(base, tokenizer, rows)
+    result["keys_own_words"] = {**key_agreement(base, tokenizer, own), "stated": len(own), "asked": len(rows)}
     for variant in variants:
         out = work / f"{model_name}-{variant}"
         start = time.perf_counter()
@@ -122,21 +140,24 @@ def table(results: dict[str, Any]) -> str:
     lines = [["model / variant", "format", "reported", "as served", *topics, "steps", "wall"]]
     for model, r in results.items():
         for variant, v in r.items():
-            if variant in ("before", "keys"):
+            if variant in ("before", "keys", "keys_own_words"):
                 continue
             served = v["deployed"] if v["deployed"] is not None else v["x_before"][REQUEST]
             lines.append([f"{model} {variant}", v["prompt_format"], f"{v['reported']:.2f}x", f"{served:.2f}x",
                           *(f"{v['x_before'][t]:.2f}" if t in v["x_before"] else "-" for t in topics),
                           f"{v['steps']} ({v['stopped']})", f"{v['seconds']:.0f} s"])
-    keys = [f"{m}: auto keys vs hand keys, token precision {r['keys']['precision']:.2f}, recall {r['keys']['recall']:.2f},"
-            f" {r['keys']['exact_rows']}/{r['keys']['rows']} rows exact" for m, r in results.items()]
+    keys = [f"{m}: auto keys vs hand keys ({label}), token precision {r[k]['precision']:.2f}, recall {r[k]['recall']:.2f},"
+            f" {r[k]['exact_rows']}/{r[k]['rows']} rows exact" for m, r in results.items()
+            for k, label in (("keys", "written answers, the request"), ("keys_own_words", "the model's own greedy answers, all topics"))
+            if k in r]
     return "\n".join([*align(lines), *keys])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["default", "gemma3-270m"])
-    parser.add_argument("--variants", nargs="+", choices=["plain", "4bit", "guard"], default=["plain", "4bit"])
+    parser.add_argument("--variants", nargs="*", choices=["plain", "4bit", "guard"], default=["plain", "4bit"],
+                        help="none: only the measurements before training (automatic keys)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
