@@ -24,7 +24,7 @@ from undial_peft.evals.attacks import (
     recovered_fraction,
     relearn,
 )
-from undial_peft.evals.report import EvalItem
+from undial_peft.evals.items import EvalItem
 from undial_peft.evals.requantise import merged_copy, round_trip
 from undial_peft.models import load_model
 

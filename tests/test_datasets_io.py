@@ -132,7 +132,8 @@ def test_muse_verbmem_and_knowmem_prompt_as_muse_does(tiny_dir, data_dir, monkey
     expected = [f"{shots}Question: {f['question']}\nAnswer: " for f in FACTS[:3]]
     assert calls == [([tokenizer(text).input_ids for text in expected], 32)]
     # the exact strings (the word tokenizer above drops newlines), the scored tokens and the stop words
-    from undial_peft.evals.report import PROTOCOLS, item_features, item_prompt, read_eval_items
+    from undial_peft.evals.items import PROTOCOLS, item_prompt, read_eval_items
+    from undial_peft.evals.report import item_features
     from undial_peft.evals.scoring import cut_at_stop
 
     knowmem = read_eval_items(load_rows("muse:news/knowmem/forget_qa", data_dir))

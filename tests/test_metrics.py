@@ -19,15 +19,14 @@ from sklearn.metrics import roc_auc_score
 from undial_peft.data.readers import Example
 from undial_peft.data.synthetic import make_benchmark_data
 from undial_peft.evals import metrics
+from undial_peft.evals.items import EvalItem, read_eval_items
 from undial_peft.evals.report import (
     MAX_NEW_TOKENS,
     SPLITS,
     UTILITY_COMPONENTS,
-    EvalItem,
     evaluate,
     format_table,
     greedy_answers,
-    read_eval_items,
     save_report,
     score,
 )

@@ -107,7 +107,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     from undial_peft.deploy.manifest import recorded_prompt_format
     from undial_peft.deploy.stack import attach
-    from undial_peft.evals.report import evaluate, format_table, read_eval_items, save_report
+    from undial_peft.evals.items import read_eval_items
+    from undial_peft.evals.report import evaluate, format_table, save_report
     from undial_peft.models import load_model
 
     if args.attacks is not None and not args.adapters:

@@ -9,12 +9,12 @@ split in the hub's own format (``.jsonl``, ``.json`` or ``.parquet``)::
     DATA/tofu/world_facts_perturbed.jsonl
     DATA/muse/news/knowmem/forget_qa.jsonl    # muse-bench/MUSE-News, config knowmem, split forget_qa
 
-Rows come back in the field names `undial_peft.evals.report.read_eval_items` and
+Rows come back in the field names `undial_peft.evals.items.read_eval_items` and
 `undial_peft.data.readers.read_examples` read: TOFU keeps question / answer / paraphrased_answer /
 paraphrased_question and renames ``perturbed_answer`` (a list) to ``perturbed_answers``; MUSE
 knowmem rows are question / answer, verbmem rows prompt / completion (``prompt`` / ``gt``), and
 raw, privleak rows are ``{"text": ...}``. MUSE knowmem, verbmem and privleak rows also name their
-``protocol`` (`undial_peft.evals.report.PROTOCOLS`: MUSE's prompt format, generation budget and
+``protocol`` (`undial_peft.evals.items.PROTOCOLS`: MUSE's prompt format, generation budget and
 length cut), and knowmem rows carry the split's in-context examples as ``few_shot`` (the
 ``<split>_icl`` split, e.g. forget_qa_icl for forget_qa), which must be present too. Training
 (`read_examples`) ignores both fields.

@@ -10,7 +10,7 @@ attack (the unlearned model) and AFTER it::
 so a prompt that raises every model's answer probability is not counted as knowledge coming back.
 None where the adapter removed nothing (base == before). Every attack takes the unlearned model
 (a PeftModel with its stack active), its tokenizer and forget items (anything
-`undial_peft.evals.report.read_eval_items` reads) and returns an `AttackResult`:
+`undial_peft.evals.items.read_eval_items` reads) and returns an `AttackResult`:
 
 - `relearn`: a new LoRA on top, a few NLL steps on part of the forget set (Hu et al. 2024;
   Łucki et al. 2024), measured on the OTHER forget items; with ``train_on=`` rows, on
@@ -43,7 +43,7 @@ from undial_peft.data.prompt_format import AUTO, FormatSpec, PromptFormat
 from undial_peft.data.readers import Example
 from undial_peft.errors import UndialConfigError, UndialDataError
 from undial_peft.evals import MAX_NEW_TOKENS, metrics
-from undial_peft.evals.report import EvalItem, read_eval_items
+from undial_peft.evals.items import EvalItem, read_eval_items
 from undial_peft.evals.requantise import base_copy, merged_copy, requantise_
 from undial_peft.evals.scoring import greedy_from_ids, score_features
 from undial_peft.models import pad_id
