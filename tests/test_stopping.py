@@ -201,7 +201,8 @@ def test_max_retain_rows_reaches_the_watch_from_the_config_and_the_cli(tiny_dir,
     assert config.max_retain_rows == 3 and UndialConfig().max_retain_rows == 64
     _, tokenizer = load_model(tiny_dir)
     retain = [Example(f["question"], f["answer"]) for f in facts[4:16]]  # 12 rows
-    stop = api._stopper(tokenizer, [Example(facts[0]["question"], facts[0]["answer"])], [None], retain, config, [])
+    forget_features = api._encoded(tokenizer, [Example(facts[0]["question"], facts[0]["answer"])], config)
+    stop = api._stopper(tokenizer, forget_features, retain, config, [])
     expected = [encode(tokenizer, retain[i], config.max_length)["input_ids"] for i in (0, 4, 8)]
     assert [r["input_ids"] for r in stop.retain_rows] == expected
     with pytest.raises(ValueError, match="max_retain_rows=0 is invalid"):

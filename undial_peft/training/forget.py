@@ -125,7 +125,8 @@ def forget(
         if any(w is not None for w in weights) or guard:
             dataset = build_dataset(tokenizer, forget_rows, retain_rows or guard or None, config.max_length, fmt,
                                     weights)
-        stopper = _stopper(tokenizer, forget_rows, weights, retain_rows, config, teacher)
+        forget_features = _encoded(tokenizer, forget_rows, config, weights)  # what the checks and the served figures score
+        stopper = _stopper(tokenizer, forget_features, retain_rows, config, teacher)
         qa_rows = [row for row in forget_rows if row.prompt is not None]
         before = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
         trainer = UndialTrainer(
@@ -139,8 +140,8 @@ def forget(
         result = trainer.train(resume_from_checkpoint=last)
         after = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
         logger.info("forget-set answer probability: %s -> %s", before, after)
-        deployed, served = _deployed(model, peft_model, lora or default_lora_config(), stack, tokenizer, forget_rows,
-                                     weights, config, load_in_4bit, stopper, dataset, checkpoints)
+        deployed, served = _deployed(model, peft_model, lora or default_lora_config(), stack, tokenizer, forget_features,
+                                     config, load_in_4bit, stopper, dataset, checkpoints)
         if served is not None:  # finished on the served precision: that model holds the adapter to save
             peft_model = served
         steps = result.global_step + ((deployed or {}).get("finish_steps") or 0)
@@ -253,8 +254,8 @@ def _key_counts(rows: Sequence[Example], weights: Sequence[list[float] | None]) 
 
 
 def _deployed(
-    model: Any, trained: Any, lora: LoraConfig, stack: Sequence[str | Path], tokenizer: Any, rows: Sequence[Example],
-    weights: Sequence[list[float] | None], config: UndialConfig, load_in_4bit: bool, stopper: StopWhenForgotten | None,
+    model: Any, trained: Any, lora: LoraConfig, stack: Sequence[str | Path], tokenizer: Any,
+    features: Sequence[dict[str, list]], config: UndialConfig, load_in_4bit: bool, stopper: StopWhenForgotten | None,
     dataset: Any, checkpoints: Path,
 ) -> tuple[dict[str, Any] | None, Any]:
     """The forget rows measured on the model as served (after a 4-bit run: the full-precision base), with
@@ -271,7 +272,6 @@ def _deployed(
         logger.warning("trained on a loaded 4-bit model: its full-precision form is unknown here, so the forgetting "
                        "was not measured as served; run `undial-peft eval --adapters ...` on the served base.")
         return {"form": None, "skipped": "a loaded model was given; its full-precision form is unknown"}, None
-    features = [encode(tokenizer, e, config.max_length, config.prompt_format, weights[i]) for i, e in enumerate(rows)]
     served = served_copy(model, trained, lora, stack)
     figures = measure_served(served, len(stack), features, tokenizer.pad_token_id)
     figures.update(verdict(figures, config.until_ratio, config.until_prob))
@@ -280,7 +280,7 @@ def _deployed(
         first = dict(figures)
         teacher = [stack_name(i) for i in range(len(stack))]
         finish = dataclasses.replace(config, min_steps=0)  # the 4-bit phase already trained past min_steps
-        finisher = _stopper(tokenizer, rows, weights, None, finish, teacher)
+        finisher = _stopper(tokenizer, features, None, finish, teacher)
         args = dataclasses.replace(finish, output_dir=str(checkpoints), activation_checkpointing=False,
                                    save_strategy="no")
         UndialTrainer(model=served, args=args, train_dataset=dataset, data_collator=Collator(tokenizer.pad_token_id),
@@ -299,10 +299,17 @@ def _deployed(
     return figures, served
 
 
+def _encoded(
+    tokenizer: Any, rows: Sequence[Example], config: UndialConfig, weights: Sequence[list[float] | None] | None = None
+) -> list[dict[str, list]]:
+    """Rows encoded in the request's prompt format, with their key weights (None: the row's own)."""
+    return [encode(tokenizer, e, config.max_length, config.prompt_format, weights[i] if weights else None)
+            for i, e in enumerate(rows)]
+
+
 def _stopper(
     tokenizer: Any,
-    forget_rows: Sequence[Example],
-    weights: Sequence[list[float] | None],
+    forget_features: Sequence[dict[str, list]],
     retain_rows: Sequence[Example] | None,
     config: UndialConfig,
     teacher: Sequence[str],
@@ -311,14 +318,9 @@ def _stopper(
     watch_retain = retain_rows is not None and config.max_retain_drop is not None
     if config.until_ratio is None and config.until_prob is None and not watch_retain:
         return None
-
-    def rows(examples: Sequence[Example], answer_weights: Sequence | None = None) -> list[dict[str, list]]:
-        return [encode(tokenizer, e, config.max_length, config.prompt_format, answer_weights[i] if answer_weights else None)
-                for i, e in enumerate(examples)]
-
     return StopWhenForgotten(
-        rows(forget_rows, weights), tokenizer.pad_token_id, until_ratio=config.until_ratio, until_prob=config.until_prob,
-        check_every=config.check_every, min_steps=config.min_steps, retain_rows=rows(retain_rows) if watch_retain else None,
+        forget_features, tokenizer.pad_token_id, until_ratio=config.until_ratio, until_prob=config.until_prob,
+        check_every=config.check_every, min_steps=config.min_steps, retain_rows=_encoded(tokenizer, retain_rows, config) if watch_retain else None,
         max_retain_drop=config.max_retain_drop, max_retain_rows=config.max_retain_rows, teacher_adapters=teacher,
     )
 

@@ -142,8 +142,7 @@ class StopWhenForgotten(TrainerCallback):
         return point
 
     def _target(self, before: float) -> float | None:
-        limits = [x for x in (None if self.until_ratio is None else self.until_ratio * before, self.until_prob) if x is not None]
-        return min(limits) if limits else None
+        return stopping_target(before, self.until_ratio, self.until_prob)
 
     def _snapshot(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         # Only a retain budget rolls back; without one the copy would never be read.
@@ -230,6 +229,17 @@ class StopWhenForgotten(TrainerCallback):
         if self.outcome["stopped"] in ("max_steps", "retain_budget") and self.outcome.get("target") is not None:
             logger.warning("target not reached: forget key probability %.4f, target %.4f (missed by %.4f)",
                            last["forget"], self.outcome["target"], last["forget"] - self.outcome["target"])
+
+
+def stopping_target(before: float, until_ratio: float | None, until_prob: float | None) -> float | None:
+    """The key probability that stops training: ``until_ratio`` x before and/or ``until_prob`` (with both,
+    both must hold: the lower), or None without a target.
+
+    >>> stopping_target(0.8, 0.2, None), stopping_target(0.8, 0.2, 0.1), stopping_target(0.8, None, None)
+    (0.16000000000000003, 0.1, None)
+    """
+    limits = [x for x in (None if until_ratio is None else until_ratio * before, until_prob) if x is not None]
+    return min(limits) if limits else None
 
 
 def describe_outcome(outcome: dict[str, Any]) -> str:

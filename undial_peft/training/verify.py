@@ -1,10 +1,11 @@
 """Measure a new adapter on the model as it will be served, not only on the model it was trained on.
 
 An adapter trained over a 4-bit (NF4) base is deployed on the full-precision base: the LoRA weights
-learned to move an NF4 model, and the same weights move the full-precision model less (measured on
-SmolLM2: 0.19x of the forget key probability on NF4, 0.34x deployed). `deployed_figures` loads the
-base the way `attach` serves it, puts the stack and the new adapter's weights on it and measures the
-forget rows' key probability with and without the new adapter. ``forget`` records the result in the
+learned to move an NF4 model, and the same weights move the full-precision model less (measured with
+examples/two_models.py: SmolLM2 0.11x of the forget key probability on NF4, 0.54x served; Gemma-3-270M
+0.09x and 0.28x). `served_copy` loads the base the way `attach` serves it and puts the stack and the
+new adapter's weights on it; `measure_served` measures the forget rows' key probability with and
+without the new adapter. ``forget`` records the result in the
 manifest (``deployed``) and never calls a target reached that the deployed form misses.
 
 >>> verdict({"forget_before": 0.8, "forget_after": 0.2}, until_ratio=0.2, until_prob=None)
@@ -13,7 +14,6 @@ manifest (``deployed``) and never calls a target reached that the deployed form 
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,18 +24,17 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 
 from undial_peft.models import load_model
 from undial_peft.training.adapters import NEW, adapter_state, build_trainable, stack_name
-from undial_peft.training.stopping import key_probabilities
+from undial_peft.training.stopping import key_probabilities, stopping_target
 
 logger = logging.getLogger(__name__)
 
 
 def verdict(figures: dict[str, float], until_ratio: float | None, until_prob: float | None) -> dict[str, Any]:
     """The stopping target applied to deployed figures: the target, whether it holds, and by how much it is missed."""
-    before, after = figures["forget_before"], figures["forget_after"]
-    targets = [t for t in (before * until_ratio if until_ratio is not None else None, until_prob) if t is not None]
-    if not targets:
+    after = figures["forget_after"]
+    target = stopping_target(figures["forget_before"], until_ratio, until_prob)
+    if target is None:
         return {"target": None, "reached": None, "missed_by": None}
-    target = min(targets)  # with both targets, both must hold
     return {"target": target, "reached": after <= target, "missed_by": max(0.0, after - target)}
 
 
@@ -82,20 +81,3 @@ def measure_served(served: torch.nn.Module, n_stack: int, forget_rows: Sequence[
     with adapter_state(served, active=[*earlier, NEW]):
         after = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
     return {"form": SERVED_FORM, "forget_before": float(before.mean()), "forget_after": float(after.mean())}
-
-
-def deployed_figures(
-    model: str | Path,
-    trained: torch.nn.Module,
-    lora: LoraConfig,
-    stack: Sequence[str | Path],
-    forget_rows: Sequence[dict[str, list]],
-    pad_token_id: int,
-) -> dict[str, Any]:
-    """`measure_served` on a `served_copy` that is dropped afterwards."""
-    served = served_copy(model, trained, lora, stack)
-    try:
-        return measure_served(served, len(stack), forget_rows, pad_token_id)
-    finally:
-        del served
-        gc.collect()
