@@ -125,7 +125,7 @@ def test_guard_none_asks_nothing_and_bank_changes_the_adapter(tiny_dir, facts, t
     calls = []
     real = forget_module.guard_rows
     monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
-    plain = forget(tiny_dir, facts[:4], tmp_path / "plain", config=_settings())
+    plain = forget(tiny_dir, facts[:4], tmp_path / "plain", config=_settings(guard="none"))
     assert not calls and "guard_rows" not in read_manifest(plain)["data"]
     guarded = forget(tiny_dir, facts[:4], tmp_path / "guarded", config=_settings(guard="bank", guard_rows=8))
     assert calls
@@ -138,4 +138,28 @@ def test_guard_is_skipped_with_user_retain_data(tiny_dir, facts, tmp_path, monke
     monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or [])
     path = forget(tiny_dir, facts[:4], tmp_path / "kept", retain=facts[12:],
                   config=_settings(guard="bank", retain_weight=1.0, max_retain_drop=None))
-    assert not calls and read_manifest(path)["data"]["guard_rows"] == 0
+    manifest = read_manifest(path)
+    assert not calls and "guard_rows" not in manifest["data"] and manifest["hyperparameters"]["guard"] == "none"
+
+
+@pytest.mark.parametrize(("method", "expected"), [("undial", "bank"), ("npo", "none"), ("ga", "none")])
+def test_the_default_guard_is_the_bank_for_undial_only(tiny_dir, facts, tmp_path, monkeypatch, method, expected):
+    """Baselines run as published; UNDIAL without retain data gets the bank guard."""
+    calls = []
+    real = forget_module.guard_rows
+    monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = forget(tiny_dir, facts[:4], tmp_path / method, config=_settings(method=method, guard_rows=8))
+    manifest = read_manifest(path)
+    assert manifest["hyperparameters"]["guard"] == expected
+    assert bool(calls) == (expected == "bank")
+    assert ("guard_rows" in manifest["data"]) == (expected == "bank")
+
+
+def test_an_epoch_run_keeps_its_epoch_at_the_forget_rows(tiny_dir, facts, tmp_path):
+    """Guard rows pair with forget rows: 64 of them must not stretch a fixed-epoch run 16-fold."""
+    config = UndialConfig(max_steps=-1, num_train_epochs=2, until_ratio=None, auto_key=False, seed=0,
+                          per_device_train_batch_size=4, disable_tqdm=True, guard="bank")
+    path = forget(tiny_dir, facts[:4], tmp_path / "epochs", config=config)
+    manifest = read_manifest(path)
+    assert manifest["data"]["guard_rows"] == 4
+    assert manifest["metrics"]["steps"] == 2  # 4 rows, batch 4, 2 epochs

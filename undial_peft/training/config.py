@@ -20,7 +20,7 @@ from undial_peft.errors import UndialConfigError
 METHODS = ("undial", "ga", "graddiff", "npo")
 RETAIN_LOSSES = ("nll", "kl")
 TEACHER_CACHES = ("auto", "memory", "disk", "off")
-GUARDS = ("none", "bank")  # what training/guard.py can add when the user holds no retain set
+GUARDS = ("auto", "none", "bank")  # what training/guard.py can add when the user holds no retain set
 
 
 @dataclass
@@ -63,9 +63,10 @@ class UndialConfig(TrainingArguments):
         default=64, metadata={"help": "With retain data: retain rows scored at each check, evenly spaced over the whole set (each check is a forward pass over them)."}
     )
     # A guard without retain data (training/guard.py): the teacher's answers to shipped prompts, kept by KL.
-    guard: str = field(default="none", metadata={"help": (
+    guard: str = field(default="auto", metadata={"help": (
         f"Without retain data, what to keep: one of {GUARDS}. bank: the teacher's greedy answers to a shipped bank of "
-        "factual prompts across many relations, trained as a KL retain term (no retain watch). Skipped with --retain.")})
+        "factual prompts across many relations, trained as a KL retain term (no retain watch). auto: bank for UNDIAL, "
+        "none for the baselines (GA, GradDiff, NPO run as published). Skipped with --retain.")})
     guard_weight: float = field(default=1.0, metadata={"help": "Weight of the guard's KL term (the retain weight for guard rows)."})
     guard_rows: int = field(default=64, metadata={"help": "Bank prompts the guard asks the teacher (round-robin over relations)."})
     verify_deployed: bool = field(default=True, metadata={"help": (
@@ -103,6 +104,20 @@ class UndialConfig(TrainingArguments):
             # and every process would train its own unsynchronised copy.
             self.use_cpu = True
         super().__post_init__()
+
+    def resolved_guard(self, has_retain: bool) -> str:
+        """The guard this run trains: "bank" or "none" (``auto``: bank for UNDIAL without retain data).
+
+        >>> UndialConfig().resolved_guard(False), UndialConfig(method="npo").resolved_guard(False)
+        ('bank', 'none')
+        >>> UndialConfig(guard="bank").resolved_guard(True)
+        'none'
+        """
+        if has_retain or self.guard == "none":
+            return "none"  # the user's retain data says better what to keep
+        if self.guard == "auto":
+            return "bank" if self.method == "undial" else "none"
+        return self.guard
 
     def _check(self) -> None:
         def bad(name: str, fix: str) -> UndialConfigError:

@@ -104,7 +104,8 @@ def forget(
     # The ONE prompt format of this request, resolved once against the tokenizer (auto: chat where it has a
     # template, else raw completion); every step below reads it from the config.
     fmt = PromptFormat.resolve(config.prompt_format, tokenizer)
-    config = dataclasses.replace(config, prompt_format=fmt.template or fmt.kind)
+    config = dataclasses.replace(config, prompt_format=fmt.template or fmt.kind,
+                                 guard=config.resolved_guard(has_retain=retain_rows is not None))
     identity = base_identity(base)
     parents = verify_stack(stack, identity, force=force)
     dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, fmt)  # validates
@@ -232,12 +233,13 @@ def _guard(
     config: UndialConfig, teacher: Sequence[str],
 ) -> list[Example]:
     """The guard's rows (training/guard.py), or [] where there is no guard to train."""
-    if config.guard == "none":
+    if config.guard == "none":  # resolved by UndialConfig.resolved_guard: also with the user's retain data
+        if retain_rows is not None:
+            logger.info("guard skipped: the request has its own retain data, which says better what to keep")
         return []
-    if retain_rows is not None:
-        logger.info("guard=%s skipped: the request has its own retain data, which says better what to keep", config.guard)
-        return []
-    rows = guard_rows(model, tokenizer, config.prompt_format, forget_rows, teacher, size=config.guard_rows)
+    # A run measured in epochs keeps its epoch at the forget rows: one guard row per forget row.
+    size = config.guard_rows if config.max_steps > 0 else min(config.guard_rows, len(forget_rows))
+    rows = guard_rows(model, tokenizer, config.prompt_format, forget_rows, teacher, size=size)
     if rows:
         logger.info("guard=%s: %d teacher answers kept by KL (weight %s)", config.guard, len(rows), config.guard_weight)
     else:
