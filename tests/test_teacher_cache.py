@@ -13,7 +13,7 @@ from undial_peft.data.readers import read_examples
 from undial_peft.errors import UndialTrainingError
 from undial_peft.models import load_model
 from undial_peft.training import teacher_cache
-from undial_peft.training.adapters import build_trainable, default_lora_config
+from undial_peft.training.adapters import adapter_state, build_trainable, default_lora_config
 from undial_peft.training.forget import forget
 from undial_peft.training.trainer import UndialTrainer
 
@@ -184,3 +184,28 @@ def test_storage_rule():
     assert teacher_cache.choose_storage(2**62, "auto", folder, memory_limit=100)[0] is None
     # 1,000 rows x 20 answer tokens x 576 x 4 bytes: the README's SmolLM2-135M example
     assert teacher_cache.estimate_bytes(torch.full((1000,), 20), 576, 4) == 46_080_000
+
+
+def test_the_kl_retain_term_equals_kl_of_the_full_logits(tiny_dir, facts, tmp_path):
+    """Answer-position logits from hidden states give the KL of the model's own full logits (float64 reference)."""
+    trainer = _trainer(tiny_dir, facts, tmp_path, retain=facts[12:16], method="undial", retain_weight=1.0,
+                       retain_loss="kl", teacher_cache="off")
+    for name, param in trainer.model.named_parameters():
+        if "lora_B" in name and param.requires_grad:
+            param.data.normal_(0, 0.05)  # student != teacher
+    trainer.current_gradient_accumulation_steps = 1
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = {"input_ids": batch["retain_input_ids"], "attention_mask": batch["retain_attention_mask"]}
+    with torch.no_grad():
+        student = trainer.model(**inputs).logits.double()  # (B, T, V)
+        with adapter_state(trainer.model, active=[]):
+            teacher = trainer.model(**inputs).logits.double()  # (B, T, V)
+    labels = batch["retain_labels"]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100  # logits at t predict label t + 1
+    p_teacher = teacher[mask].softmax(-1)  # (N, V)
+    reference = (p_teacher * (p_teacher.log() - student[mask].log_softmax(-1))).sum(-1).mean()
+    with torch.no_grad():
+        fused = trainer._retain_loss(trainer.model, batch)
+    assert trainer._plain_head() and reference.item() > 1e-4
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-4)

@@ -277,19 +277,25 @@ class UndialTrainer(Trainer):
     def _retain_loss(self, model: torch.nn.Module, inputs: Batch) -> torch.Tensor:
         batch = {"input_ids": inputs["retain_input_ids"], "attention_mask": inputs["retain_attention_mask"]}
         labels = inputs["retain_labels"]
-        student = model(**batch).logits  # (B, T, V)
         share = labels.shape[0] / self._sequences(labels.shape[0])  # 1 / accumulation steps
         if self.args.retain_loss == "nll":
-            return L.nll_loss(student, labels) * share
+            return L.nll_loss(model(**batch).logits, labels) * share  # (B, T, V) logits
         mask = L.shift_labels(labels) != L.IGNORE_INDEX  # (B, T)
-        hidden = self._cached(self._cache_part("retain_hidden"), inputs, labels)  # (N, H)
-        if hidden is not None:
-            head = self.model.get_output_embeddings()
-            teacher = head(hidden.to(head.weight.dtype))  # (N, V): logits = lm_head(hidden), measured in _plain_head
+        head = self.model.get_output_embeddings()
+        if self._plain_head():
+            # Logits only where the KL is taken: the answer positions, N of B x T (a prompt is most of a
+            # guard row; the full (B, T, V) logits and their backward cost several times more).
+            hidden = model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, H)
+            student = head(hidden[mask])  # (N, V)
+        else:
+            student = model(**batch).logits[mask]  # (N, V)
+        cached = self._cached(self._cache_part("retain_hidden"), inputs, labels)  # (N, H)
+        if cached is not None:
+            teacher = head(cached.to(head.weight.dtype))  # (N, V): logits = lm_head(hidden), measured in _plain_head
         else:
             teacher = self._teacher(model, **batch).logits[mask]  # (N, V)
         teacher_logp = teacher.float().log_softmax(-1)  # (N, V)
-        student_logp = student[mask].float().log_softmax(-1)  # (N, V)
+        student_logp = student.float().log_softmax(-1)  # (N, V)
         kl = torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
         return kl / mask.sum().clamp(min=1) * share
 
