@@ -1,0 +1,152 @@
+"""Ten forget requests stacked on a real model, with the defaults: what the stack keeps of what was never asked.
+
+The facts are those of ``examples/two_models.py`` (SmolLM2: ``undial_peft/data/real_facts.jsonl``,
+chat questions; Gemma-3-270M: ``examples/data/gemma_facts.jsonl``, completion rows). Whole topics
+are never asked (``--never``); the rest, in file order, is cut into ``--requests`` requests of
+near-equal size (so most requests hold one topic, and a topic is asked over two requests). Request k
+is trained with `forget`'s defaults on top of requests 1..k-1 (active and frozen), without keys or
+retain data, as an operator would send it. After each request the stack as deployed (`attach`) is
+measured: the hand key's probability (x its value before any request) of every request so far and
+of every never-asked topic. At the end the stack is exported as ONE adapter, exactly and with
+``--max-rank`` 16 and 32 (SVD), and each export is measured the same way.
+
+    python examples/ten_requests.py --model default --out runs/ten-smollm2.json       # ~15 min on 2 cores
+    python examples/ten_requests.py --model gemma3-270m --out runs/ten-gemma.json
+    python examples/ten_requests.py --model default --requests 3 --budgets            # a short check
+
+Printed: one line per request (its own figure, the worst earlier request, each never-asked topic,
+steps, wall time of the `forget` call), then one line per export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from two_models import facts
+
+from undial_peft import UndialConfig, attach, forget
+from undial_peft.data.encoding import encode
+from undial_peft.data.prompt_format import PromptFormat
+from undial_peft.data.readers import Example
+from undial_peft.deploy.manifest import read_manifest
+from undial_peft.deploy.stack import export_stack
+from undial_peft.models import load_model
+from undial_peft.training.stopping import key_probabilities
+from undial_peft.utils.tables import align
+
+# Topics never asked, per model: whole relations (at least 8 facts each) that no request touches.
+NEVER = {"default": ["capitals", "authors"], "gemma3-270m": ["authors", "currencies"]}
+
+
+def key_probability(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> np.ndarray:
+    """(N,) hand-key probability per row, exp mean log p over the key's tokens, in the auto format."""
+    fmt = PromptFormat.resolve("auto", tokenizer)
+    keyed = [encode(tokenizer, Example(r["prompt"], r["answer"], r["key"]), 512, fmt) for r in rows]
+    return key_probabilities(model, keyed, tokenizer.pad_token_id).numpy()
+
+
+def requests(rows: list[dict[str, str]], never: list[str], count: int) -> list[list[int]]:
+    """Row indices of each request: the rows of asked topics, in file order, in ``count`` near-equal parts."""
+    asked = [i for i, r in enumerate(rows) if r["topic"] not in never]
+    if len(asked) < count:
+        raise SystemExit(f"{len(asked)} asked rows cannot make {count} requests: never-ask fewer topics")
+    return [part.tolist() for part in np.array_split(np.array(asked), count)]
+
+
+def as_request(model_name: str, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Plain rows as a user writes them: question/answer for the chat model, prompt/completion for the base one."""
+    if model_name == "default":
+        return [{"question": r["prompt"], "answer": r["answer"]} for r in rows]
+    return [{"prompt": r["prompt"], "completion": r["answer"]} for r in rows]
+
+
+def figures(p: np.ndarray, before: np.ndarray, rows: list[dict[str, str]], parts: list[list[int]],
+            never: list[str]) -> dict[str, Any]:
+    """x-before per request (mean key probability after / before) and per never-asked topic."""
+    topic = np.array([r["topic"] for r in rows])
+    return {"requests": [float(p[i].mean() / before[i].mean()) for i in parts],
+            "never": {t: float(p[topic == t].mean() / before[topic == t].mean()) for t in never}}
+
+
+def measure_stack(base: Any, tokenizer: Any, stack: list[Path], rows: list[dict[str, str]]) -> np.ndarray:
+    model = attach(base, stack, tokenizer=tokenizer)
+    try:
+        return key_probability(model, tokenizer, rows)
+    finally:
+        model.unload()
+
+
+def run(model_name: str, count: int, never: list[str], budgets: list[int], work: Path) -> dict[str, Any]:
+    rows = facts(model_name)
+    unknown = sorted(set(never) - {r["topic"] for r in rows})
+    if unknown:
+        raise SystemExit(f"--never {unknown}: no such topic in the facts of {model_name}")
+    parts = requests(rows, never, count)
+    base, tokenizer = load_model(model_name)
+    before = key_probability(base, tokenizer, rows)
+    stack: list[Path] = []
+    result: dict[str, Any] = {"model": model_name, "never": never, "sizes": [len(p) for p in parts], "after": []}
+    for k, part in enumerate(parts):
+        start = time.perf_counter()
+        path = forget(base, as_request(model_name, [rows[i] for i in part]), work / f"req-{k + 1:02d}",
+                      config=UndialConfig(disable_tqdm=True), stack=list(stack), tokenizer=tokenizer)
+        seconds = time.perf_counter() - start
+        stack.append(path)
+        manifest = read_manifest(path)
+        row = {**figures(measure_stack(base, tokenizer, stack, rows), before, rows, parts[: k + 1], never),
+               "seconds": seconds, "steps": manifest["metrics"]["steps"], "stopped": manifest["stopping"]["stopped"],
+               "topics": sorted({rows[i]["topic"] for i in part})}
+        result["after"].append(row)
+        print(f"[{model_name}] request {k + 1}: {json.dumps(row)}", flush=True)
+    result["exports"] = {}
+    for budget in [None, *budgets]:
+        name = "exact" if budget is None else f"max-rank {budget}"
+        path = export_stack(base, stack, work / f"export-{budget or 'exact'}", tokenizer=tokenizer, max_rank=budget)
+        rank = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["r"]
+        result["exports"][name] = {**figures(measure_stack(base, tokenizer, [path], rows), before, rows, parts, never),
+                                   "rank": rank}
+        print(f"[{model_name}] export {name}: {json.dumps(result['exports'][name])}", flush=True)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    never = result["never"]
+    lines = [["after", "topics", "this request", "worst earlier", *never, "steps", "wall"]]
+    for k, row in enumerate(result["after"]):
+        earlier = max(row["requests"][:-1], default=None)
+        lines.append([f"request {k + 1}", "+".join(row["topics"]), f"{row['requests'][-1]:.2f}",
+                      "-" if earlier is None else f"{earlier:.2f}", *(f"{row['never'][t]:.2f}" for t in never),
+                      f"{row['steps']} ({row['stopped']})", f"{row['seconds']:.0f} s"])
+    for name, row in result["exports"].items():
+        lines.append([f"export {name}", f"rank {row['rank']}", f"{min(row['requests']):.2f}-{max(row['requests']):.2f}",
+                      "", *(f"{row['never'][t]:.2f}" for t in never), "", ""])
+    return "\n".join(align(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", choices=sorted(NEVER))
+    parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--never", nargs="+", default=None, help="topics no request asks (default: per model)")
+    parser.add_argument("--budgets", type=int, nargs="*", default=[16, 32], help="--max-rank exports to measure")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write the results as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="ten-requests-") as work:
+        result = run(args.model, args.requests, args.never or NEVER[args.model], args.budgets, Path(work))
+    print(table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
