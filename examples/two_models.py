@@ -7,7 +7,7 @@ SmolLM2-135M-Instruct (chat, ``--model default``) forgets 13 chemical symbols fr
 choose them. Every other topic in the files is never asked about.
 
     python examples/two_models.py                                 # both models, plain and --4bit (~25 min)
-    python examples/two_models.py --variants guard                # the defaults + the bank guard (guard='bank')
+    python examples/two_models.py --variants unguarded            # the defaults without the bank guard (guard='none')
     python examples/two_models.py --models gemma3-270m --variants plain --out runs/two_models.json
 
 Printed per model and variant: the forget key probability the stopping rule reported (on the model it
@@ -99,7 +99,7 @@ def own_words(base: Any, tokenizer: Any, rows: list[dict[str, str]], new_tokens:
     return kept
 
 
-def run(model_name: str, variants: list[str], work: Path) -> dict[str, Any]:
+def run(model_name: str, variants: list[str], work: Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     rows = facts(model_name)
     asked = [{"prompt": r["prompt"], "completion": r["answer"]} if model_name != "default"
              else {"question": r["prompt"], "answer": r["answer"]} for r in rows if r["topic"] == REQUEST]
@@ -112,9 +112,9 @@ def run(model_name: str, variants: list[str], work: Path) -> dict[str, Any]:
         out = work / f"{model_name}-{variant}"
         start = time.perf_counter()
         if variant == "4bit":
-            forget(model_name, asked, out, config=UndialConfig(), load_in_4bit=True)
-        else:  # "plain": the defaults; "guard": the defaults and the teacher-answered bank guard
-            config = UndialConfig(guard="bank") if variant == "guard" else UndialConfig()
+            forget(model_name, asked, out, config=UndialConfig(**(settings or {})), load_in_4bit=True)
+        else:  # "plain": the defaults (UNDIAL with the teacher-answered bank guard); "unguarded": without it
+            config = UndialConfig(**{**(settings or {}), **({"guard": "none"} if variant == "unguarded" else {})})
             forget(base, asked, out, config=config, tokenizer=tokenizer)
         seconds = time.perf_counter() - start
         manifest = read_manifest(out)
@@ -153,17 +153,27 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join([*align(lines), *keys])
 
 
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # a bare word: a string setting
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["default", "gemma3-270m"])
-    parser.add_argument("--variants", nargs="*", choices=["plain", "4bit", "guard"], default=["plain", "4bit"],
+    parser.add_argument("--variants", nargs="*", choices=["plain", "4bit", "unguarded"], default=["plain", "4bit"],
                         help="none: only the measurements before training (automatic keys)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="UndialConfig fields for every variant, e.g. --set guard_weight=2 (values read as JSON)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="two-models-") as work:
-        results = {m: run(m, args.variants, Path(work)) for m in args.models}
+        settings = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+        results = {m: run(m, args.variants, Path(work), settings) for m in args.models}
     print(table(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
