@@ -123,3 +123,19 @@ def test_gemma3_gguf_adapter_forgets_in_llama_cpp_as_in_pytorch(tmp_path):
     assert ratio_t < 0.2 and ratio_c < 0.2  # the forgetting carried over to llama.cpp
     assert abs(before_t - before_c) < 0.05 + 0.2 * before_t  # the same base in both engines (Q4_K vs fp32)
     assert max(ratio_t / ratio_c, ratio_c / ratio_t) <= 2.0  # examples/llama_cpp_check.py's RATIO_TOL
+
+
+def test_forget_verify_llama_cpp_records_the_forgetting_in_llama_cpp(tmp_path, monkeypatch):
+    """``--verify llama.cpp`` on the embedded SmolLM2: the figure llama.cpp measures agrees with PyTorch's."""
+    if not importlib.util.find_spec("llama_cpp"):
+        monkeypatch.setenv("UNDIAL_LLAMA_CPP_PYTHON", LLAMA_PYTHON)
+    rows = [{k: f[k] for k in ("question", "answer")} for f in demo_facts() if f["split"] == "forget"]
+    path = forget("default", rows, tmp_path / "verified", config=UndialConfig(verify="llama.cpp", disable_tqdm=True))
+    manifest = json.loads((path / "undial.json").read_text())
+    engine, torch_side = manifest["deployed"]["llama_cpp"], manifest["stopping"]
+    ratio_c = engine["forget_after"] / engine["forget_before"]
+    ratio_t = torch_side["forget_after"] / torch_side["forget_before"]
+    print(f"key probability: PyTorch {ratio_t:.3f}x, llama.cpp {ratio_c:.3f}x ({engine['form']})")
+    assert abs(engine["forget_before"] - torch_side["forget_before"]) < 0.05  # the same rows, the same base
+    assert max(ratio_t / ratio_c, ratio_c / ratio_t) <= 2.0  # examples/llama_cpp_check.py's RATIO_TOL
+    assert engine["reached"] is (engine["forget_after"] <= engine["target"])

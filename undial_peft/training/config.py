@@ -20,6 +20,7 @@ from undial_peft.errors import UndialConfigError
 METHODS = ("undial", "ga", "graddiff", "npo")
 RETAIN_LOSSES = ("nll", "kl")
 TEACHER_CACHES = ("auto", "memory", "disk", "off")
+VERIFY = ("none", "llama.cpp")  # engines a new adapter can be measured in after training
 GUARDS = ("auto", "none", "bank")  # what training/guard.py can add when the user holds no retain set
 
 
@@ -75,6 +76,10 @@ class UndialConfig(TrainingArguments):
     finish_on_served: bool = field(default=True, metadata={"help": (
         "After a 4-bit run whose adapter misses the target on the full-precision base, train on there until it "
         "holds (needs that model's memory for those steps); else only report the miss.")})
+    verify: str = field(default="none", metadata={"help": (
+        f"Also measure the forget set in a serving engine after training: one of {VERIFY}. llama.cpp: the stack "
+        "and the new adapter as a GGUF LoRA file on the base GGUF (the base must be given as a .gguf file or a "
+        "packaged alias; needs llama-cpp-python). Recorded in the manifest; a miss there is reported as a miss.")})
     auto_key: bool = field(default=True, metadata={"help": "Rows without `key`: find the fact's tokens with the teacher (training/answer_keys.py)."})
     auto_key_threshold: float = field(
         default=7.5, metadata={"help": "Automatic keys: nats above the model's neutral prior a token needs (answer_keys.KeyRule)."}
@@ -154,6 +159,8 @@ class UndialConfig(TrainingArguments):
             PromptFormat.parse(self.prompt_format)  # names the accepted forms
         if self.max_retain_rows < 1:
             raise bad("max_retain_rows", "watch at least 1 retain row (64 by default)")
+        if self.verify not in VERIFY:
+            raise bad("verify", f"choose one of {VERIFY}")
         if self.guard not in GUARDS:
             raise bad("guard", f"choose one of {GUARDS}")
         if not (math.isfinite(self.guard_weight) and self.guard_weight > 0):

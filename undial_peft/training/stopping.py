@@ -254,6 +254,8 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
     why = reason[outcome["stopped"]]
     if outcome.get("deployed", {}).get("reached") is False and outcome["stopped"] == "target":
         why = "target reached on the 4-bit model trained, NOT as served"
+    if outcome.get("llama_cpp", {}).get("reached") is False and outcome["stopped"] == "target":
+        why = "target reached in PyTorch, NOT in llama.cpp"
     text = f"stopped at step {outcome['step']}: {why}; forget key probability {before:.3f} -> {after:.3f}"
     text += f" ({after / before:.2f}x" if before > 0 else " ("
     text += f"; target {outcome['target']:.3f})" if outcome.get("target") is not None else ")"
@@ -263,5 +265,9 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
         from undial_peft.training.verify import describe_deployed
 
         text += f"; {describe_deployed(outcome['deployed'])}"
+    if outcome.get("llama_cpp", {}).get("forget_before") is not None:
+        from undial_peft.training.verify import describe_deployed
+
+        text += f"; {describe_deployed(outcome['llama_cpp'])}"
     return text
 

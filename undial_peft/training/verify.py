@@ -19,9 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import gguf
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
+from undial_peft.deploy import llama_cpp
+from undial_peft.deploy.gguf_export import gguf_architecture, gguf_lora_tensors, write_gguf_lora
+from undial_peft.deploy.stack import concatenated_deltas
 from undial_peft.models import load_model
 from undial_peft.training.adapters import NEW, adapter_state, build_trainable, stack_name
 from undial_peft.training.stopping import key_probabilities, stopping_target
@@ -81,3 +85,27 @@ def measure_served(served: torch.nn.Module, n_stack: int, forget_rows: Sequence[
     with adapter_state(served, active=[*earlier, NEW]):
         after = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
     return {"form": SERVED_FORM, "forget_before": float(before.mean()), "forget_after": float(after.mean())}
+
+
+def measure_llama_cpp(trained: Any, base_gguf: str | Path, n_stack: int, forget_rows: Sequence[dict[str, list]],
+                      work: str | Path) -> dict[str, Any]:
+    """Mean forget key probability in llama.cpp on ``base_gguf``: with the stack, and with the stack + new adapter.
+
+    Both forms are written as ONE GGUF LoRA file each (`export_gguf`'s tensors: the rank-concatenated
+    deltas), in ``work``; the deployed model before the request is the base alone when the stack is empty.
+    """
+    config = trained.get_base_model().config
+    architecture = gguf.MODEL_ARCH_NAMES[gguf_architecture(config)]
+
+    def lora_file(names: list[str], path: Path) -> list[Path]:
+        if not names:
+            return []
+        tensors, alpha = gguf_lora_tensors(concatenated_deltas(trained, names)[0], config)
+        return [write_gguf_lora(tensors, alpha, path, architecture=architecture)]
+
+    earlier = [stack_name(i) for i in range(n_stack)]
+    rows = llama_cpp.rows_for_llama_cpp(forget_rows)
+    before = llama_cpp.key_probabilities(base_gguf, lora_file(earlier, Path(work) / "before.gguf"), rows)
+    after = llama_cpp.key_probabilities(base_gguf, lora_file([*earlier, NEW], Path(work) / "after.gguf"), rows)
+    return {"form": f"llama.cpp, {Path(base_gguf).name}", "forget_before": sum(before) / len(before),
+            "forget_after": sum(after) / len(after)}
