@@ -23,6 +23,7 @@ from undial_peft import UndialConfig
 from undial_peft.cli import main as cli_main
 from undial_peft.data.packaged import demo_facts
 from undial_peft.demo import run_demo
+from undial_peft.deploy.manifest import read_manifest
 from undial_peft.errors import UndialModelError
 from undial_peft.training.forget import forget
 
@@ -131,7 +132,7 @@ def test_forget_verify_llama_cpp_records_the_forgetting_in_llama_cpp(tmp_path, m
         monkeypatch.setenv("UNDIAL_LLAMA_CPP_PYTHON", LLAMA_PYTHON)
     rows = [{k: f[k] for k in ("question", "answer")} for f in demo_facts() if f["split"] == "forget"]
     path = forget("default", rows, tmp_path / "verified", config=UndialConfig(verify="llama.cpp", disable_tqdm=True))
-    manifest = json.loads((path / "undial.json").read_text())
+    manifest = read_manifest(path)
     engine, torch_side = manifest["deployed"]["llama_cpp"], manifest["stopping"]
     ratio_c = engine["forget_after"] / engine["forget_before"]
     ratio_t = torch_side["forget_after"] / torch_side["forget_before"]
