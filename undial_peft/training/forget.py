@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -245,9 +246,11 @@ def _guard(
         return []
     # A run measured in epochs keeps its epoch at the forget rows: one guard row per forget row.
     size = config.guard_rows if config.max_steps > 0 else min(config.guard_rows, len(forget_rows))
+    start = time.perf_counter()
     rows = guard_rows(model, tokenizer, config.prompt_format, forget_rows, teacher, size=size)
     if rows:
-        logger.info("guard=%s: %d teacher answers kept by KL (weight %s)", config.guard, len(rows), config.guard_weight)
+        logger.info("guard=%s: %d teacher answers kept by KL (weight %s), answered in %.1f s", config.guard, len(rows),
+                    config.guard_weight, time.perf_counter() - start)
     else:
         logger.warning("guard=%s: the teacher answered none of the bank prompts; training without a guard", config.guard)
     return rows
