@@ -6,6 +6,8 @@ variant's peak memory is its own. Four sections, each printed as one table:
 step     one optimizer step on random token ids (batch 4; labels on the second half), per variant:
            lora_sft       plain LoRA SFT (r=8, all-linear): NLL from ``model(labels=...)``
            undial         `adapters.build_trainable` + `UndialTrainer.compute_loss` (fused head), live teacher
+           undial_heap    ``undial`` with glibc's adaptive mmap threshold (``cpu_mmap_threshold=0``), as
+                          before the trainer pinned it: the same step, freed buffers kept in the heap
            undial_cached  the same reading the cached teacher (`teacher_cache`): a step from the second
                           epoch on; ``cache_s`` is the one teacher pass that fills the cache, paid once
            undial_full    live teacher with ``loss_chunk_size=0``: full (B, T, V) fp32 logits

@@ -27,8 +27,8 @@ from harness import sync
 
 from undial_peft.training.teacher_cache import INDEX
 
-STEP_VARIANTS = ("lora_sft", "undial", "undial_cached", "undial_full", "undial_gc", "undial_4bit", "undial_4bit_gc",
-                 "reference")
+STEP_VARIANTS = ("lora_sft", "undial", "undial_heap", "undial_cached", "undial_full", "undial_gc", "undial_4bit",
+                 "undial_4bit_gc", "reference")
 BATCH, BETA, LR = 4, 10.0, 1e-4
 
 # --- memory and timing helpers (run in the child) ---------------------------------------------
@@ -119,8 +119,14 @@ class Step:
         return float(loss.detach())
 
 
-def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[str, torch.Tensor]) -> Step:
-    """One full training step of ``variant`` on ``batch`` (undial_cached: the cache is filled here, timed)."""
+def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[str, torch.Tensor],
+               cpu_mmap_threshold: int | None = None) -> Step:
+    """One full training step of ``variant`` on ``batch`` (undial_cached: the cache is filled here, timed).
+
+    ``cpu_mmap_threshold``: the UNDIAL variants' `UndialConfig.cpu_mmap_threshold` (None: its
+    default; 0: glibc's adaptive threshold, as before it was pinned). ``undial_heap`` is
+    ``undial`` with 0, to compare both in one run.
+    """
     from peft import get_peft_model
 
     from undial_peft.training import loss as L
@@ -136,8 +142,10 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[s
         return Step(lambda b: peft_model(**b).loss, optimizer, peft_model)  # causal-LM NLL over (B, T, V) logits
     if variant.startswith("undial"):
         chunk = 0 if variant == "undial_full" else args.loss_chunk_size
+        threshold = 0 if variant == "undial_heap" else cpu_mmap_threshold
+        allocator = {} if threshold is None else {"cpu_mmap_threshold": threshold}
         args = UndialConfig(output_dir=workdir, beta=BETA, learning_rate=LR, loss_chunk_size=chunk,
-                            teacher_cache="memory" if variant == "undial_cached" else "off")
+                            teacher_cache="memory" if variant == "undial_cached" else "off", **allocator)
         # _gc: gradient checkpointing, the setting for memory-bound runs (activations dominate at 135M)
         peft_model = build_trainable(model, default_lora_config(), gradient_checkpointing=variant.endswith("_gc")).train()
         trainer = UndialTrainer(model=peft_model, args=args, train_dataset=_as_dataset(batch), data_collator=_collate)

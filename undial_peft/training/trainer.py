@@ -39,6 +39,7 @@ from undial_peft.training import loss as L
 from undial_peft.training import teacher_cache
 from undial_peft.training.adapters import NEW, adapter_state
 from undial_peft.training.config import UndialConfig
+from undial_peft.utils.cpu_memory import pin_mmap_threshold
 from undial_peft.utils.modes import model_mode
 
 Batch = dict[str, torch.Tensor]
@@ -66,6 +67,14 @@ class UndialTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.teacher_cache: teacher_cache.TeacherCache | None = None  # filled by train()
         self._head_mismatch: str | None = None  # why logits != lm_head(hidden), "" if equal; None: not measured
+        self._pin_cpu_allocator()
+
+    def _pin_cpu_allocator(self) -> None:
+        """On CPU, freed activations go back to the OS (`cpu_memory`): the step's peak RSS is its tensors."""
+        threshold = self.args.cpu_mmap_threshold
+        if threshold and self.args.device.type == "cpu":
+            pinned = pin_mmap_threshold(threshold)
+            logger.debug("glibc mmap threshold %s at %d bytes", "pinned" if pinned else "not pinned (no glibc)", threshold)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Restore only the ``NEW`` adapter from a checkpoint, in place.
