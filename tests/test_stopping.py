@@ -198,7 +198,7 @@ def test_max_retain_rows_reaches_the_watch_from_the_config_and_the_cli(tiny_dir,
 
     args = build_parser().parse_args(["forget", "--data", "f.jsonl", "--out", "a", "--max-retain-rows", "3"])
     config = _config(max_retain_rows=_forget_config(args).max_retain_rows)
-    assert config.max_retain_rows == 3 and UndialConfig().max_retain_rows == 64
+    assert config.max_retain_rows == 3 and UndialConfig().max_retain_rows == 16
     _, tokenizer = load_model(tiny_dir)
     retain = [Example(f["question"], f["answer"]) for f in facts[4:16]]  # 12 rows
     forget_features = api._encoded(tokenizer, [Example(facts[0]["question"], facts[0]["answer"])], config)

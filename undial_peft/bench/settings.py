@@ -140,7 +140,8 @@ REAL_METHODS = (
     MethodSpec("npo +rt", "npo", retain_weight=1.0),
 )
 # What the default run spends its time on (2 CPU cores, SmolLM2-135M: a cell is 3-4 minutes, or up
-# to 21 minutes with a retain set, whose budget check scores 64 retain rows after every step).
+# to 21 minutes with a retain set, measured when the budget check scored 64 retain rows after every
+# step; it now scores 16 (`max_retain_rows`), under one training step).
 # Every method runs once with the stopping rule (the headline rows). The learning-rate sweep covers
 # UNDIAL as `forget` runs it and the strongest baseline of the tiny benchmark (NPO + retain);
 # `--sweep-all` sweeps every method. The stacked requests compare the two methods that need no

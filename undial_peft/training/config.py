@@ -65,7 +65,7 @@ class UndialConfig(TrainingArguments):
         default=0.1, metadata={"help": "With retain data: stop (and roll back) when its answer probability fell by more than this fraction."}
     )
     max_retain_rows: int = field(
-        default=64, metadata={"help": "With retain data: retain rows scored at each check, evenly spaced over the whole set (each check is a forward pass over them)."}
+        default=16, metadata={"help": "With retain data: retain rows scored at each check, evenly spaced over the whole set (a check is one forward pass over them and the forget rows; 16 keeps it under one training step, examples/benchmarks/check_cost.py)."}
     )
     # A guard without retain data (training/guard.py): the teacher's answers to shipped prompts, kept by KL.
     guard: str = field(default="auto", metadata={"help": (
@@ -164,7 +164,7 @@ class UndialConfig(TrainingArguments):
         if self.prompt_format != AUTO:
             PromptFormat.parse(self.prompt_format)  # names the accepted forms
         if self.max_retain_rows < 1:
-            raise bad("max_retain_rows", "watch at least 1 retain row (64 by default)")
+            raise bad("max_retain_rows", "watch at least 1 retain row (16 by default)")
         if self.verify not in VERIFY:
             raise bad("verify", f"choose one of {VERIFY}")
         if self.guard not in GUARDS:

@@ -114,7 +114,7 @@ class StopWhenForgotten(TrainerCallback):
         min_steps: int = 0,
         retain_rows: Features | None = None,
         max_retain_drop: float | None = None,
-        max_retain_rows: int = 64,
+        max_retain_rows: int = 16,
         teacher_adapters: Sequence[str] | None = None,
     ) -> None:
         if check_every < 1:
