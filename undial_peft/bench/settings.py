@@ -63,12 +63,15 @@ class MethodSpec:
     beta: float = 10.0
     retain_weight: float = 0.0
     auto_key: bool = False  # UNDIAL: find each row's key tokens with the teacher (rows here name no key)
+    # "none": the method as published, as the recorded tables ran it; "bank": UNDIAL with forget's
+    # default guard (the teacher's answers to the shipped prompt bank, training/guard.py)
+    guard: str = "none"
 
     def config(self, **common: Any) -> Any:
         from undial_peft.training.config import UndialConfig
 
         return UndialConfig(method=self.method, beta=self.beta, retain_weight=self.retain_weight,
-                            auto_key=self.auto_key, **common)
+                            auto_key=self.auto_key, guard=self.guard, **common)
 
 
 DEFAULT_METHODS = (
@@ -115,10 +118,10 @@ class RealSize:
     max_new_tokens: int  # cap on greedy answer length for ROUGE-L
 
 
-# 40 people x 5 facts; a pool of 10 forget people = 5 requests of 2 (the first 3 stacked); the single request is
+# 40 people x 5 facts; a pool of 10 forget people = 5 requests of 2 (all 5 stacked); the single request is
 # the first 4 (10% of the people); 4 holdout people; 26 retain people, 4 of them evaluated.
 REAL = RealSize(
-    n_people=40, facts_per_person=5, holdout_people=4, requests=5, stacked_requests=3, people_per_request=2, main_people=4,
+    n_people=40, facts_per_person=5, holdout_people=4, requests=5, stacked_requests=5, people_per_request=2, main_people=4,
     eval_retain_people=4, finetune_epochs=10, memorised_at=0.95, finetune_lr=3e-4, finetune_batch_size=16, trained_layers=10,
     unlearn_steps=15, unlearn_batch_size=8, learning_rates=(1e-4, 3e-4, 1e-3), max_new_tokens=24,
 )
@@ -134,6 +137,7 @@ REAL_METHODS = (
     MethodSpec("undial", "undial"),
     MethodSpec("undial auto-key", "undial", auto_key=True),
     MethodSpec("undial auto-key +rt", "undial", retain_weight=1.0, auto_key=True),
+    MethodSpec("undial auto-key +guard", "undial", auto_key=True, guard="bank"),  # forget's defaults
     MethodSpec("ga", "ga"),
     MethodSpec("graddiff", "graddiff", retain_weight=1.0),
     MethodSpec("npo", "npo"),
@@ -147,7 +151,7 @@ REAL_METHODS = (
 # `--sweep-all` sweeps every method. The stacked requests compare the two methods that need no
 # retain data, UNDIAL as `forget` runs it and NPO: like for like, and affordable.
 SWEEP_METHODS = ("undial auto-key", "npo +rt")
-SEQUENTIAL_METHODS = ("undial auto-key", "npo")
+SEQUENTIAL_METHODS = ("undial auto-key", "undial auto-key +guard", "npo")
 # Attacks (`undial_peft.evals.attacks`) on the stopping-rule adapters of these methods: do answers come back?
 ATTACKED_METHODS = ("undial auto-key", "npo +rt")
 ATTACKS = ("relearn", "quantise_nf4", "paraphrase")
