@@ -43,26 +43,25 @@ PROB_TOL, RATIO_TOL, COUNT_TOL = 0.05, 2.0, 1
 MAX_NEW_TOKENS = 24
 
 
+def _engine() -> Any:
+    """undial_peft/deploy/in_llama_cpp.py loaded by path: the llama.cpp environment has no torch nor this package."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "undial_peft" / "deploy" / "in_llama_cpp.py"
+    spec = importlib.util.spec_from_file_location("in_llama_cpp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def worker() -> None:
     """llama.cpp side: read a job as JSON on stdin, write logits (npz) and greedy tokens (JSON on stdout)."""
-    import ctypes
-
-    import llama_cpp
-
     job = json.load(sys.stdin)
     logits: dict[str, np.ndarray] = {}
     greedy: dict[str, list[list[int]]] = {}
+    open_llama = _engine().open_llama
     for run in job["runs"]:
-        llm = llama_cpp.Llama(model_path=job["model"], n_ctx=512, n_batch=512, logits_all=True,
-                              n_threads=job["threads"], n_threads_batch=job["threads"], verbose=False)
-        adapters = [llama_cpp.llama_adapter_lora_init(llm._model.model, path.encode()) for path in run["loras"]]
-        if any(not adapter for adapter in adapters):
-            raise SystemExit(f"llama.cpp refused an adapter of {run['loras']}")
-        if adapters:
-            handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
-            scales = (ctypes.c_float * len(adapters))(*[1.0] * len(adapters))
-            if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, handles, len(adapters), scales):
-                raise SystemExit(f"llama.cpp could not activate {run['loras']}")
+        llm = open_llama(job["model"], run["loras"], job["threads"], n_ctx=512)
         for i, (ids, positions) in enumerate(zip(job["sequences"], job["positions"])):
             llm.reset()
             llm.eval(ids)

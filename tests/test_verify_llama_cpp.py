@@ -11,7 +11,7 @@ import pytest
 from conftest import write_tiny_gguf
 
 from undial_peft import UndialConfig
-from undial_peft.deploy import llama_cpp
+from undial_peft.deploy import in_llama_cpp
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.errors import UndialConfigError
 from undial_peft.training.forget import forget
@@ -36,8 +36,8 @@ def engine(monkeypatch):
                       "types": [f.fields[gguf.Keys.General.TYPE].contents() for f in files]})
         return [0.8] * len(rows) if not loras else [score.after] * len(rows)
 
-    monkeypatch.setattr(llama_cpp, "unavailable", lambda: None)
-    monkeypatch.setattr(llama_cpp, "key_probabilities", score)
+    monkeypatch.setattr(in_llama_cpp, "unavailable", lambda: None)
+    monkeypatch.setattr(in_llama_cpp, "key_probabilities", score)
     score.calls, score.after = calls, 0.1
     return score
 
@@ -78,8 +78,8 @@ def test_the_stack_is_the_deployed_model_before_the_request(tmp_path, engine):
 def test_verify_llama_cpp_is_refused_up_front(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(UndialConfigError, match="give the model as a .gguf file"):
         forget(tiny_dir, ROWS, tmp_path / "dir", config=_settings())
-    monkeypatch.setattr(llama_cpp.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.delenv(llama_cpp.ENV, raising=False)
+    monkeypatch.setattr(in_llama_cpp.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.delenv(in_llama_cpp.ENV, raising=False)
     with pytest.raises(UndialConfigError, match="pip install llama-cpp-python"):
         forget(str(write_tiny_gguf(tmp_path / "tiny.gguf")), ROWS, tmp_path / "gguf", config=_settings())
     assert not (tmp_path / "dir").exists() and not (tmp_path / "gguf").exists()

@@ -27,7 +27,7 @@ from undial_peft.data.digests import data_digest, key_id
 from undial_peft.data.encoding import Collator, build_dataset, encode
 from undial_peft.data.prompt_format import PromptFormat
 from undial_peft.data.readers import DataSource, Example, read_examples
-from undial_peft.deploy import llama_cpp
+from undial_peft.deploy import in_llama_cpp
 from undial_peft.deploy.gguf_export import base_architecture, base_gguf_path
 from undial_peft.deploy.manifest import Manifest, save_adapter, verify_stack
 from undial_peft.errors import OutputExistsError, UndialConfigError
@@ -318,7 +318,7 @@ def _llama_cpp_base(model: Any, config: UndialConfig) -> Path | None:
     if base_gguf is None:
         raise UndialConfigError("--verify llama.cpp runs the base GGUF: give the model as a .gguf file or a packaged "
                                 "alias (e.g. --model default), not a model directory or a loaded model.")
-    reason = llama_cpp.unavailable()
+    reason = in_llama_cpp.unavailable()
     if reason is not None:
         raise UndialConfigError(f"--verify llama.cpp: {reason}.")
     base_architecture(model, base_gguf)  # an architecture the GGUF export does not map is refused here

@@ -23,7 +23,7 @@ import gguf
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from undial_peft.deploy import llama_cpp
+from undial_peft.deploy import in_llama_cpp
 from undial_peft.deploy.gguf_export import gguf_architecture, gguf_lora_tensors, write_gguf_lora
 from undial_peft.deploy.stack import concatenated_deltas
 from undial_peft.models import load_model
@@ -104,8 +104,8 @@ def measure_llama_cpp(trained: Any, base_gguf: str | Path, n_stack: int, forget_
         return [write_gguf_lora(tensors, alpha, path, architecture=architecture)]
 
     earlier = [stack_name(i) for i in range(n_stack)]
-    rows = llama_cpp.rows_for_llama_cpp(forget_rows)
-    before = llama_cpp.key_probabilities(base_gguf, lora_file(earlier, Path(work) / "before.gguf"), rows)
-    after = llama_cpp.key_probabilities(base_gguf, lora_file([*earlier, NEW], Path(work) / "after.gguf"), rows)
+    rows = in_llama_cpp.rows_for_llama_cpp(forget_rows)
+    before = in_llama_cpp.key_probabilities(base_gguf, lora_file(earlier, Path(work) / "before.gguf"), rows)
+    after = in_llama_cpp.key_probabilities(base_gguf, lora_file([*earlier, NEW], Path(work) / "after.gguf"), rows)
     return {"form": f"llama.cpp, {Path(base_gguf).name}", "forget_before": sum(before) / len(before),
             "forget_after": sum(after) / len(after)}

@@ -9,7 +9,8 @@ does in PyTorch.
 llama.cpp comes from `llama-cpp-python`, which builds from source. Where this interpreter imports
 it, rows are scored in-process; else ``UNDIAL_LLAMA_CPP_PYTHON`` may name another Python that has
 it (e.g. a separate environment), and this file runs there as a worker: it needs only numpy and
-llama_cpp, never torch or this package.
+llama_cpp, never torch or this package (its imports at the top are the standard library's only, so
+scripts in that environment may load it by path for `open_llama`).
 
 >>> rows = [{"ids": [1, 5, 9, 4], "positions": [1, 2], "targets": [9, 4], "key": [True, False]}]
 >>> key_probabilities("base.gguf", ["adapter.gguf"], rows)  # doctest: +SKIP
@@ -85,25 +86,35 @@ def rows_for_llama_cpp(features: Sequence[dict[str, list]]) -> list[dict[str, li
     return out
 
 
-def _score(job: dict[str, Any]) -> list[float]:
-    """The worker: load the base and adapters in llama.cpp, return each row's key probability."""
+def open_llama(model: str, loras: Sequence[str], threads: int, n_ctx: int) -> Any:
+    """A ``llama_cpp.Llama`` on ``model`` with every GGUF LoRA file of ``loras`` active at scale 1, logits kept
+    for every position. Close it (``.close()``) to free the model and its adapters."""
     import ctypes
 
     import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    adapters = [llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode()) for path in loras]
+    if any(not adapter for adapter in adapters):
+        llm.close()
+        raise SystemExit(f"llama.cpp refused an adapter of {list(loras)}")
+    if adapters:
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
+        scales = (ctypes.c_float * len(adapters))(*[1.0] * len(adapters))
+        if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, handles, len(adapters), scales):
+            llm.close()
+            raise SystemExit(f"llama.cpp could not activate {list(loras)}")
+    return llm
+
+
+def _score(job: dict[str, Any]) -> list[float]:
+    """The worker: load the base and adapters in llama.cpp, return each row's key probability."""
     import numpy as np
 
     width = max((len(row["ids"]) for row in job["rows"]), default=1)
-    llm = llama_cpp.Llama(model_path=job["model"], n_ctx=max(64, width + 8), n_batch=max(64, width + 8),
-                          logits_all=True, n_threads=job["threads"], n_threads_batch=job["threads"], verbose=False)
+    llm = open_llama(job["model"], job["loras"], job["threads"], n_ctx=max(64, width + 8))
     try:
-        adapters = [llama_cpp.llama_adapter_lora_init(llm._model.model, path.encode()) for path in job["loras"]]
-        if any(not adapter for adapter in adapters):
-            raise SystemExit(f"llama.cpp refused an adapter of {job['loras']}")
-        if adapters:
-            handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
-            scales = (ctypes.c_float * len(adapters))(*[1.0] * len(adapters))
-            if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, handles, len(adapters), scales):
-                raise SystemExit(f"llama.cpp could not activate {job['loras']}")
         out = []
         for row in job["rows"]:
             llm.reset()
