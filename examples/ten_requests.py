@@ -13,6 +13,7 @@ of every never-asked topic. At the end the stack is exported as ONE adapter, exa
     python examples/ten_requests.py --model default --out runs/ten-smollm2.json       # ~15 min on 2 cores
     python examples/ten_requests.py --model gemma3-270m --out runs/ten-gemma.json
     python examples/ten_requests.py --model default --requests 3 --budgets            # a short check
+    python examples/ten_requests.py --model gemma3-270m --set guard_weight=3          # another setting
 
 Printed: one line per request (its own figure, the worst earlier request, each never-asked topic,
 steps, wall time of the `forget` call), then one line per export.
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from two_models import facts
+from two_models import _value, facts
 
 from undial_peft import UndialConfig, attach, forget
 from undial_peft.data.encoding import encode
@@ -85,7 +86,8 @@ def measure_stack(base: Any, tokenizer: Any, stack: list[Path], rows: list[dict[
         model.unload()
 
 
-def run(model_name: str, count: int, never: list[str], budgets: list[int], work: Path) -> dict[str, Any]:
+def run(model_name: str, count: int, never: list[str], budgets: list[int], work: Path,
+        settings: dict[str, Any] | None = None) -> dict[str, Any]:
     rows = facts(model_name)
     unknown = sorted(set(never) - {r["topic"] for r in rows})
     if unknown:
@@ -94,11 +96,12 @@ def run(model_name: str, count: int, never: list[str], budgets: list[int], work:
     base, tokenizer = load_model(model_name)
     before = key_probability(base, tokenizer, rows)
     stack: list[Path] = []
-    result: dict[str, Any] = {"model": model_name, "never": never, "sizes": [len(p) for p in parts], "after": []}
+    result: dict[str, Any] = {"model": model_name, "never": never, "sizes": [len(p) for p in parts], "after": [],
+                              "settings": settings or {}}
     for k, part in enumerate(parts):
         start = time.perf_counter()
         path = forget(base, as_request(model_name, [rows[i] for i in part]), work / f"req-{k + 1:02d}",
-                      config=UndialConfig(disable_tqdm=True), stack=list(stack), tokenizer=tokenizer)
+                      config=UndialConfig(disable_tqdm=True, **(settings or {})), stack=list(stack), tokenizer=tokenizer)
         seconds = time.perf_counter() - start
         stack.append(path)
         manifest = read_manifest(path)
@@ -138,12 +141,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--never", nargs="+", default=None, help="topics no request asks (default: per model)")
     parser.add_argument("--budgets", type=int, nargs="*", default=[16, 32], help="--max-rank exports to measure")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="UndialConfig fields for every request, e.g. --set guard_weight=3 (values read as JSON)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="ten-requests-") as work:
-        result = run(args.model, args.requests, args.never or NEVER[args.model], args.budgets, Path(work))
+        settings = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
+        result = run(args.model, args.requests, args.never or NEVER[args.model], args.budgets, Path(work), settings)
     print(table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
