@@ -6,8 +6,8 @@ variant's peak memory is its own. Four sections, each printed as one table:
 step     one optimizer step on random token ids (batch 4; labels on the second half), per variant:
            lora_sft       plain LoRA SFT (r=8, all-linear): NLL from ``model(labels=...)``
            undial         `adapters.build_trainable` + `UndialTrainer.compute_loss` (fused head), live teacher
-           undial_heap    ``undial`` with glibc's adaptive mmap threshold (``cpu_mmap_threshold=0``), as
-                          before the trainer pinned it: the same step, freed buffers kept in the heap
+           undial_mmap    ``undial`` with glibc's mmap threshold pinned at 128 KiB (``cpu_mmap_threshold``):
+                          the same step, freed buffers returned to the OS (less memory, more page faults)
            undial_cached  the same reading the cached teacher (`teacher_cache`): a step from the second
                           epoch on; ``cache_s`` is the one teacher pass that fills the cache, paid once
            undial_full    live teacher with ``loss_chunk_size=0``: full (B, T, V) fp32 logits
@@ -98,7 +98,7 @@ def child_step(spec: dict[str, Any]) -> dict[str, Any]:
         model.to(device)
     with tempfile.TemporaryDirectory() as workdir:
         batch = random_batch(model.config.vocab_size, spec["batch"], spec["seq"], device)
-        step = build_step(spec["variant"], model, workdir, batch)
+        step = build_step(spec["variant"], model, workdir, batch, spec.get("cpu_mmap_threshold"))
         params = sum(p.numel() for p in step.trained.parameters() if p.requires_grad)
         settle()
         memory = PeakMemory(device)
@@ -440,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
+    parser.add_argument("--cpu-mmap-threshold", type=int, default=None,
+                        help="UndialConfig.cpu_mmap_threshold of the UNDIAL variants (default: its default, 0)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per child before it is killed")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--fit", type=Path, nargs="+", default=None,
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     loss_chunks = args.loss_chunks or ([1024] if quick else [1024, 256])
     warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     steps = args.steps if args.steps is not None else (2 if quick else 5)
-    common = {"threads": args.threads}
+    common = {"threads": args.threads, "cpu_mmap_threshold": args.cpu_mmap_threshold}
     checks: list[tuple[str, float | None, float]] = []
     raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,7 +27,8 @@ from harness import sync
 
 from undial_peft.training.teacher_cache import INDEX
 
-STEP_VARIANTS = ("lora_sft", "undial", "undial_heap", "undial_cached", "undial_full", "undial_gc", "undial_4bit",
+PINNED = 128 * 1024  # glibc's starting mmap threshold, pinned (`undial_peft.utils.cpu_memory`)
+STEP_VARIANTS = ("lora_sft", "undial", "undial_mmap", "undial_cached", "undial_full", "undial_gc", "undial_4bit",
                  "undial_4bit_gc", "reference")
 BATCH, BETA, LR = 4, 10.0, 1e-4
 
@@ -124,8 +125,8 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[s
     """One full training step of ``variant`` on ``batch`` (undial_cached: the cache is filled here, timed).
 
     ``cpu_mmap_threshold``: the UNDIAL variants' `UndialConfig.cpu_mmap_threshold` (None: its
-    default; 0: glibc's adaptive threshold, as before it was pinned). ``undial_heap`` is
-    ``undial`` with 0, to compare both in one run.
+    default, 0: glibc's adaptive threshold). ``undial_mmap`` is ``undial`` with it pinned at
+    128 KiB (`PINNED`), to compare both in one run.
     """
     from peft import get_peft_model
 
@@ -142,7 +143,7 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[s
         return Step(lambda b: peft_model(**b).loss, optimizer, peft_model)  # causal-LM NLL over (B, T, V) logits
     if variant.startswith("undial"):
         chunk = 0 if variant == "undial_full" else args.loss_chunk_size
-        threshold = 0 if variant == "undial_heap" else cpu_mmap_threshold
+        threshold = PINNED if variant == "undial_mmap" else cpu_mmap_threshold
         allocator = {} if threshold is None else {"cpu_mmap_threshold": threshold}
         args = UndialConfig(output_dir=workdir, beta=BETA, learning_rate=LR, loss_chunk_size=chunk,
                             teacher_cache="memory" if variant == "undial_cached" else "off", **allocator)
