@@ -306,5 +306,6 @@ def test_no_forget_text_on_disk_or_in_logs(interrupted):
 def test_manifest_holds_only_a_hash_of_the_data(interrupted):
     manifest = json.loads((interrupted.out / MANIFEST).read_text())
     assert manifest["data"] == {"hmac_sha256": data_digest(read_examples(interrupted.data)), "examples": 4,
-                                "key_id": key_id(), "retain_hmac_sha256": None}
+                                "key_id": key_id(), "retain_hmac_sha256": None,
+                                "guard_rows": 64}  # the default guard: a count of the teacher's answers, never text
     assert manifest["description"] is None
