@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +26,6 @@ from undial_peft.data.digests import data_digest, key_id
 from undial_peft.data.encoding import Collator, build_dataset, encode
 from undial_peft.data.prompt_format import PromptFormat
 from undial_peft.data.readers import DataSource, Example, read_examples
-from undial_peft.deploy import in_llama_cpp
-from undial_peft.deploy.gguf_export import base_architecture, base_gguf_path
 from undial_peft.deploy.manifest import Manifest, save_adapter, verify_stack
 from undial_peft.errors import OutputExistsError, UndialConfigError
 from undial_peft.evals.scoring import mean_answer_probability
@@ -39,7 +36,8 @@ from undial_peft.training.config import UndialConfig
 from undial_peft.training.guard import guard_rows
 from undial_peft.training.stopping import StopWhenForgotten
 from undial_peft.training.trainer import UndialTrainer
-from undial_peft.training.verify import describe_deployed, measure_llama_cpp, measure_served, served_copy, verdict
+from undial_peft.training.verify import (describe_deployed, in_llama_cpp, llama_cpp_base, measure_served, served_copy,
+                                         verdict)
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +97,7 @@ def forget(
     last = _last_checkpoint(checkpoints) if resume else None
     if resume and last is None:
         raise UndialConfigError(f"--resume: no checkpoint in {checkpoints}; run again without --resume (and with --save-steps N).")
-    base_gguf = _llama_cpp_base(model, config)  # refused before any weight is loaded
+    base_gguf = llama_cpp_base(model, config.verify)  # refused before any weight is loaded
     forget_rows = read_examples(data, "forget")
     retain_rows = read_examples(retain, "retain") if retain is not None else None
     if config.retain_weight > 0 and retain_rows is None:
@@ -151,7 +149,7 @@ def forget(
         if served is not None:  # finished on the served precision: that model holds the adapter to save
             peft_model = served
         if base_gguf is not None:
-            deployed = _in_llama_cpp(peft_model, base_gguf, len(stack), forget_features, config, deployed, stopper)
+            deployed = in_llama_cpp(peft_model, base_gguf, len(stack), forget_features, config, deployed, stopper)
         steps = result.global_step + ((deployed or {}).get("finish_steps") or 0)
 
         manifest = Manifest(
@@ -308,39 +306,6 @@ def _deployed(
     if figures["reached"] is False:
         logger.warning("%s", describe_deployed(figures))
     return figures, served
-
-
-def _llama_cpp_base(model: Any, config: UndialConfig) -> Path | None:
-    """The base GGUF that ``verify="llama.cpp"`` runs, checked up front; None without that check."""
-    if config.verify != "llama.cpp":
-        return None
-    base_gguf = base_gguf_path(model)
-    if base_gguf is None:
-        raise UndialConfigError("--verify llama.cpp runs the base GGUF: give the model as a .gguf file or a packaged "
-                                "alias (e.g. --model default), not a model directory or a loaded model.")
-    reason = in_llama_cpp.unavailable()
-    if reason is not None:
-        raise UndialConfigError(f"--verify llama.cpp: {reason}.")
-    base_architecture(model, base_gguf)  # an architecture the GGUF export does not map is refused here
-    return base_gguf
-
-
-def _in_llama_cpp(
-    trained: Any, base_gguf: Path, n_stack: int, features: Sequence[dict[str, list]], config: UndialConfig,
-    deployed: dict[str, Any] | None, stopper: StopWhenForgotten | None,
-) -> dict[str, Any]:
-    """The forget rows measured in llama.cpp (the stack and the new adapter as one GGUF LoRA file), with the
-    stopping target applied; added to ``deployed`` under ``llama_cpp``. A miss is reported, not trained on:
-    llama.cpp cannot train."""
-    with tempfile.TemporaryDirectory(prefix="undial-llama-cpp-") as work:
-        figures = measure_llama_cpp(trained, base_gguf, n_stack, features, work)
-    figures.update(verdict(figures, config.until_ratio, config.until_prob))
-    logger.info("%s", describe_deployed(figures))
-    if figures["reached"] is False:
-        logger.warning("%s", describe_deployed(figures))
-    if stopper is not None and stopper.outcome:
-        stopper.outcome["llama_cpp"] = figures  # the card and the CLI line read it from the outcome
-    return {**(deployed or {}), "llama_cpp": figures}
 
 
 def _encoded(

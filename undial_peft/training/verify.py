@@ -15,6 +15,7 @@ manifest (``deployed``) and never calls a target reached that the deployed form 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ import gguf
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from undial_peft.deploy import in_llama_cpp
-from undial_peft.deploy.gguf_export import gguf_architecture, gguf_lora_tensors, write_gguf_lora
+from undial_peft.deploy import in_llama_cpp as engine
+from undial_peft.deploy.gguf_export import (base_architecture, base_gguf_path, gguf_architecture, gguf_lora_tensors,
+                                            write_gguf_lora)
 from undial_peft.deploy.stack import concatenated_deltas
+from undial_peft.errors import UndialConfigError
 from undial_peft.models import load_model
 from undial_peft.training.adapters import NEW, adapter_state, build_trainable, stack_name
 from undial_peft.training.stopping import key_probabilities, stopping_target
@@ -104,8 +107,39 @@ def measure_llama_cpp(trained: Any, base_gguf: str | Path, n_stack: int, forget_
         return [write_gguf_lora(tensors, alpha, path, architecture=architecture)]
 
     earlier = [stack_name(i) for i in range(n_stack)]
-    rows = in_llama_cpp.rows_for_llama_cpp(forget_rows)
-    before = in_llama_cpp.key_probabilities(base_gguf, lora_file(earlier, Path(work) / "before.gguf"), rows)
-    after = in_llama_cpp.key_probabilities(base_gguf, lora_file([*earlier, NEW], Path(work) / "after.gguf"), rows)
+    rows = engine.rows_for_llama_cpp(forget_rows)
+    before = engine.key_probabilities(base_gguf, lora_file(earlier, Path(work) / "before.gguf"), rows)
+    after = engine.key_probabilities(base_gguf, lora_file([*earlier, NEW], Path(work) / "after.gguf"), rows)
     return {"form": f"llama.cpp, {Path(base_gguf).name}", "forget_before": sum(before) / len(before),
             "forget_after": sum(after) / len(after)}
+
+
+def llama_cpp_base(model: Any, verify: str) -> Path | None:
+    """The base GGUF that ``verify="llama.cpp"`` runs, checked up front; None without that check."""
+    if verify != "llama.cpp":
+        return None
+    base_gguf = base_gguf_path(model)
+    if base_gguf is None:
+        raise UndialConfigError("--verify llama.cpp runs the base GGUF: give the model as a .gguf file or a packaged "
+                                "alias (e.g. --model default), not a model directory or a loaded model.")
+    reason = engine.unavailable()
+    if reason is not None:
+        raise UndialConfigError(f"--verify llama.cpp: {reason}.")
+    base_architecture(model, base_gguf)  # an architecture the GGUF export does not map is refused here
+    return base_gguf
+
+
+def in_llama_cpp(
+    trained: Any, base_gguf: Path, n_stack: int, features: Sequence[dict[str, list]], config: Any,
+    deployed: dict[str, Any] | None, stopper: Any,
+) -> dict[str, Any]:
+    """The forget rows measured in llama.cpp (the stack and the new adapter as one GGUF LoRA file), with the
+    stopping target applied; added to ``deployed`` under ``llama_cpp``. A miss is reported, not trained on:
+    llama.cpp cannot train."""
+    with tempfile.TemporaryDirectory(prefix="undial-llama-cpp-") as work:
+        figures = measure_llama_cpp(trained, base_gguf, n_stack, features, work)
+    figures.update(verdict(figures, config.until_ratio, config.until_prob))
+    (logger.warning if figures["reached"] is False else logger.info)("%s", describe_deployed(figures))
+    if stopper is not None and stopper.outcome:
+        stopper.outcome["llama_cpp"] = figures  # the card and the CLI line read it from the outcome
+    return {**(deployed or {}), "llama_cpp": figures}
