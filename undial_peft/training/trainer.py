@@ -291,18 +291,20 @@ class UndialTrainer(Trainer):
             return L.nll_loss(model(**batch).logits, labels) * share  # (B, T, V) logits
         mask = L.shift_labels(labels) != L.IGNORE_INDEX  # (B, T)
         head = self.model.get_output_embeddings()
-        if self._plain_head():
-            # Logits only where the KL is taken: the answer positions, N of B x T (a prompt is most of a
-            # guard row; the full (B, T, V) logits and their backward cost several times more).
-            hidden = model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (B, T, H)
-            student = head(hidden[mask])  # (N, V)
-        else:
-            student = model(**batch).logits[mask]  # (N, V)
+        plain = self._plain_head()  # logits = lm_head(hidden), measured once
+        # Logits only where the KL is taken: the answer positions, N of B x T (a prompt is most of a guard
+        # row; the full (B, T, V) logits and their backward cost several times more).
+        answer = {"output_hidden_states": True, "logits_to_keep": 1} if plain else {}
+
+        def at_answers(out: Any) -> torch.Tensor:  # (N, V)
+            return head(out.hidden_states[-1][mask]) if plain else out.logits[mask]
+
+        student = at_answers(model(**batch, **answer))  # (N, V)
         cached = self._cached(self._cache_part("retain_hidden"), inputs, labels)  # (N, H)
         if cached is not None:
-            teacher = head(cached.to(head.weight.dtype))  # (N, V): logits = lm_head(hidden), measured in _plain_head
+            teacher = head(cached.to(head.weight.dtype))  # (N, V)
         else:
-            teacher = self._teacher(model, **batch).logits[mask]  # (N, V)
+            teacher = at_answers(self._teacher(model, **batch, **answer))  # (N, V), live teacher
         teacher_logp = teacher.float().log_softmax(-1)  # (N, V)
         student_logp = student.float().log_softmax(-1)  # (N, V)
         kl = torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
