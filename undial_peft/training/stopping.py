@@ -261,13 +261,11 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
     text += f"; target {outcome['target']:.3f})" if outcome.get("target") is not None else ")"
     if outcome.get("retain_before") is not None and outcome.get("retain_after") is not None:
         text += f"; retain probability {outcome['retain_before']:.3f} -> {outcome['retain_after']:.3f}"
-    if outcome.get("deployed", {}).get("forget_before") is not None:  # trained on another form than the one served
-        from undial_peft.training.verify import describe_deployed
+    # Measured on another form than the one trained: the full-precision base after --4bit, llama.cpp.
+    served = [outcome[k] for k in ("deployed", "llama_cpp") if outcome.get(k, {}).get("forget_before") is not None]
+    if served:
+        from undial_peft.training.verify import describe_deployed  # verify imports this module
 
-        text += f"; {describe_deployed(outcome['deployed'])}"
-    if outcome.get("llama_cpp", {}).get("forget_before") is not None:
-        from undial_peft.training.verify import describe_deployed
-
-        text += f"; {describe_deployed(outcome['llama_cpp'])}"
+        text += "".join(f"; {describe_deployed(figures)}" for figures in served)
     return text
 
