@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from two_models import _value, facts
+from two_models import facts, settings_from
 
 from undial_peft import UndialConfig, attach, forget
 from undial_peft.data.encoding import encode
@@ -148,8 +148,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="ten-requests-") as work:
-        settings = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
-        result = run(args.model, args.requests, args.never or NEVER[args.model], args.budgets, Path(work), settings)
+        result = run(args.model, args.requests, args.never or NEVER[args.model], args.budgets, Path(work),
+                     settings_from(args.set))
     print(table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

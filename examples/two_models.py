@@ -153,11 +153,19 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join([*align(lines), *keys])
 
 
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text  # a bare word: a string setting
+def settings_from(items: list[str]) -> dict[str, Any]:
+    """``--set`` items, FIELD=VALUE, as UndialConfig fields; values read as JSON, a bare word as a string.
+
+    >>> settings_from(["guard_weight=3", "guard=none"])
+    {'guard_weight': 3, 'guard': 'none'}
+    """
+    def value(text: str) -> Any:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    return {key: value(text) for key, text in (item.split("=", 1) for item in items)}
 
 
 def main() -> None:
@@ -172,8 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="two-models-") as work:
-        settings = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
-        results = {m: run(m, args.variants, Path(work), settings) for m in args.models}
+        results = {m: run(m, args.variants, Path(work), settings_from(args.set)) for m in args.models}
     print(table(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
