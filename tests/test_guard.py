@@ -15,7 +15,7 @@ from undial_peft.deploy.manifest import read_manifest
 from undial_peft.errors import UndialConfigError
 from undial_peft.tiny import tiny_llama, word_tokenizer
 from undial_peft.training import forget as forget_module
-from undial_peft.training.adapters import NEW, build_trainable, default_lora_config
+from undial_peft.training.adapters import NEW, adapter_state, build_trainable, default_lora_config
 from undial_peft.training.forget import forget
 from undial_peft.training.guard import guard_rows
 from undial_peft.training.trainer import UndialTrainer
@@ -142,24 +142,81 @@ def test_guard_is_skipped_with_user_retain_data(tiny_dir, facts, tmp_path, monke
     assert not calls and "guard_rows" not in manifest["data"] and manifest["hyperparameters"]["guard"] == "none"
 
 
-@pytest.mark.parametrize(("method", "expected"), [("undial", "bank"), ("npo", "none"), ("ga", "none")])
-def test_the_default_guard_is_the_bank_for_undial_only(tiny_dir, facts, tmp_path, monkeypatch, method, expected):
-    """Baselines run as published; UNDIAL without retain data gets the bank guard."""
+@pytest.mark.parametrize(("method", "expected"), [("undial", "neighbours"), ("npo", "none"), ("ga", "none")])
+def test_the_default_guard_is_neighbours_for_undial_only(tiny_dir, facts, tmp_path, monkeypatch, method, expected):
+    """Baselines run as published; UNDIAL without retain data gets the neighbours guard."""
     calls = []
     real = forget_module.guard_rows
     monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     path = forget(tiny_dir, facts[:4], tmp_path / method, config=_settings(method=method, guard_rows=8))
     manifest = read_manifest(path)
     assert manifest["hyperparameters"]["guard"] == expected
-    assert bool(calls) == (expected == "bank")
-    assert ("guard_rows" in manifest["data"]) == (expected == "bank")
+    assert bool(calls) == (expected == "neighbours")
+    assert ("guard_rows" in manifest["data"]) == (expected == "neighbours")
 
 
 def test_an_epoch_run_keeps_its_epoch_at_the_forget_rows(tiny_dir, facts, tmp_path):
     """Guard rows pair with forget rows: 64 of them must not stretch a fixed-epoch run 16-fold."""
     config = UndialConfig(max_steps=-1, num_train_epochs=2, until_ratio=None, auto_key=False, seed=0,
-                          per_device_train_batch_size=4, disable_tqdm=True, guard="bank")
+                          per_device_train_batch_size=4, disable_tqdm=True, guard="neighbours")
     path = forget(tiny_dir, facts[:4], tmp_path / "epochs", config=config)
     manifest = read_manifest(path)
     assert manifest["data"]["guard_rows"] == 4
     assert manifest["metrics"]["steps"] == 2  # 4 rows, batch 4, 2 epochs
+
+
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_a_guard_anchored_on_the_base_takes_its_kl_against_the_base_not_the_stack(tiny_dir, facts, tmp_path, cache):
+    from conftest import random_adapters
+    from peft import LoraConfig
+
+    from undial_peft.data.encoding import Collator, build_dataset
+    from undial_peft.models import load_model
+
+    stack = random_adapters(tiny_dir, tmp_path, [LoraConfig(r=4, target_modules=["q_proj", "v_proj"])])
+    base, tokenizer = load_model(tiny_dir)
+    model = build_trainable(base, default_lora_config(), stack)
+    rows = [Example(f["question"], f["answer"]) for f in facts]
+    dataset = build_dataset(tokenizer, rows[:4], rows[4:8], max_length=64)
+    args = _settings(retain_loss="kl", retain_weight=1.0, teacher_cache=cache, output_dir=str(tmp_path / "ckpt"))
+    losses = {}
+    for anchor in (None, []):  # the stack (default), the base
+        trainer = UndialTrainer(model=model, args=args, train_dataset=dataset, stack=["stack_0"], retain_teacher=anchor,
+                                data_collator=Collator(tokenizer.pad_token_id))
+        trainer.teacher_cache = trainer._build_teacher_cache()
+        trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this test skips
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            losses["stack" if anchor is None else "base"] = trainer._retain_loss(model, batch).item()
+    # Reference: KL(base || stack) at the retain answer positions, from full logits (NEW is still zero).
+    retain = {"input_ids": batch["retain_input_ids"], "attention_mask": batch["retain_attention_mask"]}
+    mask = batch["retain_labels"][:, 1:] != -100  # (B, T-1): positions predicting an answer token
+    with torch.no_grad():
+        with adapter_state(model, active=[]):
+            teacher = model(**retain).logits[:, :-1][mask].double().log_softmax(-1)  # (N, V)
+        student = model(**retain).logits[:, :-1][mask].double().log_softmax(-1)  # (N, V)
+    reference = (teacher.exp() * (teacher - student)).sum().item() / mask.sum().item()
+    assert losses["stack"] == pytest.approx(0.0, abs=1e-6)  # student = stack + a zero adapter
+    assert losses["base"] == pytest.approx(reference, rel=1e-4) and reference > 1e-4
+
+
+def test_a_base_anchored_guard_leaves_out_answers_the_stack_forgot_on_purpose(monkeypatch):
+    from undial_peft.training import guard as guard_module
+
+    model, tokenizer = _bank_model(chat=False)
+    rows = [Example(BANK[i]["stub"], " x") for i in range(3)]
+    per_token = {  # per row: answer-token probabilities under the base, then under the stack
+        "base": [[0.9, 0.8], [0.9, 0.8], [0.5, 0.5]],
+        "stack": [[0.45, 0.8], [0.9, 0.08], [0.5, 0.16]],  # 0.5x (drift: kept), 0.1x (forgotten), 0.32x (kept)
+    }
+    calls = []
+
+    def answer_logprobs(model, features, pad):
+        name = "base" if not calls else "stack"
+        calls.append(name)
+        return [torch.tensor(p).log() for p in per_token[name]]
+
+    monkeypatch.setattr(guard_module, "_answer_logprobs", answer_logprobs)
+    kept = guard_module.drop_forgotten(model, tokenizer, rows, "completion", stack=["stack_0"])
+    assert kept == [rows[0], rows[2]] and calls == ["base", "stack"]
+    assert guard_module.drop_forgotten(model, tokenizer, rows, "completion", stack=[]) == rows and len(calls) == 2

@@ -63,8 +63,8 @@ class MethodSpec:
     beta: float = 10.0
     retain_weight: float = 0.0
     auto_key: bool = False  # UNDIAL: find each row's key tokens with the teacher (rows here name no key)
-    # "none": the method as published, as the recorded tables ran it; "bank": UNDIAL with forget's
-    # default guard (the teacher's answers to the shipped prompt bank, training/guard.py)
+    # "none": the method as published, as the recorded tables ran it; "neighbours": UNDIAL with forget's
+    # default guard (the teacher's answers to the request's neighbours and the shipped bank, training/guard.py)
     guard: str = "none"
 
     def config(self, **common: Any) -> Any:
@@ -137,7 +137,7 @@ REAL_METHODS = (
     MethodSpec("undial", "undial"),
     MethodSpec("undial auto-key", "undial", auto_key=True),
     MethodSpec("undial auto-key +rt", "undial", retain_weight=1.0, auto_key=True),
-    MethodSpec("undial auto-key +guard", "undial", auto_key=True, guard="bank"),  # forget's defaults
+    MethodSpec("undial auto-key +guard", "undial", auto_key=True, guard="neighbours"),  # forget's defaults
     MethodSpec("ga", "ga"),
     MethodSpec("graddiff", "graddiff", retain_weight=1.0),
     MethodSpec("npo", "npo"),

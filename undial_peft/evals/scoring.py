@@ -150,9 +150,11 @@ def greedy_new_ids(
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 8,
+    sample_top_p: float | None = None,
 ) -> list[list[int]]:
     """The greedy new token ids after each prompt (left-padded batches; a row that ended early is
-    followed by pad ids, which decoding with ``skip_special_tokens`` drops).
+    followed by pad ids, which decoding with ``skip_special_tokens`` drops). ``sample_top_p`` samples
+    instead, from that nucleus, with torch's global RNG (seed it for a repeatable draw).
 
     For callers that decode themselves, e.g. to keep the leading space of a completion answer,
     which some tokenizers drop when the new tokens are decoded alone.
@@ -171,7 +173,8 @@ def greedy_new_ids(
                     input_ids=input_ids,
                     attention_mask=attention,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
+                    do_sample=sample_top_p is not None,
+                    **({"top_p": sample_top_p, "top_k": 0} if sample_top_p is not None else {}),
                     pad_token_id=pad,
                 )  # (B, T + new)
                 out.extend(generated[:, width:].tolist())

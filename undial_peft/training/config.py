@@ -21,7 +21,8 @@ METHODS = ("undial", "ga", "graddiff", "npo")
 RETAIN_LOSSES = ("nll", "kl")
 TEACHER_CACHES = ("auto", "memory", "disk", "off")
 VERIFY = ("none", "llama.cpp")  # engines a new adapter can be measured in after training
-GUARDS = ("auto", "none", "bank")  # what training/guard.py can add when the user holds no retain set
+GUARDS = ("auto", "none", "bank", "neighbours")
+GUARD_TEACHERS = ("stack", "base")  # what training/guard.py can add when the user holds no retain set
 
 
 @dataclass
@@ -71,10 +72,15 @@ class UndialConfig(TrainingArguments):
     # A guard without retain data (training/guard.py): the teacher's answers to shipped prompts, kept by KL.
     guard: str = field(default="auto", metadata={"help": (
         f"Without retain data, what to keep: one of {GUARDS}. bank: the teacher's greedy answers to a shipped bank of "
-        "factual prompts across many relations, trained as a KL retain term (no retain watch). auto: bank for UNDIAL, "
+        "factual prompts across many relations, trained as a KL retain term (no retain watch). neighbours: the bank and, "
+        "ahead of it, the request's own prompts about other subjects the teacher names. auto: neighbours for UNDIAL, "
         "none for the baselines (GA, GradDiff, NPO run as published). Skipped with --retain.")})
     guard_weight: float = field(default=1.0, metadata={"help": "Weight of the guard's KL term (the retain weight for guard rows)."})
-    guard_rows: int = field(default=64, metadata={"help": "Bank prompts the guard asks the teacher (round-robin over relations)."})
+    guard_rows: int = field(default=64, metadata={"help": "Bank prompts the guard asks the teacher (round-robin over relations); neighbours add up to as many."})
+    guard_teacher: str = field(default="stack", metadata={"help": (
+        f"Whose answers the guard keeps: one of {GUARD_TEACHERS}. stack: the model as deployed before this request "
+        "(the earlier adapters on). base: the base model alone, so the guard also pulls back drift earlier requests "
+        "caused; answers the stack forgot on purpose are left out (training/guard.py, drop_forgotten).")})
     verify_deployed: bool = field(default=True, metadata={"help": (
         "After a 4-bit run, measure the forget set on the full-precision base it is served on (loads it once) and "
         "record it; a target met only on the 4-bit model is then reported as missed.")})
@@ -116,17 +122,17 @@ class UndialConfig(TrainingArguments):
         super().__post_init__()
 
     def resolved_guard(self, has_retain: bool) -> str:
-        """The guard this run trains: "bank" or "none" (``auto``: bank for UNDIAL without retain data).
+        """The guard this run trains: "bank", "neighbours" or "none" (``auto``: neighbours for UNDIAL without retain data).
 
         >>> UndialConfig().resolved_guard(False), UndialConfig(method="npo").resolved_guard(False)
-        ('bank', 'none')
+        ('neighbours', 'none')
         >>> UndialConfig(guard="bank").resolved_guard(True)
         'none'
         """
         if has_retain or self.guard == "none":
             return "none"  # the user's retain data says better what to keep
         if self.guard == "auto":
-            return "bank" if self.method == "undial" else "none"
+            return "neighbours" if self.method == "undial" else "none"
         return self.guard
 
     def _check(self) -> None:
@@ -172,6 +178,8 @@ class UndialConfig(TrainingArguments):
             raise bad("guard", f"choose one of {GUARDS}")
         if not (math.isfinite(self.guard_weight) and self.guard_weight > 0):
             raise bad("guard_weight", "use a finite value > 0 (guard='none' turns the guard off)")
+        if self.guard_teacher not in GUARD_TEACHERS:
+            raise bad("guard_teacher", f"choose one of {GUARD_TEACHERS}")
         if self.guard_rows < 1:
             raise bad("guard_rows", "ask at least 1 bank prompt (64 by default)")
         if self.max_length < 2:

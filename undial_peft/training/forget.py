@@ -33,11 +33,17 @@ from undial_peft.models import base_identity, load_model, source_name
 from undial_peft.training.adapters import NEW, adapter_state, build_trainable, default_lora_config, stack_name
 from undial_peft.training.answer_keys import KeyRule, auto_key_weights
 from undial_peft.training.config import UndialConfig
-from undial_peft.training.guard import guard_rows
+from undial_peft.training.guard import drop_forgotten, guard_rows
 from undial_peft.training.stopping import StopWhenForgotten
 from undial_peft.training.trainer import UndialTrainer
-from undial_peft.training.verify import (describe_deployed, in_llama_cpp, llama_cpp_base, measure_served, served_copy,
-                                         verdict)
+from undial_peft.training.verify import (
+    describe_deployed,
+    in_llama_cpp,
+    llama_cpp_base,
+    measure_served,
+    served_copy,
+    verdict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +145,7 @@ def forget(
             train_dataset=dataset,
             data_collator=Collator(tokenizer.pad_token_id),
             stack=teacher,
+            retain_teacher=[] if guard and config.guard_teacher == "base" else None,
             callbacks=[stopper] if stopper else None,
         )
         result = trainer.train(resume_from_checkpoint=last)
@@ -245,7 +252,12 @@ def _guard(
     # A run measured in epochs keeps its epoch at the forget rows: one guard row per forget row.
     size = config.guard_rows if config.max_steps > 0 else min(config.guard_rows, len(forget_rows))
     start = time.perf_counter()
-    rows = guard_rows(model, tokenizer, config.prompt_format, forget_rows, teacher, size=size)
+    anchor = [] if config.guard_teacher == "base" else teacher
+    rows = guard_rows(model, tokenizer, config.prompt_format, forget_rows, anchor, size=size,
+                      neighbours=config.guard == "neighbours")
+    if config.guard_teacher == "base":
+        rows = drop_forgotten(model, tokenizer, rows, config.prompt_format, teacher, config.max_length)
+    rows = rows if config.max_steps > 0 else rows[:size]  # neighbours come on top of the bank's `size`
     if rows:
         logger.info("guard=%s: %d teacher answers kept by KL (weight %s), answered in %.1f s", config.guard, len(rows),
                     config.guard_weight, time.perf_counter() - start)
@@ -358,7 +370,7 @@ def _hyperparameters(config: UndialConfig, lora: LoraConfig) -> dict[str, Any]:
     keys = ("beta", "npo_beta", "forget_weight", "retain_weight", "retain_loss", "learning_rate", "num_train_epochs",
             "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
             "until_ratio", "until_prob", "check_every", "max_retain_drop", "max_retain_rows", "auto_key",
-            "auto_key_threshold", "guard", "guard_weight", "guard_rows", "verify")
+            "auto_key_threshold", "guard", "guard_weight", "guard_rows", "guard_teacher", "verify")
     targets = lora.target_modules
     return {
         **{key: getattr(config, key) for key in keys},

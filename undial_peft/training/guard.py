@@ -15,19 +15,30 @@ Example(prompt='What is the capital of Peru?', answer='The capital of Peru is Li
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from undial_peft.data.encoding import Collator, encode
 from undial_peft.data.packaged import guard_bank
 from undial_peft.data.prompt_format import CHAT, FormatSpec, PromptFormat
 from undial_peft.data.readers import Example
 from undial_peft.evals.scoring import greedy_new_ids
 from undial_peft.training.adapters import adapter_state
+from undial_peft.training.loss import token_logprobs
+from undial_peft.training.neighbours import neighbour_prompts
+from undial_peft.utils.modes import model_mode
 
 logger = logging.getLogger(__name__)
 
 NEW_TOKENS = 16  # a short fact and its sentence; longer answers drift into text no one asked to keep
+# A guard anchored on the base drops answers the stack holds a token of at < 0.3x the base's probability:
+# an earlier request forgot it on purpose (each request stops at <= 0.2x of its key). Drift nobody asked
+# for stays above it (0.5-0.9x of a never-asked topic's key after ten requests, docs/stacks.md).
+FORGOTTEN = 0.3
 
 
 def guard_rows(
@@ -38,8 +49,12 @@ def guard_rows(
     teacher_adapters: Sequence[str],
     size: int = 64,
     new_tokens: int = NEW_TOKENS,
+    neighbours: bool = False,
 ) -> list[Example]:
-    """Up to ``size`` bank prompts in the request's format, each with the teacher's greedy answer.
+    """Up to ``size`` prompts in the request's format, each with the teacher's greedy answer.
+
+    With ``neighbours``, up to ``size`` more: the request's own prompts about other subjects
+    (training/neighbours.py), ahead of the bank's.
 
     Chat formats ask the bank's ``question``; completion and template formats its ``stub``
     (rendered by the format when encoded), and their answers are cut at the first newline and keep
@@ -66,18 +81,23 @@ def guard_rows(
     if len(kept) < len(bank):
         logger.info("guard: %d of %d bank prompts left out: they ask about what this request forgets",
                     len(bank) - len(kept), len(bank))
-    chosen = _round_robin(kept, size)
-    prompts = [row[field] for row in chosen]
+    near = []
+    if neighbours:
+        asked = [row.prompt for row in forget_rows if row.prompt is not None]
+        avoid = [f"{row.prompt or ''} {row.answer}" for row in forget_rows]
+        near = neighbour_prompts(model, tokenizer, asked, teacher_adapters, avoid, size=size)
+        logger.info("guard: %d neighbour prompts (the request's templates, subjects the teacher named)", len(near))
+    prompts = near + [row[field] for row in _round_robin(kept, size)]
     ids = [fmt.prompt_ids(tokenizer, prompt) for prompt in prompts]
     with adapter_state(model, active=list(teacher_adapters)):
         generated = greedy_new_ids(model, tokenizer, ids, max_new_tokens=new_tokens, batch_size=16)
     rows = []
-    for prompt, prompt_ids, new in zip(prompts, ids, generated):
+    for i, (prompt, prompt_ids, new) in enumerate(zip(prompts, ids, generated)):
         answer = _answer_text(tokenizer, prompt_ids, new, chat=fmt.kind == CHAT)
         if answer.strip():
-            rows.append(Example(prompt, answer, where="guard bank"))
-    if len(rows) < len(chosen):
-        logger.info("guard: %d bank prompts skipped: the teacher's answer was empty", len(chosen) - len(rows))
+            rows.append(Example(prompt, answer, where="guard neighbours" if i < len(near) else "guard bank"))
+    if len(rows) < len(prompts):
+        logger.info("guard: %d prompts skipped: the teacher's answer was empty", len(prompts) - len(rows))
     return rows
 
 
@@ -122,3 +142,40 @@ def _answer_text(tokenizer: Any, prompt_ids: list[int], new: list[int], chat: bo
     whole = tokenizer.decode(prompt_ids + new, skip_special_tokens=True)
     text = whole[len(head):] if whole.startswith(head) else tokenizer.decode(new, skip_special_tokens=True)
     return text.split("\n")[0].rstrip()
+
+
+def drop_forgotten(
+    model: Any, tokenizer: Any, rows: Sequence[Example], prompt_format: FormatSpec, stack: Sequence[str],
+    max_length: int = 512,
+) -> list[Example]:
+    """``rows`` (answered by the base) without those the ``stack`` of earlier requests forgot on purpose.
+
+    A guard anchored on the base pulls the student to the base's answers; on a fact an earlier
+    request forgot, that would undo the request. Such a row has an answer token the stack gives less
+    than ``FORGOTTEN`` x the base's probability. Without a stack there is nothing to drop.
+    >>> drop_forgotten(peft_model, tokenizer, rows, "chat", stack=["stack_0"])  # doctest: +SKIP
+    """
+    if not stack or not rows:
+        return list(rows)
+    fmt = PromptFormat.resolve(prompt_format, tokenizer)
+    features = [encode(tokenizer, row, max_length, fmt) for row in rows]
+    with adapter_state(model, active=[]):
+        base = _answer_logprobs(model, features, tokenizer.pad_token_id)
+    with adapter_state(model, active=list(stack)):
+        stacked = _answer_logprobs(model, features, tokenizer.pad_token_id)
+    kept = [row for row, b, s in zip(rows, base, stacked) if (s - b).min() >= math.log(FORGOTTEN)]
+    if len(kept) < len(rows):
+        logger.info("guard: %d of %d rows left out: the stack forgot them on purpose", len(rows) - len(kept), len(rows))
+    return kept
+
+
+def _answer_logprobs(model: Any, features: Sequence[dict[str, list]], pad_token_id: int) -> list[torch.Tensor]:
+    """Per row, the log-probability of each answer token: (A_i,) tensors."""
+    collate, out = Collator(pad_token_id), []
+    with model_mode(model), torch.no_grad():
+        for start in range(0, len(features), 16):
+            batch = collate(list(features[start : start + 16]))
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+            logp, mask = token_logprobs(logits, batch["labels"])  # (B, T), (B, T)
+            out.extend(row[m].float().cpu() for row, m in zip(logp, mask))
+    return out

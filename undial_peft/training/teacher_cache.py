@@ -145,8 +145,12 @@ def build(
     folder: Path,
     batch_size: int,
     device: torch.device,
+    retain_teacher: Teacher | None = None,
 ) -> tuple[TeacherCache | None, str]:
     """One teacher pass over ``dataset`` in order, filling what ``needs`` names.
+
+    ``retain_teacher`` answers the retain rows where it is another model than ``teacher`` (a guard
+    anchored on the base, without the stack).
 
     ``needs`` holds "hidden" (forget hidden states), "logprob" (forget sequence log-prob) and/or
     "retain_hidden". Returns (cache, where) or (None, why not): storage is chosen once the first
@@ -167,8 +171,10 @@ def build(
             keep = {} if "logprob" in needs else {"logits_to_keep": 1}  # NPO reads full logits
             outputs[""] = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **hidden_too, **keep)
         if "retain_hidden" in needs:
-            outputs["retain_"] = teacher(input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"],
-                                         output_hidden_states=True, logits_to_keep=1)
+            outputs["retain_"] = (retain_teacher or teacher)(
+                input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"],
+                output_hidden_states=True, logits_to_keep=1,
+            )
         if start == 0:  # storage decided from the real hidden size and dtype
             storage, where = _storage(counts, needs, outputs, len(dataset), mode, folder)
             if storage is None:

@@ -58,10 +58,14 @@ class UndialTrainer(Trainer):
 
     args: UndialConfig
 
-    def __init__(self, *args: Any, stack: Sequence[str] = (), **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, stack: Sequence[str] = (), retain_teacher: Sequence[str] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._check_data_parallel()
         self.stack = list(stack)  # adapter names active in the teacher
+        # ... and in the retain term's teacher: the same stack, or [] for a guard anchored on the base
+        self.retain_stack = self.stack if retain_teacher is None else list(retain_teacher)
         # compute_loss normalises by num_items_in_batch (tokens) or by the accumulated number of
         # sequences itself, so the Trainer must not divide by the accumulation steps again.
         self.loss_is_scaled_for_ga = True
@@ -103,9 +107,11 @@ class UndialTrainer(Trainer):
             )
 
     # --- forward passes -------------------------------------------------------------------
-    def _teacher(self, model: torch.nn.Module, **batch: Any) -> Any:
-        """The model as deployed before this request: stack on, new adapter off, no grad."""
-        with torch.no_grad(), adapter_state(self.model, active=self.stack):
+    def _teacher(self, model: torch.nn.Module, active: Sequence[str] | None = None, **batch: Any) -> Any:
+        """The model as deployed before this request: stack on, new adapter off, no grad.
+
+        ``active`` names other adapters instead (the retain term's teacher, ``retain_stack``)."""
+        with torch.no_grad(), adapter_state(self.model, active=self.stack if active is None else list(active)):
             return model(**batch)
 
     def _plain_head(self) -> bool:
@@ -222,7 +228,7 @@ class UndialTrainer(Trainer):
                 cache, where = teacher_cache.build(
                     dataset, collate.inner, lambda **b: self._teacher(self.model, **b), needs,
                     self.args.teacher_cache, Path(self.args.output_dir), self.args.per_device_train_batch_size,
-                    self.args.device,
+                    self.args.device, retain_teacher=lambda **b: self._teacher(self.model, self.retain_stack, **b),
                 )
             if cache is None:
                 why.append(where)
@@ -304,7 +310,7 @@ class UndialTrainer(Trainer):
         if cached is not None:
             teacher = head(cached.to(head.weight.dtype))  # (N, V)
         else:
-            teacher = at_answers(self._teacher(model, **batch, **answer))  # (N, V), live teacher
+            teacher = at_answers(self._teacher(model, self.retain_stack, **batch, **answer))  # (N, V), live teacher
         teacher_logp = teacher.float().log_softmax(-1)  # (N, V)
         student_logp = student.float().log_softmax(-1)  # (N, V)
         kl = torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")

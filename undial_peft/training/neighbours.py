@@ -1,0 +1,140 @@
+"""Neighbour prompts: the request's own questions about other subjects, the subjects named by the teacher.
+
+What a forget request erodes most is the same relation about other entities: forget eight chemical
+symbols and the model loses the ninth. The keep signal that says "these subjects, not this relation"
+is the request's own template with other subjects in it, answered by the teacher. Nothing here needs
+data from the user:
+
+1. `templates` finds the slot the forget prompts share: two prompts that differ in one span
+   ("What is the chemical symbol for silver?" / "... for sodium?") give the template
+   ("What is the chemical symbol for ", "?") and the subjects "silver", "sodium".
+2. `named_subjects` asks the teacher to continue the list of those subjects as plain text, one per
+   line ("silver\nsodium\n" -> "calcium\nmagnesium\n..."), sampled a few times, and keeps the new
+   names, never one that appears in a forget row.
+3. `neighbour_prompts` fills each template with them. training/guard.py has the teacher answer them.
+
+Prompts whose template no other forget prompt shares get no neighbours (the shipped bank still guards them).
+
+>>> templates(["What is the capital of France?", "What is the capital of Peru?", "Who wrote Hamlet?"])
+{('What is the capital of ', '?'): ['France', 'Peru']}
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from undial_peft.evals.scoring import greedy_new_ids
+from undial_peft.training.adapters import adapter_state
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+MIN_SHARED = 2  # words and marks a template keeps besides its slot: "for X?" is a template, "X?" is not
+LIST_TOKENS = 32  # new tokens per listing: about ten short names
+TOP_P = 0.9  # nucleus of the listing samples: names the teacher finds likely, not its long tail
+SAMPLES = 8  # listings per template, each starting from the subjects in another order
+MAX_WORDS = 4  # a longer list item is a sentence, not a subject
+
+
+def templates(prompts: Sequence[str]) -> dict[tuple[str, str], list[str]]:
+    """The (prefix, suffix) slots two or more prompts share, each with the subjects that fill it.
+
+    A prompt's template is the longest (most shared words and marks) it has with any other prompt;
+    prompts sharing it are grouped. Spacing is kept, so ``prefix + subject + suffix`` is the prompt.
+    >>> templates(["The opposite of hot is", "The opposite of up is"])
+    {('The opposite of ', ' is'): ['hot', 'up']}
+    """
+    spans = [[m.span() for m in _TOKEN.finditer(p)] for p in prompts]
+    words = [[p[a:b] for a, b in s] for p, s in zip(prompts, spans)]
+    best: dict[int, tuple[int, tuple[str, str], str]] = {}
+    for i in range(len(prompts)):
+        for j in range(len(prompts)):
+            if i == j or prompts[i] == prompts[j]:
+                continue
+            head = _shared(words[i], words[j])
+            tail = _shared(words[i][head:][::-1], words[j][head:][::-1])
+            if head + tail < MIN_SHARED or head + tail >= min(len(words[i]), len(words[j])):
+                continue  # too little shared, or no slot left in one of them
+            start, end = spans[i][head][0], spans[i][len(words[i]) - tail - 1][1]
+            found = (head + tail, (prompts[i][:start], prompts[i][end:]), prompts[i][start:end])
+            if i not in best or found[0] > best[i][0]:
+                best[i] = found
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for _, template, subject in (best[i] for i in sorted(best)):
+        if subject not in grouped.setdefault(template, []):
+            grouped[template].append(subject)
+    return {template: subjects for template, subjects in grouped.items() if len(subjects) >= 2}
+
+
+def named_subjects(
+    model: Any, tokenizer: Any, subjects: Sequence[str], teacher_adapters: Sequence[str], avoid: Sequence[str],
+    samples: int = SAMPLES, new_tokens: int = LIST_TOKENS, seed: int = 0,
+) -> list[str]:
+    """More names of the kind ``subjects`` are, as the teacher lists them after them, none found in ``avoid``.
+
+    The teacher reads the subjects one per line as plain text (no chat template: every model continues
+    a list), each sample starting from another rotation of them. Sampled, not greedy: a small model's
+    greedy list repeats its input; a fixed seed, under a forked RNG, keeps the result deterministic and
+    the caller's random state untouched. Items are split at line breaks and commas and kept when they
+    are 1-4 words with a letter, new (case ignored), and absent, as words, from every ``avoid`` text
+    (the forget rows).
+    >>> named_subjects(model, tok, ["silver", "sodium"], [], avoid=["silver is Ag"])  # doctest: +SKIP
+    ['potassium', 'calcium', 'magnesium']
+    """
+    seen = {_fold(s) for s in subjects}
+    text = _fold(" ".join(avoid))
+    prompts = []
+    for k in range(samples):
+        rotated = list(subjects[k % len(subjects):]) + list(subjects[: k % len(subjects)])
+        prompts.append(tokenizer("\n".join(rotated) + "\n", add_special_tokens=True).input_ids)
+    with adapter_state(model, active=list(teacher_adapters)), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generated = greedy_new_ids(model, tokenizer, prompts, max_new_tokens=new_tokens, batch_size=samples,
+                                   sample_top_p=TOP_P)
+    names = []
+    for new in generated:
+        # Markup a tokenizer does not mark as special ("<start_of_image>") separates items too; the
+        # last item is dropped, as the token budget may have cut it ("Copper (II").
+        for item in re.split(r"[\n,;]|<[^<>]*>", tokenizer.decode(new, skip_special_tokens=True))[:-1]:
+            item = re.sub(r"^(and|or)\s+", "", item.strip()).strip(".:!?\"'()*-")
+            key = _fold(item)
+            if (not key or key in seen or len(item.split()) > MAX_WORDS or not re.search(r"[^\W\d_]", item)
+                    or re.search(rf"\b{re.escape(key)}\b", text)):
+                continue
+            seen.add(key)
+            names.append(item)
+    return names
+
+
+def neighbour_prompts(
+    model: Any, tokenizer: Any, prompts: Sequence[str], teacher_adapters: Sequence[str], avoid: Sequence[str],
+    size: int,
+) -> list[str]:
+    """Up to ``size`` prompts: each template of ``prompts`` filled with subjects the teacher names.
+
+    Templates take turns, so a request of several relations guards each of them.
+    >>> neighbour_prompts(model, tok, ["The opposite of hot is", "The opposite of up is"], [],
+    ...                   avoid=["The opposite of hot is cold."], size=2)  # doctest: +SKIP
+    ['The opposite of big is', 'The opposite of fast is']
+    """
+    filled = []
+    for (prefix, suffix), subjects in templates(prompts).items():
+        names = named_subjects(model, tokenizer, subjects, teacher_adapters, avoid)
+        filled.append([f"{prefix}{name}{suffix}" for name in names])
+    order = [group[i] for i in range(max(map(len, filled), default=0)) for group in filled if i < len(group)]
+    return order[:size]
+
+
+def _shared(a: Sequence[str], b: Sequence[str]) -> int:
+    """How many leading items ``a`` and ``b`` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _fold(text: str) -> str:
+    """Lower case, single spaces: how names are compared."""
+    return " ".join(text.casefold().split())
