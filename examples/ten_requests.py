@@ -10,8 +10,9 @@ measured: the hand key's probability (x its value before any request) of every r
 of every never-asked topic. At the end the stack is exported as ONE adapter, exactly and with
 ``--max-rank`` 16 and 32 (SVD), and each export is measured the same way.
 
-    python examples/ten_requests.py --model default --out runs/ten-smollm2.json       # ~15 min on 2 cores
-    python examples/ten_requests.py --model gemma3-270m --out runs/ten-gemma.json
+    python examples/ten_requests.py --model default --out runs/ten-smollm2.json       # ~25 min on 2 cores
+    python examples/ten_requests.py --model gemma3-270m --out runs/ten-gemma.json     # ~30 min
+    python examples/ten_requests.py --model default --set guard_teacher=base         # the guard anchored on the base
     python examples/ten_requests.py --model default --requests 3 --budgets            # a short check
     python examples/ten_requests.py --model gemma3-270m --set guard_weight=3          # another setting
 
