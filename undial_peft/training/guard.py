@@ -4,8 +4,10 @@ Forgetting a request without retain data erodes facts nobody asked about, mostly
 relation (forget four capitals and the other capitals lose probability). The teacher, the model as
 deployed before this request, already knows what to keep: `guard_rows` asks it a small bank of
 factual prompts across many relations (``undial_peft/data/guard_bank.jsonl``, shipped without
-answers) and returns its greedy answers as question/answer rows. `forget` trains on them as a KL
-retain term (``guard="bank"``), so the student is pulled back to the teacher on those answers.
+answers) and returns its greedy answers as question/answer rows; with ``neighbours`` also the
+request's own prompts about other subjects (training/neighbours.py), the default. `forget` trains on
+them as a KL retain term, so the student is pulled back to the teacher on those answers. A guard
+anchored on the base (``guard_teacher="base"``) drops what the stack forgot on purpose (`drop_forgotten`).
 
 >>> rows = guard_rows(peft_model, tokenizer, "chat", forget_rows, teacher_adapters=[], size=4)  # doctest: +SKIP
 >>> rows[0]  # doctest: +SKIP
