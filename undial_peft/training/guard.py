@@ -24,15 +24,14 @@ from typing import Any
 
 import torch
 
-from undial_peft.data.encoding import Collator, encode
+from undial_peft.data.encoding import encode
 from undial_peft.data.packaged import guard_bank
 from undial_peft.data.prompt_format import CHAT, FormatSpec, PromptFormat
 from undial_peft.data.readers import Example
 from undial_peft.evals.scoring import greedy_new_ids
 from undial_peft.training.adapters import adapter_state
-from undial_peft.training.loss import token_logprobs
 from undial_peft.training.neighbours import neighbour_prompts
-from undial_peft.utils.modes import model_mode
+from undial_peft.training.stopping import answer_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +172,5 @@ def drop_forgotten(
 
 def _answer_logprobs(model: Any, features: Sequence[dict[str, list]], pad_token_id: int) -> list[torch.Tensor]:
     """Per row, the log-probability of each answer token: (A_i,) tensors."""
-    collate, out = Collator(pad_token_id), []
-    with model_mode(model), torch.no_grad():
-        for start in range(0, len(features), 16):
-            batch = collate(list(features[start : start + 16]))
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-            logp, mask = token_logprobs(logits, batch["labels"])  # (B, T), (B, T)
-            out.extend(row[m].float().cpu() for row, m in zip(logp, mask))
-    return out
+    return [row[m].float().cpu() for _, logp, mask in answer_logprobs(model, features, pad_token_id)
+            for row, m in zip(logp, mask)]

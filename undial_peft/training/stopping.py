@@ -25,7 +25,7 @@ answer so far as context; the set's figure is the mean over rows.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -48,18 +48,30 @@ def key_probabilities(model: torch.nn.Module, rows: Features, pad_token_id: int,
 
     >>> # key_probabilities(model, [encode(tokenizer, Example("Q?", "It is Paris.", "Paris"), 64)], 0)
     """
+    out = []
+    for batch, logp, mask in answer_logprobs(model, rows, pad_token_id, batch_size):
+        if "beta_weight" in batch:  # weights sit on the label positions; shift them like the labels
+            keyed = mask & (shift_labels_like(batch["beta_weight"]) > 0)  # (B, T)
+            mask = torch.where(keyed.any(-1, keepdim=True), keyed, mask)  # a row without key tokens: all of it
+        out.append((logp * mask).sum(-1).div(mask.sum(-1).clamp(min=1)).exp().float().cpu())  # (B,)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model: torch.nn.Module, rows: Features, pad_token_id: int, batch_size: int = 16
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """Per batch of ``rows``: the collated batch, each position's label log-prob and the answer mask, (B, T) each.
+
+    >>> # for batch, logp, mask in answer_logprobs(model, rows, 0): logp[mask]  -> the answer tokens' log-probs
+    """
     device = next(model.parameters()).device
-    collate, out = Collator(pad_token_id), []
+    collate = Collator(pad_token_id)
     with model_mode(model):
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(list(rows[start : start + batch_size])).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-            logp, mask = token_logprobs(logits, batch["labels"])  # (B, T), (B, T)
-            if "beta_weight" in batch:  # weights sit on the label positions; shift them like the labels
-                keyed = mask & (shift_labels_like(batch["beta_weight"]) > 0)  # (B, T)
-                mask = torch.where(keyed.any(-1, keepdim=True), keyed, mask)  # a row without key tokens: all of it
-            out.append((logp * mask).sum(-1).div(mask.sum(-1).clamp(min=1)).exp().float().cpu())  # (B,)
-    return torch.cat(out)
+            yield batch, *token_logprobs(logits, batch["labels"])
 
 
 def spread(rows: Features, size: int) -> list[dict[str, list]]:
