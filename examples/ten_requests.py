@@ -98,7 +98,7 @@ def run(model_name: str, count: int, never: list[str], budgets: list[int], work:
     before = key_probability(base, tokenizer, rows)
     stack: list[Path] = []
     result: dict[str, Any] = {"model": model_name, "never": never, "sizes": [len(p) for p in parts], "after": [],
-                              "settings": settings or {}}
+                              "settings": settings or {}, "before": before.tolist()}
     for k, part in enumerate(parts):
         start = time.perf_counter()
         path = forget(base, as_request(model_name, [rows[i] for i in part]), work / f"req-{k + 1:02d}",
@@ -106,7 +106,9 @@ def run(model_name: str, count: int, never: list[str], budgets: list[int], work:
         seconds = time.perf_counter() - start
         stack.append(path)
         manifest = read_manifest(path)
-        row = {**figures(measure_stack(base, tokenizer, stack, rows), before, rows, parts[: k + 1], never),
+        p = measure_stack(base, tokenizer, stack, rows)
+        result["last"] = p.tolist()  # per row, after the latest request: which facts of a topic fell
+        row = {**figures(p, before, rows, parts[: k + 1], never),
                "seconds": seconds, "steps": manifest["metrics"]["steps"], "stopped": manifest["stopping"]["stopped"],
                "topics": sorted({rows[i]["topic"] for i in part})}
         result["after"].append(row)
