@@ -73,10 +73,11 @@ class UndialConfig(TrainingArguments):
     guard: str = field(default="auto", metadata={"help": (
         f"Without retain data, what to keep: one of {GUARDS}. bank: the teacher's greedy answers to a shipped bank of "
         "factual prompts across many relations, trained as a KL retain term (no retain watch). neighbours: the bank and, "
-        "ahead of it, the request's own prompts about other subjects the teacher names. auto: neighbours for UNDIAL, "
+        "ahead of it, the request's own prompts about other subjects the teacher names and the request's subjects asked "
+        "the bank's other relations. auto: neighbours for UNDIAL, "
         "none for the baselines (GA, GradDiff, NPO run as published). Skipped with --retain.")})
     guard_weight: float = field(default=1.0, metadata={"help": "Weight of the guard's KL term (the retain weight for guard rows)."})
-    guard_rows: int = field(default=64, metadata={"help": "Bank prompts the guard asks the teacher (round-robin over relations); neighbours add up to as many."})
+    guard_rows: int = field(default=64, metadata={"help": "Bank prompts the guard asks the teacher (round-robin over relations); neighbours add up to as many of each kind."})
     guard_teacher: str = field(default="stack", metadata={"help": (
         f"Whose answers the guard keeps: one of {GUARD_TEACHERS}. stack: the model as deployed before this request "
         "(the earlier adapters on). base: the base model alone, so the guard also pulls back drift earlier requests "

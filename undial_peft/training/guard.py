@@ -4,8 +4,9 @@ Forgetting a request without retain data erodes facts nobody asked about, mostly
 relation (forget four capitals and the other capitals lose probability). The teacher, the model as
 deployed before this request, already knows what to keep: `guard_rows` asks it a small bank of
 factual prompts across many relations (``undial_peft/data/guard_bank.jsonl``, shipped without
-answers) and returns its greedy answers as question/answer rows; with ``neighbours`` also the
-request's own prompts about other subjects (training/neighbours.py), the default. `forget` trains on
+answers) and returns its greedy answers as question/answer rows; with ``neighbours``, the default,
+also the request's own prompts about other subjects and the request's subjects asked the bank's
+other relations (training/neighbours.py). `forget` trains on
 them as a KL retain term, so the student is pulled back to the teacher on those answers. A guard
 anchored on the base (``guard_teacher="base"``) drops what the stack forgot on purpose (`drop_forgotten`).
 
@@ -30,7 +31,7 @@ from undial_peft.data.prompt_format import CHAT, FormatSpec, PromptFormat
 from undial_peft.data.readers import Example
 from undial_peft.evals.scoring import greedy_new_ids
 from undial_peft.training.adapters import adapter_state
-from undial_peft.training.neighbours import neighbour_prompts
+from undial_peft.training.neighbours import neighbour_prompts, subject_prompts
 from undial_peft.training.stopping import answer_logprobs
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ def guard_rows(
 ) -> list[Example]:
     """Up to ``size`` prompts in the request's format, each with the teacher's greedy answer.
 
-    With ``neighbours``, up to ``size`` more: the request's own prompts about other subjects
-    (training/neighbours.py), ahead of the bank's.
+    With ``neighbours``, up to ``size`` more of each kind, ahead of the bank's: the request's own
+    prompts about other subjects, then its subjects in the bank's other relations (training/neighbours.py);
+    of the latter, answers that state a word a forget answer adds to its prompt are dropped.
 
     Chat formats ask the bank's ``question``; completion and template formats its ``stub``
     (rendered by the format when encoded), and their answers are cut at the first newline and keep
@@ -82,24 +84,51 @@ def guard_rows(
     if len(kept) < len(bank):
         logger.info("guard: %d of %d bank prompts left out: they ask about what this request forgets",
                     len(bank) - len(kept), len(bank))
-    near = []
+    near: list[str] = []
+    same: list[str] = []
     if neighbours:
         asked = [row.prompt for row in forget_rows if row.prompt is not None]
         avoid = [f"{row.prompt or ''} {row.answer}" for row in forget_rows]
         near = neighbour_prompts(model, tokenizer, asked, teacher_adapters, avoid, size=size)
-        logger.info("guard: %d neighbour prompts (the request's templates, subjects the teacher named)", len(near))
-    prompts = near + [row[field] for row in _round_robin(kept, size)]
+        same = subject_prompts(model, tokenizer, asked, bank, field, teacher_adapters, size=size)
+        logger.info("guard: %d neighbour prompts (the request's templates, subjects the teacher named), %d about "
+                    "the request's subjects in other relations", len(near), len(same))
+    prompts = near + same + [row[field] for row in _round_robin(kept, size)]
+    where = ["guard neighbours"] * len(near) + ["guard subjects"] * len(same) + ["guard bank"] * (len(prompts) - len(near) - len(same))
     ids = [fmt.prompt_ids(tokenizer, prompt) for prompt in prompts]
     with adapter_state(model, active=list(teacher_adapters)):
         generated = greedy_new_ids(model, tokenizer, ids, max_new_tokens=new_tokens, batch_size=16)
-    rows = []
-    for i, (prompt, prompt_ids, new) in enumerate(zip(prompts, ids, generated)):
+    forgotten = _stated(forget_rows)
+    rows, empty, stating = [], 0, 0
+    for prompt, prompt_ids, new, kind in zip(prompts, ids, generated, where):
         answer = _answer_text(tokenizer, prompt_ids, new, chat=fmt.kind == CHAT)
-        if answer.strip():
-            rows.append(Example(prompt, answer, where="guard neighbours" if i < len(near) else "guard bank"))
-    if len(rows) < len(prompts):
-        logger.info("guard: %d prompts skipped: the teacher's answer was empty", len(prompts) - len(rows))
+        if not answer.strip():
+            empty += 1
+        elif kind == "guard subjects" and _words(answer) - _words(prompt) & forgotten:
+            stating += 1  # the same subject's forgotten fact in other words: guarding it would undo the request
+        else:
+            rows.append(Example(prompt, answer, where=kind))
+    if empty or stating:
+        logger.info("guard: %d prompts skipped: the teacher's answer was empty; %d: it stated a forget answer", empty, stating)
     return rows
+
+
+# Words an answer shares with any other answer whatever its fact: not evidence it states a forget answer.
+_COMMON = frozenset("a an and are as at by for from in is it its of on or that the this to was were which with".split())
+
+
+def _words(text: str) -> set[str]:
+    """The lower-case words of ``text``."""
+    return set(re.findall(r"\w+", text.casefold()))
+
+
+def _stated(forget_rows: Sequence[Example]) -> set[str]:
+    """The words forget answers add to their prompts ("French" for "... of France?" -> "... is French."), common ones aside.
+
+    >>> sorted(_stated([Example("What is the capital of France?", "The capital of France is Paris.")]))
+    ['paris']
+    """
+    return {w for row in forget_rows for w in _words(row.answer) - _words(row.prompt or "")} - _COMMON
 
 
 def _normalise(text: str) -> str:

@@ -13,6 +13,11 @@ data from the user:
    names, never one that appears in a forget row.
 3. `neighbour_prompts` fills each template with them. training/guard.py has the teacher answer them.
 
+The other side of the same request is its subjects' other facts: forget France's language and the
+model loses France's capital. `subject_prompts` asks the forget subjects the shipped bank's other
+relations ("What is the capital of {}?"), those whose subjects are of the same kind, as the teacher
+judges when it lists them (no "capital of silver").
+
 Prompts whose template no other forget prompt shares get no neighbours (the shipped bank still guards them).
 
 >>> templates(["What is the capital of France?", "What is the capital of Peru?", "Who wrote Hamlet?"])
@@ -28,7 +33,9 @@ from typing import Any
 import torch
 
 from undial_peft.evals.scoring import greedy_new_ids
+from undial_peft.models import pad_id
 from undial_peft.training.adapters import adapter_state
+from undial_peft.training.stopping import answer_logprobs
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 MIN_SHARED = 2  # words and marks a template keeps besides its slot: "for X?" is a template, "X?" is not
@@ -36,6 +43,9 @@ LIST_TOKENS = 32  # new tokens per listing: about ten short names
 TOP_P = 0.9  # nucleus of the listing samples: names the teacher finds likely, not its long tail
 SAMPLES = 8  # listings per template, each starting from the subjects in another order
 MAX_WORDS = 4  # a longer list item is a sentence, not a subject
+# A bank relation fits the request's subjects when its own subjects follow them in a list within this
+# many nats per token of the request's subjects themselves (`fitting_relations`; measured gaps: 3+ nats).
+TYPE_MARGIN = 1.0
 
 
 def templates(prompts: Sequence[str]) -> dict[tuple[str, str], list[str]]:
@@ -125,6 +135,94 @@ def neighbour_prompts(
         filled.append([f"{prefix}{name}{suffix}" for name in names])
     order = [group[i] for i in range(max(map(len, filled), default=0)) for group in filled if i < len(group)]
     return order[:size]
+
+
+def subject_prompts(
+    model: Any, tokenizer: Any, prompts: Sequence[str], bank: Sequence[dict[str, str]], field: str,
+    teacher_adapters: Sequence[str], size: int,
+) -> list[str]:
+    """Up to ``size`` prompts asking the subjects of ``prompts`` the other relations of ``bank``.
+
+    A bank relation's template is its rows' most common ``field`` with the row's ``subject`` as the slot. A relation is asked when its subjects are of the forget subjects' kind (`fitting_relations`:
+    countries take "capital", "currency" and "official language", not "chemical symbol"). Fills equal to
+    a forget prompt are left out (that is the fact being forgotten); training/guard.py also drops
+    answers that state a forget answer's words. Relations take turns, so a small ``size`` spans them.
+    >>> subject_prompts(model, tok, ["The official language of France is", "The official language of Peru is"],
+    ...                 guard_bank(), "stub", [], size=2)  # doctest: +SKIP
+    ['The capital of France is', 'The currency of France is the']
+    """
+    subjects = list(dict.fromkeys(s for group in templates(prompts).values() for s in group))
+    if not subjects:
+        return []
+    asked = {_fold(p).rstrip(" ?.!:") for p in prompts}
+    relations: dict[str, list[dict[str, str]]] = {}
+    for row in bank:
+        relations.setdefault(row["relation"], []).append(row)
+    fitting = fitting_relations(model, tokenizer, subjects,
+                                {name: [r["subject"] for r in rows] for name, rows in relations.items()}, teacher_adapters)
+    filled = []
+    for name in fitting:
+        slots = [_slot(row[field], row["subject"]) for row in relations[name]]
+        slot = max(slots, key=slots.count)  # the relation's usual wording: "currency of {}", not "of the {}"
+        if slot is not None:
+            filled.append([q for q in (slot.format(s) for s in subjects) if _fold(q).rstrip(" ?.!:") not in asked])
+    order = [group[i] for i in range(max(map(len, filled), default=0)) for group in filled if i < len(group)]
+    return order[:size]
+
+
+def fitting_relations(
+    model: Any, tokenizer: Any, subjects: Sequence[str], relations: dict[str, list[str]],
+    teacher_adapters: Sequence[str], margin: float = TYPE_MARGIN,
+) -> list[str]:
+    """The relations whose subjects the teacher lists after ``subjects`` about as readily as ``subjects`` themselves.
+
+    A relation's score is the teacher's mean per-token log-probability of each of its subjects as the
+    next line after the forget subjects listed one per line; the bar is the same for each forget
+    subject after the others (at most `SAMPLES` of them), less ``margin`` nats. Measured on SmolLM2-135M
+    and Gemma-3-270M with the bank: countries (bar -1.8 to -2.5) score -1.7 to -2.9 on capital, currency
+    and official language (Gemma-3's capital after its language subjects: -3.4, left out) and below -5
+    on books, paintings and units; books (bar -1.5) -2.1 on authors, below -3.3 elsewhere.
+    >>> fitting_relations(model, tok, ["France", "Italy"], {"capital": ["Peru"], "author": ["The Hobbit"]}, [])  # doctest: +SKIP
+    ['capital']
+    """
+    listing = "\n".join(subjects) + "\n"
+    held_out = ["\n".join(subjects[:k] + subjects[k + 1:]) + "\n" for k in range(min(len(subjects), SAMPLES))]
+    pairs = [(context, subjects[k]) for k, context in enumerate(held_out)]
+    pairs += [(listing, s) for names in relations.values() for s in names]
+    scores = _continuation_logprobs(model, tokenizer, pairs, teacher_adapters)
+    bar = sum(scores[: len(held_out)]) / len(held_out) - margin
+    fitting, at = [], len(held_out)
+    for name, names in relations.items():
+        if sum(scores[at: at + len(names)]) / len(names) >= bar:
+            fitting.append(name)
+        at += len(names)
+    return fitting
+
+
+def _slot(text: str, subject: str) -> str | None:
+    """``text`` with its one ``subject`` as a ``{}`` slot (other braces escaped), None if not there once."""
+    if text.count(subject) != 1:
+        return None
+    head, tail = text.split(subject)
+    return head.replace("{", "{{").replace("}", "}}") + "{}" + tail.replace("{", "{{").replace("}", "}}")
+
+
+def _continuation_logprobs(
+    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], teacher_adapters: Sequence[str],
+) -> list[float]:
+    """Per (context, item): the teacher's mean log-probability of the tokens of ``item + "\\n"`` after ``context``."""
+    rows = []
+    for context, item in pairs:
+        head = tokenizer(context, add_special_tokens=True).input_ids
+        ids = tokenizer(context + item + "\n", add_special_tokens=True).input_ids
+        if ids[: len(head)] != head:  # the boundary merged: tokenise the item on its own
+            ids = head + tokenizer(item + "\n", add_special_tokens=False).input_ids
+        rows.append({"input_ids": ids, "labels": [-100] * len(head) + ids[len(head):]})
+    out = []
+    with adapter_state(model, active=list(teacher_adapters)), torch.no_grad():
+        for _, logp, mask in answer_logprobs(model, rows, pad_id(tokenizer)):  # (B, T) each, 0 where not counted
+            out.extend((logp.sum(-1) / mask.sum(-1)).tolist())
+    return out
 
 
 def _shared(a: Sequence[str], b: Sequence[str]) -> int:
