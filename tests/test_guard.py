@@ -111,13 +111,13 @@ def test_forget_with_the_bank_guard_trains_a_kl_retain_term(tiny_dir, facts, tmp
         return loss
 
     monkeypatch.setattr(UndialTrainer, "_retain_loss", recording)
-    path = forget(tiny_dir, facts[:4], tmp_path / "guarded", config=_settings(guard="bank", guard_weight=2.0, guard_rows=8))
-    assert seen and all(kind == "kl" and weight == 2.0 for kind, weight, _ in seen)
+    path = forget(tiny_dir, facts[:4], tmp_path / "guarded", config=_settings(guard="bank", guard_weight=3.0, guard_rows=8))
+    assert seen and all(kind == "kl" and weight == 3.0 for kind, weight, _ in seen)
     assert max(loss for *_, loss in seen) > 0  # zero at step 1 (student == teacher), then the student moves
     manifest = read_manifest(path)
     assert manifest["data"]["guard_rows"] == 8
     assert {k: manifest["hyperparameters"][k] for k in ("guard", "guard_weight", "guard_rows")} == \
-        {"guard": "bank", "guard_weight": 2.0, "guard_rows": 8}
+        {"guard": "bank", "guard_weight": 3.0, "guard_rows": 8}
     assert manifest["stopping"] == {"stopped": "fixed_length"}  # no retain watch for guard rows
 
 

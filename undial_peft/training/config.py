@@ -76,7 +76,9 @@ class UndialConfig(TrainingArguments):
         "ahead of it, the request's own prompts about other subjects the teacher names and the request's subjects asked "
         "the bank's other relations. auto: neighbours for UNDIAL, "
         "none for the baselines (GA, GradDiff, NPO run as published). Skipped with --retain.")})
-    guard_weight: float = field(default=1.0, metadata={"help": "Weight of the guard's KL term (the retain weight for guard rows)."})
+    # 2: meets the one-request goal on both real models (never-asked >= 0.96x; 1.0 left Gemma-3 at 0.93x) and keeps
+    # more over ten SmolLM2 requests (docs/models.md, docs/stacks.md); 3 was worse on Gemma-3 after two.
+    guard_weight: float = field(default=2.0, metadata={"help": "Weight of the guard's KL term (the retain weight for guard rows)."})
     guard_rows: int = field(default=64, metadata={"help": "Bank prompts the guard asks the teacher (round-robin over relations); neighbours add up to as many of each kind."})
     guard_teacher: str = field(default="stack", metadata={"help": (
         f"Whose answers the guard keeps: one of {GUARD_TEACHERS}. stack: the model as deployed before this request "
