@@ -46,6 +46,7 @@ MAX_WORDS = 4  # a longer list item is a sentence, not a subject
 # A bank relation fits the request's subjects when its own subjects follow them in a list within this
 # many nats per token of the request's subjects themselves (`fitting_relations`; measured gaps: 3+ nats).
 TYPE_MARGIN = 1.0
+RELATION_SUBJECTS = 3  # bank subjects scored per relation: enough for a 3-nat gap, half the cost of all 6
 
 
 def templates(prompts: Sequence[str]) -> dict[tuple[str, str], list[str]]:
@@ -176,8 +177,8 @@ def fitting_relations(
 ) -> list[str]:
     """The relations whose subjects the teacher lists after ``subjects`` about as readily as ``subjects`` themselves.
 
-    A relation's score is the teacher's mean per-token log-probability of each of its subjects as the
-    next line after the forget subjects listed one per line; the bar is the same for each forget
+    A relation's score is the teacher's mean per-token log-probability of each of its first
+    `RELATION_SUBJECTS` subjects as the next line after the forget subjects listed one per line; the bar is the same for each forget
     subject after the others (at most `SAMPLES` of them), less ``margin`` nats. Measured on SmolLM2-135M
     and Gemma-3-270M with the bank: countries (bar -1.8 to -2.5) score -1.7 to -2.9 on capital, currency
     and official language (Gemma-3's capital after its language subjects: -3.4, left out) and below -5
@@ -188,6 +189,7 @@ def fitting_relations(
     listing = "\n".join(subjects) + "\n"
     held_out = ["\n".join(subjects[:k] + subjects[k + 1:]) + "\n" for k in range(min(len(subjects), SAMPLES))]
     pairs = [(context, subjects[k]) for k, context in enumerate(held_out)]
+    relations = {name: list(names[:RELATION_SUBJECTS]) for name, names in relations.items()}
     pairs += [(listing, s) for names in relations.values() for s in names]
     scores = _continuation_logprobs(model, tokenizer, pairs, teacher_adapters)
     bar = sum(scores[: len(held_out)]) / len(held_out) - margin
