@@ -156,3 +156,15 @@ def test_guard_keeps_subject_rows_but_not_one_stating_a_forgotten_answer(monkeyp
     subjects = [row for row in rows if row.where == "guard subjects"]
     assert [(r.prompt, r.answer) for r in subjects] == [("What is the capital of France?", "The capital of France is Paris.")]
     assert sorted(guard._stated(forget_rows)) == ["french", "japanese"]
+
+
+def test_subject_prompts_use_a_relation_s_usual_wording(monkeypatch):
+    # "of the United States" is one row's wording, "of {}" the relation's; a row without its subject is skipped.
+    bank = [_relation("currency", "United States", "What is the currency of the United States?", "x"),
+            _relation("currency", "Brazil", "What is the currency of Brazil?", "x"),
+            _relation("currency", "Peru", "What is the currency of Chile?", "x"),
+            _relation("currency", "Turkey", "What is the currency of Turkey?", "x")]
+    monkeypatch.setattr(neighbours, "_continuation_logprobs", lambda model, tok, pairs, adapters: [-2.0] * len(pairs))
+    asked = ["What is the capital of France?", "What is the capital of Japan?"]
+    assert neighbours.subject_prompts(None, None, asked, bank, "question", [], size=8) == \
+        ["What is the currency of France?", "What is the currency of Japan?"]

@@ -147,9 +147,10 @@ def subject_prompts(
 ) -> list[str]:
     """Up to ``size`` prompts asking the subjects of ``prompts`` the other relations of ``bank``.
 
-    A bank relation's template is its rows' most common ``field`` with the row's ``subject`` as the slot. A relation is asked when its subjects are of the forget subjects' kind (`fitting_relations`:
-    countries take "capital", "currency" and "official language", not "chemical symbol"). Fills equal to
-    a forget prompt are left out (that is the fact being forgotten); training/guard.py also drops
+    A bank relation's template is its rows' most common ``field`` with each row's ``subject`` as the
+    slot. A relation is asked when its subjects are of the forget subjects' kind (`fitting_relations`:
+    countries take "capital", "currency" and "official language", not "chemical symbol"). Fills equal
+    to a forget prompt are left out (that is the fact being forgotten); training/guard.py also drops
     answers that state a forget answer's words. Relations take turns, so a small ``size`` spans them.
     >>> subject_prompts(model, tok, ["The official language of France is", "The official language of Peru is"],
     ...                 guard_bank(), "stub", [], size=2)  # doctest: +SKIP
@@ -166,9 +167,9 @@ def subject_prompts(
                                 {name: [r["subject"] for r in rows] for name, rows in relations.items()}, teacher_adapters)
     filled = []
     for name in fitting:
-        slots = [_slot(row[field], row["subject"]) for row in relations[name]]
-        slot = max(slots, key=slots.count)  # the relation's usual wording: "currency of {}", not "of the {}"
-        if slot is not None:
+        slots = [slot for row in relations[name] if (slot := _slot(row[field], row["subject"])) is not None]
+        if slots:
+            slot = max(slots, key=slots.count)  # the relation's usual wording: "currency of {}", not "of the {}"
             filled.append([q for q in (slot.format(s) for s in subjects) if _fold(q).rstrip(" ?.!:") not in asked])
     order = [group[i] for i in range(max(map(len, filled), default=0)) for group in filled if i < len(group)]
     return order[:size]
@@ -181,9 +182,10 @@ def fitting_relations(
     """The relations whose subjects the teacher lists after ``subjects`` about as readily as ``subjects`` themselves.
 
     A relation's score is the teacher's mean per-token log-probability of each of its first
-    `RELATION_SUBJECTS` subjects as the next line after the forget subjects listed one per line; the bar is the same for each forget
-    subject after the others (at most `SAMPLES` of them), less ``margin`` nats. Measured on SmolLM2-135M
-    and Gemma-3-270M with the bank: countries (bar -1.8 to -2.5) score -1.7 to -2.9 on capital, currency
+    `RELATION_SUBJECTS` subjects as the next line after the forget subjects, listed one per line; the
+    bar is the same for each forget subject after the others (at most `SAMPLES` of them), less
+    ``margin`` nats. Measured on SmolLM2-135M and Gemma-3-270M over all six subjects of each bank
+    relation: countries (bar -1.8 to -2.5) score -1.7 to -2.9 on capital, currency
     and official language (Gemma-3's capital after its language subjects: -3.4, left out) and below -5
     on books, paintings and units; books (bar -1.5) -2.1 on authors, below -3.3 elsewhere.
     >>> fitting_relations(model, tok, ["France", "Italy"], {"capital": ["Peru"], "author": ["The Hobbit"]}, [])  # doctest: +SKIP
