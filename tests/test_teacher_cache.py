@@ -33,8 +33,10 @@ def _rows(facts: list[dict[str, str]]) -> list[dict[str, str]]:
 def stack_dir(tiny_dir, facts, tmp_path_factory) -> str:
     """One earlier forget adapter: the teacher of the next request runs with it on."""
     out = tmp_path_factory.mktemp("stack") / "req-0"
+    # No guard: the stack's values must not move with the guard's defaults, which these tests do not test
+    # (with guard_weight 2 the resumed-vs-live gap at lr 1e-2 grew from < 1e-4 to 3.7e-4).
     config = UndialConfig(max_steps=3, learning_rate=1e-2, per_device_train_batch_size=4, disable_tqdm=True,
-                          logging_steps=100)
+                          logging_steps=100, guard="none")
     return str(forget(tiny_dir, facts[:4], out, config=config))
 
 
