@@ -32,12 +32,10 @@ from typing import Any
 
 import torch
 
-from undial_peft.data.encoding import Collator
 from undial_peft.evals.scoring import greedy_new_ids
 from undial_peft.models import pad_id
 from undial_peft.training.adapters import adapter_state
-from undial_peft.training.loss import IGNORE_INDEX, shift_labels
-from undial_peft.utils.modes import model_mode
+from undial_peft.training.stopping import answer_logprobs
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 MIN_SHARED = 2  # words and marks a template keeps besides its slot: "for X?" is a template, "X?" is not
@@ -225,19 +223,10 @@ def _continuation_logprobs(
         if ids[: len(head)] != head:  # the boundary merged: tokenise the item on its own
             ids = head + tokenizer(item + "\n", add_special_tokens=False).input_ids
         rows.append({"input_ids": ids, "labels": [-100] * len(head) + ids[len(head):]})
-    collate, device, out = Collator(pad_id(tokenizer)), next(model.parameters()).device, []
-    with adapter_state(model, active=list(teacher_adapters)), model_mode(model), torch.no_grad():
-        for start in range(0, len(rows), BATCH):
-            batch = {k: v.to(device) for k, v in collate(rows[start: start + BATCH]).items()}
-            targets = shift_labels(batch["labels"])  # (B, T): the token each position predicts
-            keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # (K,) positions any row counts
-            # Logits at those K positions only: a 262k-token head over every position cost Gemma-3 seconds.
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           logits_to_keep=keep).logits  # (B, K, V)
-            wanted = targets[:, keep]  # (B, K)
-            mask = wanted != IGNORE_INDEX
-            logp = logits.float().log_softmax(-1).gather(-1, wanted.clamp(min=0)[..., None]).squeeze(-1)  # (B, K)
-            out.extend(((logp * mask).sum(-1) / mask.sum(-1)).tolist())
+    out = []
+    with adapter_state(model, active=list(teacher_adapters)):
+        for _, logp, mask in answer_logprobs(model, rows, pad_id(tokenizer), batch_size=BATCH):  # (B, T) each
+            out.extend((logp.sum(-1) / mask.sum(-1)).tolist())
     return out
 
 

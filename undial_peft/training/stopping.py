@@ -34,7 +34,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from undial_peft.data.encoding import Collator
 from undial_peft.errors import UndialConfigError, UndialTrainingError
 from undial_peft.training.adapters import adapter_state
-from undial_peft.training.loss import shift_labels_like, token_logprobs
+from undial_peft.training.loss import IGNORE_INDEX, shift_labels, shift_labels_like
 from undial_peft.utils.modes import model_mode
 
 logger = logging.getLogger(__name__)
@@ -70,8 +70,17 @@ def answer_logprobs(
     with model_mode(model):
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(list(rows[start : start + batch_size])).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-            yield batch, *token_logprobs(logits, batch["labels"])
+            targets = shift_labels(batch["labels"])  # (B, T): the token each position predicts
+            mask = targets != IGNORE_INDEX  # (B, T)
+            keep = mask.any(0).nonzero().squeeze(-1)  # (K,) positions some row counts
+            # Logits at those K positions only, not (B, T, V): a prompt is most of a row, and Gemma-3's head is 262k wide.
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           logits_to_keep=keep).logits  # (B, K, V)
+            wanted = targets[:, keep]  # (B, K)
+            picked = logits.float().log_softmax(-1).gather(-1, wanted.clamp(min=0)[..., None]).squeeze(-1)  # (B, K)
+            logp = torch.zeros(targets.shape, dtype=torch.float32, device=device)  # (B, T), 0 where not counted
+            logp[:, keep] = torch.where(mask[:, keep], picked, 0.0)
+            yield batch, logp, mask
 
 
 def spread(rows: Features, size: int) -> list[dict[str, list]]:
