@@ -120,8 +120,8 @@ def test_a_four_bit_miss_as_served_trains_on_at_full_precision(tiny_dir, facts, 
 
     measured = []
 
-    def first_misses(served, n_stack, rows, pad):
-        figures = real(served, n_stack, rows, pad)
+    def first_misses(served, rows, pad):
+        figures = real(served, rows, pad)
         measured.append(figures)
         return {**figures, "forget_after": figures["forget_before"]} if len(measured) == 1 else figures
 

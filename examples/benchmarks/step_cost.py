@@ -13,6 +13,8 @@ step     one optimizer step on random token ids (batch 4; labels on the second h
            undial_full    live teacher with ``loss_chunk_size=0``: full (B, T, V) fp32 logits
            undial_gc      UNDIAL with gradient checkpointing (activations recomputed in backward)
            undial_4bit    UNDIAL on an NF4 (bitsandbytes) base, as ``forget --4bit``; _4bit_gc: + checkpointing
+           undial_stack9  request 10: the new adapter over nine frozen random adapters run separately;
+                          _stack9_fused: the nine as ONE concatenated adapter (what `forget` does)
            reference      what public implementations do: deep-copied frozen teacher, FULL fine-tuning,
                           `undial_loss` on full logits
          Median step time after warm-up, and peak memory. CPU: ``rss`` is the process's peak RSS

@@ -29,7 +29,8 @@ from undial_peft.training.teacher_cache import INDEX
 
 PINNED = 128 * 1024  # glibc's starting mmap threshold, pinned (`undial_peft.utils.cpu_memory`)
 STEP_VARIANTS = ("lora_sft", "undial", "undial_mmap", "undial_cached", "undial_full", "undial_gc", "undial_4bit",
-                 "undial_4bit_gc", "reference")
+                 "undial_4bit_gc", "undial_stack9", "undial_stack9_fused", "reference")
+STACK_DEPTH = 9  # the earlier requests below request 10
 BATCH, BETA, LR = 4, 10.0, 1e-4
 
 # --- memory and timing helpers (run in the child) ---------------------------------------------
@@ -147,8 +148,11 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[s
         allocator = {} if threshold is None else {"cpu_mmap_threshold": threshold}
         args = UndialConfig(output_dir=workdir, beta=BETA, learning_rate=LR, loss_chunk_size=chunk,
                             teacher_cache="memory" if variant == "undial_cached" else "off", **allocator)
+        # _stack9: request 10, the new adapter over nine frozen ones, separate or fused (the default)
+        stack = _random_stack(model, Path(workdir), STACK_DEPTH) if "_stack" in variant else ()
         # _gc: gradient checkpointing, the setting for memory-bound runs (activations dominate at 135M)
-        peft_model = build_trainable(model, default_lora_config(), gradient_checkpointing=variant.endswith("_gc")).train()
+        peft_model = build_trainable(model, default_lora_config(), stack, gradient_checkpointing=variant.endswith("_gc"),
+                                     fuse_stack=variant.endswith("_fused")).train()
         trainer = UndialTrainer(model=peft_model, args=args, train_dataset=_as_dataset(batch), data_collator=_collate)
         step = Step(lambda b: trainer.compute_loss(peft_model, b), trainer.create_optimizer(), peft_model, trainer)
         if variant == "undial_cached":  # what train() does first: one teacher pass over the (one-batch) set
@@ -172,6 +176,24 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[s
 
         return Step(loss_fn, _optimizer(args, list(model.parameters())), model)
     raise ValueError(f"unknown variant {variant!r}; choose one of {STEP_VARIANTS}")
+
+
+def _random_stack(model: torch.nn.Module, workdir: Path, depth: int) -> list[Path]:
+    """``depth`` default-config adapters with random B (step time does not depend on the values), saved."""
+    from peft import get_peft_model
+
+    from undial_peft.training.adapters import default_lora_config
+
+    paths = []
+    for i in range(depth):
+        peft_model = get_peft_model(model, default_lora_config())
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.01)
+        peft_model.save_pretrained(workdir / f"stack{i}")
+        model = peft_model.unload()  # the base without LoRA layers, for the next one
+        paths.append(workdir / f"stack{i}")
+    return paths
 
 
 def _as_dataset(batch: dict[str, torch.Tensor]) -> Any:

@@ -39,10 +39,11 @@ from transformers import AutoConfig, PreTrainedModel
 
 from undial_peft.deploy.manifest import parent_entry
 from undial_peft.deploy.ollama import modelfile_path, write_modelfile
-from undial_peft.deploy.stack import attach, concatenated_deltas
+from undial_peft.deploy.stack import attach
 from undial_peft.errors import UndialExportError
 from undial_peft.models import fingerprint, local_path
 from undial_peft.training.adapters import stack_name
+from undial_peft.training.concat import concatenated_deltas
 from undial_peft.utils.storage import atomic_directory, atomic_file, refuse_existing
 
 logger = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def gguf_lora_tensors(
     """GGUF tensors (name -> float32 array) and ``adapter.lora.alpha`` for per-module LoRA blocks.
 
     ``blocks`` maps HF module paths to (A, B) with every scaling already folded into A, so the
-    module's delta is B @ A (what `stack.concatenated_deltas` returns). llama.cpp multiplies by
+    module's delta is B @ A (what `concat.concatenated_deltas` returns). llama.cpp multiplies by
     alpha / r_t, r_t being the module's own rank, so A is written as A * r_t / alpha with one
     alpha for the file (the largest rank: scale 1 wherever the rank is full).
     """

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel
-from peft.tuners.lora import LoraLayer
+from peft import PeftModel
 from transformers import PreTrainedModel
 
 from undial_peft.deploy.manifest import (
@@ -39,6 +38,7 @@ from undial_peft.deploy.vllm import VLLM_MAX_RANKS
 from undial_peft.errors import UndialExportError, UndialStackError
 from undial_peft.models import MERGED_KEY, base_identity, load_model, source_name
 from undial_peft.training.adapters import load_stack, stack_name
+from undial_peft.training.concat import add_concatenated, concatenated_deltas
 from undial_peft.utils.storage import atomic_directory, file_sha256, write_json
 
 EXPORTED = "exported"
@@ -135,89 +135,9 @@ def list_stack(stack: Sequence[str | Path]) -> list[dict[str, Any]]:
 # --- export: one adapter equal to the stack ---------------------------------------------------
 
 
-def _lora_pairs(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(A, B) of adapter ``name`` in one layer, or None where that adapter does not touch it.
-
-    Shapes: Linear A (r, in), B (out, r); Embedding A (r, vocab), B (dim, r). Either way the layer
-    adds ``scaling * B @ A`` to its weight (transposed for embeddings), so rank blocks concatenate
-    along A's dim 0 and B's dim 1.
-    """
-    if name in layer.lora_A:
-        pair = (layer.lora_A[name].weight, layer.lora_B[name].weight)
-    elif name in layer.lora_embedding_A:
-        pair = (layer.lora_embedding_A[name], layer.lora_embedding_B[name])
-    else:
-        return None
-    if pair[0].ndim != 2 or pair[1].ndim != 2:
-        raise UndialStackError(f"adapter {name}: only Linear and Embedding LoRA layers can be exported (found a conv layer).")
-    if getattr(layer, "lora_variant", {}).get(name) is not None or layer.use_dora.get(name) or layer.lora_bias.get(name):
-        raise UndialStackError(
-            f"adapter {name}: DoRA / LoRA-bias / other LoRA variants are not a plain sum B @ A and cannot be "
-            "exported as one LoRA; merge the stack into the base instead (stack merge)."
-        )
-    return pair
-
-
-def concatenated_deltas(attached: PeftModel, names: Sequence[str]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
-    """Per LoRA module path: (A_cat, B_cat) with the scalings folded into A; and the exported rank R.
-
-    For one module touched by adapters i = 1..k (ranks r_i, scalings s_i = alpha_i / r_i, or
-    alpha_i / sqrt(r_i) with rsLoRA, per module when rank/alpha patterns are used):
-
-        A_cat = cat_i(s_i * A_i, dim=0)   # (sum r_i, in)
-        B_cat = cat_i(B_i, dim=1)         # (out, sum r_i)
-        B_cat @ A_cat = sum_i s_i * B_i @ A_i   (the stack's delta; exact but for float rounding)
-
-    Every module gets the same rank R = max over modules of sum r_i (= the sum of the ranks for
-    adapters that target the same modules); a module with a smaller sum is zero-padded, which adds
-    nothing. The exported adapter uses lora_alpha = R, i.e. scaling 1, and no rsLoRA.
-
-    >>> blocks, rank = concatenated_deltas(attached, ["stack_0", "stack_1"])  # doctest: +SKIP
-    >>> a_cat, b_cat = blocks["model.layers.0.self_attn.q_proj"]  # doctest: +SKIP
-
-    Why not peft's ``add_weighted_adapter(combination_type="cat")`` (peft 0.21.2)? It computes the
-    same blocks and, for adapters with identical plain-LoRA settings (what `forget` writes by
-    default), gives the same logits (max diff 2.8e-7 on the tiny model, as ours). But it copies
-    adapter 0's config for the result: with rsLoRA the result's scaling is R / sqrt(R), not 1
-    (logits off by 0.65 for an rsLoRA r=4 + LoRA r=8 stack), and a one-adapter stack silently
-    takes its "linear" path instead. Writing the blocks ourselves keeps every case exact.
-    """
-    for name in names:
-        config = attached.peft_config[name]
-        if getattr(config, "modules_to_save", None):
-            raise UndialStackError(f"adapter {name}: modules_to_save (full module copies) cannot be exported as a LoRA.")
-    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for path, layer in attached.base_model.model.named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        a_parts, b_parts = [], []
-        for name in names:
-            pair = _lora_pairs(layer, name)
-            if pair is not None:
-                a_parts.append(pair[0].detach().float() * layer.scaling[name])  # (r_i, in)
-                b_parts.append(pair[1].detach().float())  # (out, r_i)
-        if a_parts:
-            blocks[path] = (torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1))  # (sum r_i, in), (out, sum r_i)
-    if not blocks:
-        raise UndialStackError("the stack has no LoRA layers to export.")
-    rank = max(a.shape[0] for a, _ in blocks.values())
-    return blocks, rank
-
-
 def _padded(rank: int) -> int:
     """``rank`` rounded up to a ``--max-lora-rank`` vLLM accepts (unchanged past its largest)."""
     return next((allowed for allowed in VLLM_MAX_RANKS if allowed >= rank), rank)
-
-
-def _target_modules(model: torch.nn.Module, paths: Sequence[str]) -> list[str]:
-    """Short leaf names (``q_proj``) when they select exactly ``paths`` in ``model``, else the full paths.
-
-    peft matches a list entry against a module name by equality or by ``"." + entry`` suffix, so
-    a full path selects exactly that module.
-    """
-    leaves = {path.rsplit(".", 1)[-1] for path in paths}
-    selected = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in leaves}
-    return sorted(leaves) if selected == set(paths) else sorted(paths)
 
 
 def export_stack(
@@ -255,30 +175,9 @@ def export_stack(
             rank = max(a.shape[0] for a, _ in blocks.values())
         rank = _padded(rank) if pad_for_vllm else rank
         source = attached.peft_config[names[0]]
-        targets = _target_modules(attached.base_model.model, list(blocks))
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=rank,  # scaling 1: the stack's scalings are folded into A
-            lora_dropout=0.0,
-            target_modules=targets,
-            bias="none",
-            task_type=source.task_type,
-            base_model_name_or_path=source.base_model_name_or_path,
-            inference_mode=True,
-        )
-        attached.add_adapter(EXPORTED, config)
-        for path, layer in attached.base_model.model.named_modules():
-            if not isinstance(layer, LoraLayer) or path not in blocks:
-                continue
-            a_cat, b_cat = blocks[path]
-            a_new, b_new = _lora_pairs(layer, EXPORTED) or (None, None)
-            if a_new is None:
-                raise UndialStackError(f"{path}: the exported adapter did not reach this module (peft target matching).")
-            with torch.no_grad():
-                a_new.zero_()  # (R, in); rows past sum r_i stay zero
-                b_new.zero_()  # (out, R)
-                a_new[: a_cat.shape[0]] = a_cat.to(a_new.dtype)
-                b_new[:, : b_cat.shape[1]] = b_cat.to(b_new.dtype)
+        config = add_concatenated(attached, EXPORTED, blocks, rank, task_type=source.task_type,
+                                  base_model_name_or_path=source.base_model_name_or_path, inference_mode=True)
+        targets = sorted(config.target_modules)  # peft holds them as a set
         entries = [parent_entry(path) for path in stack]
         manifest = Manifest(
             id=Path(output_dir).name,

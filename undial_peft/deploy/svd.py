@@ -1,6 +1,6 @@
 """Rank budget: the best rank-<=R approximation of a sum of LoRA deltas, from the factors alone.
 
-A module's stack delta is ``B_cat @ A_cat`` (out x r times r x in; see `stack.concatenated_deltas`).
+A module's stack delta is ``B_cat @ A_cat`` (out x r times r x in; see `concat.concatenated_deltas`).
 Its truncated SVD is found without forming the (out x in) matrix: QR both factors, take the SVD of
 the small core, and keep the largest singular values (Eckart-Young: the best approximation in
 Frobenius and spectral norm). The discarded singular values are exactly the error.

@@ -2,7 +2,9 @@
 
 Inside a PEFT model the earlier forget requests of a stack are named ``stack_0 .. stack_{k-1}``
 and the adapter being trained is ``NEW``. The student runs with all of them active; the teacher
-runs with only the stack active, i.e. the model as deployed before this request.
+runs with only the stack active, i.e. the model as deployed before this request. `build_trainable`
+fuses a stack of two or more into one frozen adapter ``FUSED`` (`concat.fuse`: the same summed
+delta, one LoRA pair per module); `frozen_adapters` names what a model holds below ``NEW``.
 
 >>> with adapter_state(peft_model, active=["stack_0"]):  # doctest: +SKIP
 ...     teacher_out = peft_model(**batch)
@@ -11,6 +13,7 @@ runs with only the stack active, i.e. the model as deployed before this request.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,13 +26,26 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers import PreTrainedModel
 
 from undial_peft.errors import UndialStackError
+from undial_peft.training.concat import fuse
+
+logger = logging.getLogger(__name__)
 
 NEW = "forget_new"
+FUSED = "stack_fused"
 
 
 def stack_name(index: int) -> str:
     """The name the index-th adapter of a stack gets inside a PEFT model."""
     return f"stack_{index}"
+
+
+def frozen_adapters(model: PeftModel) -> list[str]:
+    """The adapters below ``NEW``: the teacher's active set (``[]`` without a stack).
+
+    >>> frozen_adapters(build_trainable(base, default_lora_config(), ["a", "b"]))  # doctest: +SKIP
+    ['stack_fused']
+    """
+    return [name for name in model.peft_config if name != NEW]
 
 
 def _is_param_of(name: str, adapters: Collection[str]) -> bool:
@@ -175,11 +191,16 @@ def build_trainable(
     lora: LoraConfig,
     stack: Sequence[str | Path] = (),
     gradient_checkpointing: bool = False,
+    fuse_stack: bool = True,
 ) -> PeftModel:
     """A PEFT model with the (verified) stack active and frozen, plus a new trainable adapter ``NEW``.
 
     4-bit bases go through ``prepare_model_for_kbit_training``; with gradient checkpointing the
-    input embeddings are made to require grad, without which LoRA would silently not train.
+    input embeddings are made to require grad, without which LoRA would silently not train. With
+    ``fuse_stack`` a stack of two or more runs as ONE frozen adapter (`FUSED`), the rank-concatenation
+    of its adapters: same delta up to float rounding, but each forward runs one LoRA pair per module
+    instead of len(stack) (SmolLM2-135M, nine earlier requests: see docs/stacks.md for the step times).
+    Stacks that cannot be concatenated (DoRA, modules_to_save) stay separate.
     """
     _check_lora(lora, base)
     if getattr(base, "is_loaded_in_4bit", False):
@@ -190,11 +211,15 @@ def build_trainable(
     try:
         if stack:
             model = load_stack(base, stack)
+            if fuse_stack and len(stack) > 1:
+                try:
+                    fuse(model, [stack_name(i) for i in range(len(stack))], into=FUSED)
+                except UndialStackError as err:  # raised before anything is changed
+                    logger.info("the stack runs as %d separate adapters: %s", len(stack), err)
             model.add_adapter(NEW, lora)
         else:
             model = get_peft_model(base, lora, adapter_name=NEW)
     except ValueError as err:  # peft's message for targets that match nothing
         raise UndialStackError(f"LoRA config does not fit this model: {err}") from None
-    _activate(model, [*(stack_name(i) for i in range(len(stack))), NEW], trainable=[NEW])
+    _activate(model, [*frozen_adapters(model), NEW], trainable=[NEW])
     return model
-

@@ -30,7 +30,7 @@ from undial_peft.deploy.manifest import Manifest, save_adapter, verify_stack
 from undial_peft.errors import OutputExistsError, UndialConfigError
 from undial_peft.evals.scoring import mean_answer_probability
 from undial_peft.models import base_identity, load_model, source_name
-from undial_peft.training.adapters import NEW, adapter_state, build_trainable, default_lora_config, stack_name
+from undial_peft.training.adapters import NEW, adapter_state, build_trainable, default_lora_config, frozen_adapters
 from undial_peft.training.answer_keys import KeyRule, auto_key_weights
 from undial_peft.training.config import UndialConfig
 from undial_peft.training.guard import drop_forgotten, guard_rows
@@ -120,7 +120,7 @@ def forget(
     dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, fmt)  # validates
     set_seed(config.seed)  # LoRA A is initialised randomly here, before the Trainer seeds: same seed, same adapter
     peft_model = build_trainable(base, lora or default_lora_config(), stack, config.activation_checkpointing)
-    teacher = [stack_name(i) for i in range(len(stack))]
+    teacher = frozen_adapters(peft_model)
 
     try:
         # build_trainable has set up checkpointing; the Trainer must not redo it. (transformers 5
@@ -156,7 +156,7 @@ def forget(
         if served is not None:  # finished on the served precision: that model holds the adapter to save
             peft_model = served
         if base_gguf is not None:
-            deployed = in_llama_cpp(peft_model, base_gguf, len(stack), forget_features, config, deployed, stopper)
+            deployed = in_llama_cpp(peft_model, base_gguf, forget_features, config, deployed, stopper)
         steps = result.global_step + ((deployed or {}).get("finish_steps") or 0)
 
         manifest = Manifest(
@@ -213,7 +213,7 @@ def preview_keys(
     verify_stack(stack, base_identity(base), force=force)
     peft_model = build_trainable(base, default_lora_config(), stack)
     try:
-        weights = _auto_keys(peft_model, tokenizer, rows, config, [stack_name(i) for i in range(len(stack))])
+        weights = _auto_keys(peft_model, tokenizer, rows, config, frozen_adapters(peft_model))
     finally:
         if isinstance(model, PreTrainedModel):
             peft_model.unload()
@@ -294,19 +294,19 @@ def _deployed(
                        "was not measured as served; run `undial-peft eval --adapters ...` on the served base.")
         return {"form": None, "skipped": "a loaded model was given; its full-precision form is unknown"}, None
     served = served_copy(model, trained, lora, stack)
-    figures = measure_served(served, len(stack), features, tokenizer.pad_token_id)
+    figures = measure_served(served, features, tokenizer.pad_token_id)
     figures.update(verdict(figures, config.until_ratio, config.until_prob))
     if figures["reached"] is False and config.finish_on_served:
         logger.warning("%s: training on at that precision", describe_deployed(figures))
         first = dict(figures)
-        teacher = [stack_name(i) for i in range(len(stack))]
+        teacher = frozen_adapters(served)
         finish = dataclasses.replace(config, min_steps=0)  # the 4-bit phase already trained past min_steps
         finisher = _stopper(tokenizer, features, None, finish, teacher)
         args = dataclasses.replace(finish, output_dir=str(checkpoints), activation_checkpointing=False,
                                    save_strategy="no")
         UndialTrainer(model=served, args=args, train_dataset=dataset, data_collator=Collator(tokenizer.pad_token_id),
                       stack=teacher, callbacks=[finisher]).train()
-        figures = measure_served(served, len(stack), features, tokenizer.pad_token_id)
+        figures = measure_served(served, features, tokenizer.pad_token_id)
         figures.update(verdict(figures, config.until_ratio, config.until_prob))
         figures.update(finish_steps=int(finisher.outcome.get("step", 0)), before_finish=first)
     else:

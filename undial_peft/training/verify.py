@@ -25,12 +25,17 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from undial_peft.deploy import in_llama_cpp as engine
-from undial_peft.deploy.gguf_export import (base_architecture, base_gguf_path, gguf_architecture, gguf_lora_tensors,
-                                            write_gguf_lora)
-from undial_peft.deploy.stack import concatenated_deltas
+from undial_peft.deploy.gguf_export import (
+    base_architecture,
+    base_gguf_path,
+    gguf_architecture,
+    gguf_lora_tensors,
+    write_gguf_lora,
+)
 from undial_peft.errors import UndialConfigError
 from undial_peft.models import load_model
-from undial_peft.training.adapters import NEW, adapter_state, build_trainable, stack_name
+from undial_peft.training.adapters import NEW, adapter_state, build_trainable, frozen_adapters
+from undial_peft.training.concat import concatenated_deltas
 from undial_peft.training.stopping import key_probabilities, stopping_target
 
 logger = logging.getLogger(__name__)
@@ -79,10 +84,10 @@ def served_copy(model: str | Path, trained: torch.nn.Module, lora: LoraConfig, s
     return served
 
 
-def measure_served(served: torch.nn.Module, n_stack: int, forget_rows: Sequence[dict[str, list]],
+def measure_served(served: torch.nn.Module, forget_rows: Sequence[dict[str, list]],
                    pad_token_id: int) -> dict[str, Any]:
     """Mean forget key probability on ``served`` without and with the new adapter (the stack stays on)."""
-    earlier = [stack_name(i) for i in range(n_stack)]
+    earlier = frozen_adapters(served)
     with adapter_state(served, active=earlier):
         before = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
     with adapter_state(served, active=[*earlier, NEW]):
@@ -90,7 +95,7 @@ def measure_served(served: torch.nn.Module, n_stack: int, forget_rows: Sequence[
     return {"form": SERVED_FORM, "forget_before": float(before.mean()), "forget_after": float(after.mean())}
 
 
-def measure_llama_cpp(trained: Any, base_gguf: str | Path, n_stack: int, forget_rows: Sequence[dict[str, list]],
+def measure_llama_cpp(trained: Any, base_gguf: str | Path, forget_rows: Sequence[dict[str, list]],
                       work: str | Path) -> dict[str, Any]:
     """Mean forget key probability in llama.cpp on ``base_gguf``: with the stack, and with the stack + new adapter.
 
@@ -106,7 +111,7 @@ def measure_llama_cpp(trained: Any, base_gguf: str | Path, n_stack: int, forget_
         tensors, alpha = gguf_lora_tensors(concatenated_deltas(trained, names)[0], config)
         return [write_gguf_lora(tensors, alpha, path, architecture=architecture)]
 
-    earlier = [stack_name(i) for i in range(n_stack)]
+    earlier = frozen_adapters(trained)
     rows = engine.rows_for_llama_cpp(forget_rows)
     before = engine.key_probabilities(base_gguf, lora_file(earlier, Path(work) / "before.gguf"), rows)
     after = engine.key_probabilities(base_gguf, lora_file([*earlier, NEW], Path(work) / "after.gguf"), rows)
@@ -130,14 +135,14 @@ def llama_cpp_base(model: Any, verify: str) -> Path | None:
 
 
 def in_llama_cpp(
-    trained: Any, base_gguf: Path, n_stack: int, features: Sequence[dict[str, list]], config: Any,
+    trained: Any, base_gguf: Path, features: Sequence[dict[str, list]], config: Any,
     deployed: dict[str, Any] | None, stopper: Any,
 ) -> dict[str, Any]:
     """The forget rows measured in llama.cpp (the stack and the new adapter as one GGUF LoRA file), with the
     stopping target applied; added to ``deployed`` under ``llama_cpp``. A miss is reported, not trained on:
     llama.cpp cannot train."""
     with tempfile.TemporaryDirectory(prefix="undial-llama-cpp-") as work:
-        figures = measure_llama_cpp(trained, base_gguf, n_stack, features, work)
+        figures = measure_llama_cpp(trained, base_gguf, features, work)
     figures.update(verdict(figures, config.until_ratio, config.until_prob))
     (logger.warning if figures["reached"] is False else logger.info)("%s", describe_deployed(figures))
     if stopper is not None and stopper.outcome:
