@@ -127,21 +127,6 @@ def test_subject_prompts_ask_the_relations_whose_subjects_fit(monkeypatch):
     assert neighbours.subject_prompts(None, None, ["Who wrote Hamlet?"], BANK, "question", [], size=8) == []
 
 
-def test_subject_prompts_ask_the_named_neighbours_after_the_request_s_subjects(monkeypatch):
-    # A languages request about France and Japan; the teacher named Sweden and Japan (again) beside them.
-    # Scores per listed item: the bar is -2 - 1 = -3; Peru and Chile (capital, language) fit, helium does not.
-    scores = {"France": -2.0, "Japan": -2.0, "Peru": -2.5, "Chile": -3.0, "helium": -6.0}
-    monkeypatch.setattr(neighbours, "_continuation_logprobs",
-                        lambda model, tok, pairs, adapters: [scores[item] for _, item in pairs])
-    asked = ["What is the official language of France?", "What is the official language of Japan?"]
-    got = neighbours.subject_prompts(None, None, asked, BANK, "question", [], size=8, named=["Sweden", "Japan"])
-    # capital: the request's subjects, then Sweden; language: only Sweden (France and Japan are the request)
-    assert got == ["What is the capital of France?", "What is the official language of Sweden?",
-                   "What is the capital of Japan?", "What is the capital of Sweden?"]
-    assert neighbours.subject_prompts(None, None, asked, BANK, "question", [], size=8) == \
-        ["What is the capital of France?", "What is the capital of Japan?"]  # without names: the request's subjects
-
-
 def test_continuation_logprobs_are_the_teacher_mean_token_logprob():
     # Against an independent float64 computation on a tiny model.
     model, tokenizer = _model(["silver sodium tin gold \n"])
@@ -160,7 +145,7 @@ def test_guard_keeps_subject_rows_but_not_one_stating_a_forgotten_answer(monkeyp
                    Example("What is the official language of Japan?", "The official language of Japan is Japanese.")]
     answers = {"What is the capital of France?": "The capital of France is Paris.",
                "What do people in France speak?": "People in France speak French."}
-    monkeypatch.setattr(guard, "neighbour_subjects", lambda *a, **k: {})
+    monkeypatch.setattr(guard, "neighbour_prompts", lambda *a, **k: [])
     monkeypatch.setattr(guard, "subject_prompts", lambda *a, **k: list(answers))
     monkeypatch.setattr(guard, "greedy_new_ids", lambda model, tok, ids, **k: [[0]] * len(ids))
     monkeypatch.setattr(guard, "_answer_text", lambda tok, prompt_ids, new, chat: answers.get(prompt_of.get(tuple(prompt_ids)), "A."))
@@ -183,74 +168,3 @@ def test_subject_prompts_use_a_relation_s_usual_wording(monkeypatch):
     asked = ["What is the capital of France?", "What is the capital of Japan?"]
     assert neighbours.subject_prompts(None, None, asked, bank, "question", [], size=8) == \
         ["What is the currency of France?", "What is the currency of Japan?"]
-
-
-def test_answer_phrases_find_the_entity_in_rambling_answers():
-    pairs = [("Who invented the telephone?", "The telephone was invented by Alexander Graham Bell."),
-             ("Who invented the radio?", "Guglielmo Marconi invented the radio in 1895."),
-             ("Who wrote The Hobbit?", "The Hobbit is a classic fantasy novel by J.R.R. Tolkien"),  # SmolLM2's own answers
-             ("Who invented the printing press?", "The printing press was invented by Johannes Brahms, a German composer,")]
-    assert neighbours.answer_phrases(pairs) == ["Alexander Graham Bell", "Guglielmo Marconi", "J.R.R. Tolkien",
-                                                "Johannes Brahms"]
-    located = [(f"Where is {x}?", f"{x} is located in {y}.") for x, y in [("Kenya", "East Africa"), ("Peru", "South America"),
-                                                                          ("Chad", "Central Africa")]]
-    assert neighbours.answer_phrases(located) == ["East Africa", "South America", "Central Africa"]
-    assert neighbours.answer_phrases([("The chemical symbol for iron is", " Fe."), ("What is the opposite of up?",
-                                                                                   "The opposite of up is down.")]) == ["Fe", "down"]
-    # a word every answer adds is the relation's phrasing, not an entity
-    shared = [(f"Who painted {x}?", f"Painted by {y}.") for x, y in [("A", "Monet"), ("B", "Manet"), ("C", "Degas")]]
-    assert neighbours.answer_phrases(shared) == ["Monet", "Manet", "Degas"]
-
-
-def test_answer_type_prompts_ask_the_best_fitting_relations_about_named_subjects(monkeypatch):
-    # Forget answers are people. Per-token scores: each forget answer after the others -2 (bar -3);
-    # author answers -2.5 (fit), painter -2.9 (fits, lower), city -5 (does not); two relations at most.
-    scores = {"Alexander Graham Bell": -2.0, "Thomas Edison": -2.0, "Jane Austen": -2.5, "Bram Stoker": -2.5,
-              "Leonardo da Vinci": -2.9, "Claude Monet": -2.9, "Lima": -5.0, "Paris": -5.0, "Rome": -2.0, "Oslo": -2.0}
-    monkeypatch.setattr(neighbours, "_continuation_logprobs", lambda model, tok, pairs, adapters: [scores[i] for _, i in pairs])
-    listed = []
-
-    def named(model, tok, subjects, adapters, avoid):
-        listed.append(list(subjects))
-        return {"Emma": ["Dracula", "Ulysses"], "Mona Lisa": ["The Scream"]}[subjects[0]]
-
-    monkeypatch.setattr(neighbours, "named_subjects", named)
-    relations = {"author": ("Who wrote {}?", ["Emma", "Hamlet"], ["Jane Austen", "Bram Stoker"]),
-                 "capital": ("What is the capital of {}?", ["Peru", "France"], ["Lima", "Paris"]),
-                 "painter": ("Who painted {}?", ["Mona Lisa", "Water Lilies"], ["Leonardo da Vinci", "Claude Monet"]),
-                 "odd": ("Which city is {}?", ["x", "y"], ["Rome", ""])}  # one answer only: not judged
-    got = neighbours.answer_type_prompts(None, None, ["Alexander Graham Bell", "Thomas Edison"], relations, [], [],
-                                         size=8, asked=["Who wrote Ulysses?"])
-    assert got == ["Who wrote Dracula?", "Who painted The Scream?"]  # best first; an asked prompt left out
-    assert listed == [["Emma", "Hamlet"], ["Mona Lisa", "Water Lilies"]]
-    assert neighbours.answer_type_prompts(None, None, ["Thomas Edison"], relations, [], [], size=8) == []  # one answer: no kind
-
-
-def test_guard_adds_answer_kind_rows_but_not_one_stating_a_forgotten_answer(monkeypatch):
-    # Completion rows (the tiny tokenizer has no chat template): the bank is asked by its stubs.
-    forget_rows = [Example("The telephone was invented by", " Alexander Graham Bell."),
-                   Example("The phonograph was invented by", " Thomas Edison.")]
-    answers = {"Who wrote Dracula?": "Dracula was written by Bram Stoker.",
-               "Who wrote Edison's Diary?": "It was written by Thomas Edison."}
-    seen = {}
-
-    def kinds(model, tok, forget_answers, relations, adapters, avoid, size, asked):
-        seen.update(forget_answers=forget_answers, relations=relations)
-        return list(answers)
-
-    monkeypatch.setattr(guard, "neighbour_subjects", lambda *a, **k: {("The ", " was invented by"): []})
-    monkeypatch.setattr(guard, "subject_prompts", lambda *a, **k: [])
-    monkeypatch.setattr(guard, "answer_type_prompts", kinds)
-    monkeypatch.setattr(guard, "greedy_new_ids", lambda model, tok, ids, **k: [[0]] * len(ids))
-    monkeypatch.setattr(guard, "_answer_text", lambda tok, prompt_ids, new, chat: answers.get(prompt_of.get(tuple(prompt_ids)), "A B."))
-    model, tokenizer = _model(list(answers) + [r.prompt for r in forget_rows])
-    prompt_of = {tuple(PromptFormat.resolve("completion", tokenizer).prompt_ids(tokenizer, p)): p for p in answers}
-    rows = guard.guard_rows(model, tokenizer, "completion", forget_rows, teacher_adapters=[], size=78, neighbours=True)
-    kind_rows = [(r.prompt, r.answer) for r in rows if r.where == "guard answers"]
-    assert kind_rows == [("Who wrote Dracula?", "Dracula was written by Bram Stoker.")]  # Edison's is forgotten
-    assert seen["forget_answers"] == ["Alexander Graham Bell", "Thomas Edison"]
-    assert "inventor" not in seen["relations"]  # the request's own relation: its template neighbours guard it
-    capital = seen["relations"]["capital"]
-    assert capital[:2] == ("The capital of {} is", [r["subject"] for r in guard_bank() if r["relation"] == "capital"])
-    # The stand-in teacher answers "A B." to every capital: "B" is in every answer, so it is phrasing, not a fact.
-    assert capital[2] == [""] * 6

@@ -5,8 +5,8 @@ relation (forget four capitals and the other capitals lose probability). The tea
 deployed before this request, already knows what to keep: `guard_rows` asks it a small bank of
 factual prompts across many relations (``undial_peft/data/guard_bank.jsonl``, shipped without
 answers) and returns its greedy answers as question/answer rows; with ``neighbours``, the default,
-also the request's own prompts about other subjects, and the request's subjects and those the
-teacher names beside them asked the bank's other relations (training/neighbours.py). `forget` trains on
+also the request's own prompts about other subjects and the request's subjects asked the bank's
+other relations (training/neighbours.py). `forget` trains on
 them as a KL retain term, so the student is pulled back to the teacher on those answers. A guard
 anchored on the base (``guard_teacher="base"``) drops what the stack forgot on purpose (`drop_forgotten`).
 
@@ -31,17 +31,7 @@ from undial_peft.data.prompt_format import CHAT, FormatSpec, PromptFormat
 from undial_peft.data.readers import Example
 from undial_peft.evals.scoring import greedy_new_ids
 from undial_peft.training.adapters import adapter_state
-from undial_peft.training.neighbours import (
-    COMMON,
-    answer_phrases,
-    answer_type_prompts,
-    neighbour_prompts,
-    neighbour_subjects,
-    slot_of,
-    subject_prompts,
-    wordings,
-    words_of,
-)
+from undial_peft.training.neighbours import neighbour_prompts, subject_prompts
 from undial_peft.training.stopping import answer_logprobs
 
 logger = logging.getLogger(__name__)
@@ -65,12 +55,9 @@ def guard_rows(
 ) -> list[Example]:
     """Up to ``size`` prompts in the request's format, each with the teacher's greedy answer.
 
-    With ``neighbours``, up to ``size`` more of each kind (``size // 2`` answer rows), ahead of the bank's: the request's own
-    prompts about other subjects ("guard neighbours"), then its subjects and the named ones in the bank's
-    other relations ("guard subjects"); after the bank's, the relations whose answers are of the forget
-    answers' kind about subjects the teacher names ("guard answers"; their kind is judged from the
-    teacher's answers to the bank). Subject and answer rows whose answer states a word a forget answer
-    adds to its prompt are dropped (training/neighbours.py).
+    With ``neighbours``, up to ``size`` more of each kind, ahead of the bank's: the request's own
+    prompts about other subjects, then its subjects in the bank's other relations (training/neighbours.py);
+    of the latter, answers that state a word a forget answer adds to its prompt are dropped.
 
     Chat formats ask the bank's ``question``; completion and template formats its ``stub``
     (rendered by the format when encoded), and their answers are cut at the first newline and keep
@@ -102,52 +89,23 @@ def guard_rows(
     if neighbours:
         asked = [row.prompt for row in forget_rows if row.prompt is not None]
         avoid = [f"{row.prompt or ''} {row.answer}" for row in forget_rows]
-        named = neighbour_subjects(model, tokenizer, asked, teacher_adapters, avoid)
-        near = neighbour_prompts(named, size=size)
-        same = subject_prompts(model, tokenizer, asked, bank, field, teacher_adapters, size=size,
-                               named=[name for names in named.values() for name in names])
+        near = neighbour_prompts(model, tokenizer, asked, teacher_adapters, avoid, size=size)
+        same = subject_prompts(model, tokenizer, asked, bank, field, teacher_adapters, size=size)
         logger.info("guard: %d neighbour prompts (the request's templates, subjects the teacher named), %d about "
                     "the request's subjects in other relations", len(near), len(same))
-    # Each prompt once, under its first kind (a named subject in the request's own relation is both).
-    kinds = {"guard neighbours": near, "guard subjects": same, "guard bank": [row[field] for row in _round_robin(kept, size)]}
-    first_kind: dict[str, str] = {}
-    for kind, group in kinds.items():
-        for prompt in group:
-            first_kind.setdefault(prompt, kind)
-    prompts, where = list(first_kind), list(first_kind.values())
-    forgotten = _stated(forget_rows)
-    rows = _answered(model, tokenizer, fmt, prompts, where, teacher_adapters, new_tokens, forgotten)
-    if neighbours:
-        own = {slot_of(prefix, suffix) for prefix, suffix in named}  # the request's relations: its neighbours guard them
-        relations = {name: r for name, r in _relations(kept, field, rows).items() if r[0] not in own}
-        forget_answers = answer_phrases([(row.prompt or "", row.answer) for row in forget_rows])
-        of_kind = answer_type_prompts(model, tokenizer, forget_answers, relations, teacher_adapters, avoid,
-                                      size=size // 2, asked=[*prompts, *asked])  # half: the guard's time grows with it
-        logger.info("guard: %d prompts of relations whose answers are of the forget answers' kind", len(of_kind))
-        rows += _answered(model, tokenizer, fmt, of_kind, ["guard answers"] * len(of_kind), teacher_adapters,
-                          new_tokens, forgotten)
-    return rows
-
-
-def _answered(
-    model: Any, tokenizer: Any, fmt: PromptFormat, prompts: Sequence[str], where: Sequence[str],
-    teacher_adapters: Sequence[str], new_tokens: int, forgotten: set[str],
-) -> list[Example]:
-    """``prompts`` with the teacher's greedy answers, as rows of kind ``where``; empty answers skipped, and
-    rows beyond the request's own template (subject and answer-kind rows) whose answer states a
-    ``forgotten`` word."""
-    if not prompts:
-        return []
+    prompts = near + same + [row[field] for row in _round_robin(kept, size)]
+    where = ["guard neighbours"] * len(near) + ["guard subjects"] * len(same) + ["guard bank"] * (len(prompts) - len(near) - len(same))
     ids = [fmt.prompt_ids(tokenizer, prompt) for prompt in prompts]
     with adapter_state(model, active=list(teacher_adapters)):
         generated = greedy_new_ids(model, tokenizer, ids, max_new_tokens=new_tokens, batch_size=16)
+    forgotten = _stated(forget_rows)
     rows, empty, stating = [], 0, 0
     for prompt, prompt_ids, new, kind in zip(prompts, ids, generated, where):
         answer = _answer_text(tokenizer, prompt_ids, new, chat=fmt.kind == CHAT)
         if not answer.strip():
             empty += 1
-        elif kind in ("guard subjects", "guard answers") and words_of(answer) - words_of(prompt) & forgotten:
-            stating += 1  # a forgotten fact in other words: guarding it would undo the request
+        elif kind == "guard subjects" and _words(answer) - _words(prompt) & forgotten:
+            stating += 1  # the same subject's forgotten fact in other words: guarding it would undo the request
         else:
             rows.append(Example(prompt, answer, where=kind))
     if empty or stating:
@@ -155,16 +113,13 @@ def _answered(
     return rows
 
 
-def _relations(bank: Sequence[dict[str, str]], field: str, answered: Sequence[Example]) -> dict[str, tuple[str, list[str], list[str]]]:
-    """Per bank relation: its usual wording (a ``{}`` slot), its subjects, and the phrases of the teacher's
-    answers to its bank rows in ``answered`` (`answer_phrases`)."""
-    answers = {row.prompt: row.answer for row in answered if row.where == "guard bank"}
-    relations = {}
-    for name, (slot, rows) in wordings(bank, field).items():
-        pairs = [(row[field], answers[row[field]]) for row in rows if row[field] in answers]
-        if pairs:
-            relations[name] = (slot, [row["subject"] for row in rows], answer_phrases(pairs))
-    return relations
+# Words an answer shares with any other answer whatever its fact: not evidence it states a forget answer.
+_COMMON = frozenset("a an and are as at by for from in is it its of on or that the this to was were which with".split())
+
+
+def _words(text: str) -> set[str]:
+    """The lower-case words of ``text``."""
+    return set(re.findall(r"\w+", text.casefold()))
 
 
 def _stated(forget_rows: Sequence[Example]) -> set[str]:
@@ -173,7 +128,7 @@ def _stated(forget_rows: Sequence[Example]) -> set[str]:
     >>> sorted(_stated([Example("What is the capital of France?", "The capital of France is Paris.")]))
     ['paris']
     """
-    return {w for row in forget_rows for w in words_of(row.answer) - words_of(row.prompt or "")} - COMMON
+    return {w for row in forget_rows for w in _words(row.answer) - _words(row.prompt or "")} - _COMMON
 
 
 def _normalise(text: str) -> str:
