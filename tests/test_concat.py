@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_adapters
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from conftest import random_adapters
-from undial_peft.training.adapters import FUSED, NEW, adapter_state, build_trainable, default_lora_config, frozen_adapters, load_stack
+from undial_peft.training.adapters import (
+    FUSED,
+    NEW,
+    adapter_state,
+    build_trainable,
+    default_lora_config,
+    frozen_adapters,
+    load_stack,
+)
 
 TOLERANCE = 1e-5
 MIXED = [

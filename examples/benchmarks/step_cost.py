@@ -8,6 +8,9 @@ step     one optimizer step on random token ids (batch 4; labels on the second h
            undial         `adapters.build_trainable` + `UndialTrainer.compute_loss` (fused head), live teacher
            undial_mmap    ``undial`` with glibc's mmap threshold pinned at 128 KiB (``cpu_mmap_threshold``):
                           the same step, freed buffers returned to the OS (less memory, more page faults)
+           undial_mmap_huge  the same with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (2 MiB pages for
+                          glibc's mmaps where THP is "madvise": fewer page faults)
+           undial_trim    ``undial`` with ``malloc_trim(0)`` once per step, after the loss, before backward
            undial_cached  the same reading the cached teacher (`teacher_cache`): a step from the second
                           epoch on; ``cache_s`` is the one teacher pass that fills the cache, paid once
            undial_full    live teacher with ``loss_chunk_size=0``: full (B, T, V) fp32 logits
@@ -308,7 +311,10 @@ def run_child(spec_json: str) -> None:
 
 def _spawn(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     label = " ".join(f"{k}={spec[k]}" for k in ("section", "variant", "seq", "chunk") if k in spec)
-    return spawn(__file__, spec, timeout, label, env={"OMP_NUM_THREADS": str(spec["threads"])})
+    env = {"OMP_NUM_THREADS": str(spec["threads"])}
+    if spec.get("variant", "").endswith("_huge"):  # glibc >= 2.35: madvise transparent huge pages for its mmaps
+        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+    return spawn(__file__, spec, timeout, label, env=env)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

@@ -28,7 +28,7 @@ from harness import sync
 from undial_peft.training.teacher_cache import INDEX
 
 PINNED = 128 * 1024  # glibc's starting mmap threshold, pinned (`undial_peft.utils.cpu_memory`)
-STEP_VARIANTS = ("lora_sft", "undial", "undial_mmap", "undial_cached", "undial_full", "undial_gc", "undial_4bit",
+STEP_VARIANTS = ("lora_sft", "undial", "undial_mmap", "undial_mmap_huge", "undial_trim", "undial_cached", "undial_full", "undial_gc", "undial_4bit",
                  "undial_4bit_gc", "undial_stack9", "undial_stack9_fused", "reference")
 STACK_DEPTH = 9  # the earlier requests below request 10
 BATCH, BETA, LR = 4, 10.0, 1e-4
@@ -144,7 +144,7 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[s
         return Step(lambda b: peft_model(**b).loss, optimizer, peft_model)  # causal-LM NLL over (B, T, V) logits
     if variant.startswith("undial"):
         chunk = 0 if variant == "undial_full" else args.loss_chunk_size
-        threshold = PINNED if variant == "undial_mmap" else cpu_mmap_threshold
+        threshold = PINNED if variant.startswith("undial_mmap") else cpu_mmap_threshold
         allocator = {} if threshold is None else {"cpu_mmap_threshold": threshold}
         args = UndialConfig(output_dir=workdir, beta=BETA, learning_rate=LR, loss_chunk_size=chunk,
                             teacher_cache="memory" if variant == "undial_cached" else "off", **allocator)
@@ -154,7 +154,9 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[s
         peft_model = build_trainable(model, default_lora_config(), stack, gradient_checkpointing=variant.endswith("_gc"),
                                      fuse_stack=variant.endswith("_fused")).train()
         trainer = UndialTrainer(model=peft_model, args=args, train_dataset=_as_dataset(batch), data_collator=_collate)
-        step = Step(lambda b: trainer.compute_loss(peft_model, b), trainer.create_optimizer(), peft_model, trainer)
+        loss_fn = (lambda b: _trimmed(trainer.compute_loss(peft_model, b))) if variant == "undial_trim" else \
+            (lambda b: trainer.compute_loss(peft_model, b))
+        step = Step(loss_fn, trainer.create_optimizer(), peft_model, trainer)
         if variant == "undial_cached":  # what train() does first: one teacher pass over the (one-batch) set
             sync()
             start = time.perf_counter()
@@ -176,6 +178,13 @@ def build_step(variant: str, model: torch.nn.Module, workdir: str, batch: dict[s
 
         return Step(loss_fn, _optimizer(args, list(model.parameters())), model)
     raise ValueError(f"unknown variant {variant!r}; choose one of {STEP_VARIANTS}")
+
+
+def _trimmed(loss: torch.Tensor) -> torch.Tensor:
+    """``loss``, after handing the heap's free pages back to the OS (``malloc_trim(0)``): what the
+    forward pass freed (teacher logits, loss chunks) leaves RSS before backward allocates its own."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return loss
 
 
 def _random_stack(model: torch.nn.Module, workdir: Path, depth: int) -> list[Path]:
