@@ -125,8 +125,9 @@ def fuse(model: PeftModel, names: Sequence[str], into: str) -> None:
     """Replace adapters ``names`` of ``model`` by ONE adapter ``into`` with the same summed delta.
 
     The deltas are concatenated in float32, so a fused stack's logits equal the separate stack's up to
-    float rounding (max 2e-6 on SmolLM2-135M for ten adapters; `tests/test_concat.py` checks 1e-5 on the
-    tiny model). A forward then runs one LoRA pair per module, not len(names).
+    float rounding: SmolLM2-135M with nine random r=8 adapters that move its logits by up to 5.3, max
+    difference 4.6e-5 (the sums run in another order); `tests/test_concat.py` checks 1e-5 on the tiny
+    model. A forward then runs one LoRA pair per module, not len(names).
     """
     blocks, rank = concatenated_deltas(model, names)
     source = model.peft_config[names[0]]
