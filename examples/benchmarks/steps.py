@@ -28,8 +28,8 @@ from harness import sync
 from undial_peft.training.teacher_cache import INDEX
 
 PINNED = 128 * 1024  # glibc's starting mmap threshold, pinned (`undial_peft.utils.cpu_memory`)
-STEP_VARIANTS = ("lora_sft", "undial", "undial_mmap", "undial_mmap_huge", "undial_trim", "undial_cached", "undial_full", "undial_gc", "undial_4bit",
-                 "undial_4bit_gc", "undial_stack9", "undial_stack9_fused", "reference")
+STEP_VARIANTS = ("lora_sft", "undial", "undial_mmap", "undial_mmap_huge", "undial_trim", "undial_cached", "undial_full",
+                 "undial_gc", "undial_4bit", "undial_4bit_gc", "undial_stack9", "undial_stack9_fused", "reference")
 STACK_DEPTH = 9  # the earlier requests below request 10
 BATCH, BETA, LR = 4, 10.0, 1e-4
 
