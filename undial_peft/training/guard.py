@@ -31,7 +31,7 @@ from undial_peft.data.prompt_format import CHAT, FormatSpec, PromptFormat
 from undial_peft.data.readers import Example
 from undial_peft.evals.scoring import greedy_new_ids
 from undial_peft.training.adapters import adapter_state
-from undial_peft.training.neighbours import neighbour_prompts, subject_prompts
+from undial_peft.training.neighbours import neighbour_prompts, subject_prompts, take_turns
 from undial_peft.training.stopping import answer_logprobs
 
 logger = logging.getLogger(__name__)
@@ -153,9 +153,7 @@ def _round_robin(rows: Sequence[dict[str, str]], size: int) -> list[dict[str, st
     by_relation: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_relation.setdefault(row["relation"], []).append(row)
-    order = [group[i] for i in range(max(map(len, by_relation.values()), default=0))
-             for group in by_relation.values() if i < len(group)]
-    return order[:size]
+    return take_turns(list(by_relation.values()), size)
 
 
 def _answer_text(tokenizer: Any, prompt_ids: list[int], new: list[int], chat: bool) -> str:

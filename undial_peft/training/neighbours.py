@@ -135,8 +135,7 @@ def neighbour_prompts(
     for (prefix, suffix), subjects in templates(prompts).items():
         names = named_subjects(model, tokenizer, subjects, teacher_adapters, avoid)
         filled.append([f"{prefix}{name}{suffix}" for name in names])
-    order = [group[i] for i in range(max(map(len, filled), default=0)) for group in filled if i < len(group)]
-    return order[:size]
+    return take_turns(filled, size)
 
 
 def subject_prompts(
@@ -169,8 +168,7 @@ def subject_prompts(
         if slots:
             slot = max(slots, key=slots.count)  # the relation's usual wording: "currency of {}", not "of the {}"
             filled.append([q for q in (slot.format(s) for s in subjects) if _fold(q).rstrip(" ?.!:") not in asked])
-    order = [group[i] for i in range(max(map(len, filled), default=0)) for group in filled if i < len(group)]
-    return order[:size]
+    return take_turns(filled, size)
 
 
 def fitting_relations(
@@ -228,6 +226,15 @@ def _continuation_logprobs(
         for _, logp, mask in answer_logprobs(model, rows, pad_id(tokenizer), batch_size=BATCH):  # (B, T) each
             out.extend((logp.sum(-1) / mask.sum(-1)).tolist())
     return out
+
+
+def take_turns(groups: Sequence[Sequence[Any]], size: int) -> list[Any]:
+    """The first item of each group, then the second of each, ...: at most ``size`` items.
+
+    >>> take_turns([["a1", "a2", "a3"], ["b1"]], size=3)
+    ['a1', 'b1', 'a2']
+    """
+    return [group[i] for i in range(max(map(len, groups), default=0)) for group in groups if i < len(group)][:size]
 
 
 def _shared(a: Sequence[str], b: Sequence[str]) -> int:
