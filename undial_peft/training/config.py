@@ -41,7 +41,8 @@ class UndialConfig(TrainingArguments):
     cpu_mmap_threshold: int = field(default=0, metadata={"help": (
         "CPU (glibc): buffers of at least this many bytes are mmapped, so freed activations go back to the OS instead "
         "of staying in the heap (utils/cpu_memory.py). Process-wide. 131072 (128 KiB) cut a SmolLM2-135M step's peak "
-        "by 29% and made it 56% slower (page faults on every fresh buffer), so it is opt-in for memory-bound runs. "
+        "by 29% and made it 56% slower (page faults on every fresh buffer), so it is opt-in for memory-bound runs "
+        "that cannot start under tcmalloc, which frees as much at no time cost (the CLI's --allocator). "
         "0: glibc's own adaptive threshold.")})
     teacher_cache: str = field(
         default="auto", metadata={"help": f"Teacher outputs computed once before training: one of {TEACHER_CACHES}."}
