@@ -35,6 +35,9 @@ latency  forward latency (batch 1, seq 128) of the base, one adapter, a stack of
 switch   milliseconds per teacher switch (enter + leave `adapters.adapter_state`): peft's
          ``set_adapter`` walk (the previous code, kept as the fallback) vs the cached LoRA layers.
 
+``--allocator tcmalloc|jemalloc`` runs every child under that allocator (``LD_PRELOAD``, as
+``forget --allocator``); the default is the system's (glibc), as a library caller gets it.
+
 ``--shape 360m|1b|8b`` runs on a random-weight model with the shape of SmolLM2-360M,
 Llama-3.2-1B or Llama-3.1-8B (built by `gpu_memory.save_random`); memory and time do not depend
 on the values.
@@ -64,6 +67,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -87,10 +91,18 @@ from steps import (
     settle,
 )
 
+from undial_peft.utils.cpu_memory import ALLOCATORS, RELAUNCHED, allocator_environment
+
 HEAD_HIDDEN, HEAD_VOCAB = 576, 49152  # SmolLM2-135M's LM head
 
 
 # --- one training step (child) ----------------------------------------------------------------
+
+
+def _unpacked_numel(param: torch.Tensor) -> int:
+    """Parameters a weight holds: a 4-bit (bitsandbytes) weight's numel counts its packed bytes, its quant state the shape."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
 
 
 def child_step(spec: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +138,7 @@ def child_step(spec: dict[str, Any]) -> dict[str, Any]:
         "maxrss_mib": maxrss_mib(),
         "peak_reset": memory.reset_ok,
         "trainable": params,
-        "params": None if four_bit else sum(p.numel() for p in model.parameters()),  # 4-bit numel is packed
+        "params": sum(_unpacked_numel(p) for p in model.parameters()),
         "cache_s": step.cache_s,
         "loss": losses[0],
     }
@@ -312,6 +324,8 @@ def run_child(spec_json: str) -> None:
 def _spawn(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     label = " ".join(f"{k}={spec[k]}" for k in ("section", "variant", "seq", "chunk") if k in spec)
     env = {"OMP_NUM_THREADS": str(spec["threads"])}
+    preload = allocator_environment(spec.get("allocator", "system"), os.environ)  # LD_PRELOAD, as `forget --allocator`
+    env.update({k: preload[k] for k in ("LD_PRELOAD", RELAUNCHED)} if preload else {})
     if spec.get("variant", "").endswith("_huge"):  # glibc >= 2.35: madvise transparent huge pages for its mmaps
         env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
     return spawn(__file__, spec, timeout, label, env=env)
@@ -450,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     parser.add_argument("--cpu-mmap-threshold", type=int, default=None,
                         help="UndialConfig.cpu_mmap_threshold of the UNDIAL variants (default: its default, 0)")
+    parser.add_argument("--allocator", choices=[a for a in ALLOCATORS if a != "auto"], default="system",
+                        help="every child's memory allocator (LD_PRELOAD, as `forget --allocator`; default glibc's)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per child before it is killed")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--fit", type=Path, nargs="+", default=None,
@@ -469,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     loss_chunks = args.loss_chunks or ([1024] if quick else [1024, 256])
     warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     steps = args.steps if args.steps is not None else (2 if quick else 5)
-    common = {"threads": args.threads, "cpu_mmap_threshold": args.cpu_mmap_threshold}
+    common = {"threads": args.threads, "cpu_mmap_threshold": args.cpu_mmap_threshold, "allocator": args.allocator}
     checks: list[tuple[str, float | None, float]] = []
     raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -477,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model_dir(args.model or ("tiny" if quick else "default"), args.shape, Path(tmp))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print(f"model={model_name} device={device} threads={args.threads} "
-              f"batch={BATCH} warmup={warmup} timed={steps}", flush=True)
+              f"batch={BATCH} warmup={warmup} timed={steps} allocator={args.allocator}", flush=True)
         outputs = []
         if "step" in args.sections:
             results = {}
