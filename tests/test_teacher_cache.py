@@ -211,3 +211,29 @@ def test_the_kl_retain_term_equals_kl_of_the_full_logits(tiny_dir, facts, tmp_pa
         fused = trainer._retain_loss(trainer.model, batch)
     assert trainer._plain_head() and reference.item() > 1e-4
     assert fused.item() == pytest.approx(reference.item(), rel=1e-4)
+
+
+def test_the_pass_answers_each_distinct_row_once_and_copies_the_repeats(tiny_dir, facts, tmp_path):
+    """10 retain rows pair with 6 forget rows repeated: the teacher sees 6 + 10 rows, not 2 x 10, and every
+    stored row equals the teacher's own hidden states for that row, asked alone."""
+    retain = facts[:4] + facts[10:16]
+    trainer = _trainer(tiny_dir, facts, tmp_path, retain=retain, retain_weight=1.0, retain_loss="kl")
+    assert trainer._plain_head()  # measured once, with a teacher forward of its own: before the count
+    answered: list[int] = []
+    teacher = trainer._teacher
+
+    def counting(*args, **batch):
+        answered.append(len(batch["input_ids"]))
+        return teacher(*args, **batch)
+
+    trainer._teacher = counting
+    cache = trainer._build_teacher_cache()
+    assert len(trainer.train_dataset) == 10 and sum(answered) == 6 + 10
+    collate = trainer.data_collator.inner
+    for i in range(10):
+        batch = collate([{k: v for k, v in trainer.train_dataset[i].items() if k != teacher_cache.INDEX}])
+        for prefix, rows in (("", cache.hidden), ("retain_", cache.retain_hidden)):
+            out = teacher(trainer.model, input_ids=batch[f"{prefix}input_ids"], output_hidden_states=True)
+            mask = batch[f"{prefix}labels"][:, 1:] != -100  # (1, T-1): the positions the loss reads
+            alone = out.hidden_states[-1][:, :-1][mask]  # (N, H)
+            assert torch.allclose(rows.gather(torch.tensor([i])), alone, atol=1e-5), (prefix, i)

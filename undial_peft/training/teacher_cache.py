@@ -1,8 +1,8 @@
 """Cached teacher: the frozen teacher's outputs computed once, before training, and read back per step.
 
 The teacher (base + earlier stack, new adapter off, no dropout) never changes during training, so
-its output on a training row is the same every epoch. One no-grad pass over the training set
-stores, per row of the dataset:
+its output on a training row is the same every epoch. One no-grad pass over the training set's
+distinct rows stores, per row of the dataset:
 
 - UNDIAL: the final hidden states at the COUNTED positions only (those the loss reads), which
   the fused head turns into logits; ``rows x counted tokens x hidden x bytes`` in all, e.g.
@@ -147,8 +147,11 @@ def build(
     device: torch.device,
     retain_teacher: Teacher | None = None,
 ) -> tuple[TeacherCache | None, str]:
-    """One teacher pass over ``dataset`` in order, filling what ``needs`` names.
+    """One teacher pass over the DISTINCT rows of ``dataset``, filling what ``needs`` names.
 
+    A dataset row pairs a forget row with a retain row, and the shorter side repeats (guard rows
+    usually outnumber forget rows several times): each distinct forget or retain row is answered
+    once and its repeats are copied, so the pass costs forget + retain rows, not twice the longer.
     ``retain_teacher`` answers the retain rows where it is another model than ``teacher`` (a guard
     anchored on the base, without the stack).
 
@@ -157,52 +160,75 @@ def build(
     batch shows the hidden size and dtype.
     """
     counts = {"hidden": counted_per_row(dataset["labels"])}
+    parts = {}  # batch-key prefix -> the teacher that answers it: the forget side "", the retain side "retain_"
     if "retain_hidden" in needs:
         counts["retain_hidden"] = counted_per_row(dataset["retain_labels"])
+        parts["retain_"] = retain_teacher or teacher
+    if "hidden" in needs or "logprob" in needs:
+        # forget side first where it has hidden states: the first output then sizes the whole cache
+        parts = {"": teacher, **parts} if "hidden" in needs else {**parts, "": teacher}
     cache = TeacherCache()
     if "logprob" in needs:
         cache.logprob = torch.empty(len(dataset), dtype=torch.float32)
-    for start in range(0, len(dataset), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(dataset)))  # (B,)
-        batch = {k: v.to(device) for k, v in collate([dataset[int(i)] for i in index]).items()}
-        outputs = {}
-        if "hidden" in needs or "logprob" in needs:
-            hidden_too = {"output_hidden_states": True} if "hidden" in needs else {}
-            keep = {} if "logprob" in needs else {"logits_to_keep": 1}  # NPO reads full logits
-            outputs[""] = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **hidden_too, **keep)
-        if "retain_hidden" in needs:
-            outputs["retain_"] = (retain_teacher or teacher)(
-                input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"],
-                output_hidden_states=True, logits_to_keep=1,
-            )
-        if start == 0:  # storage decided from the real hidden size and dtype
-            storage, where = _storage(counts, needs, outputs, len(dataset), mode, folder)
-            if storage is None:
-                return None, where
-            cache.where = where
-            sample = next((o.hidden_states[-1] for o in outputs.values() if o.hidden_states is not None), None)
-            for key in ("hidden", "retain_hidden"):
-                if key in needs:  # sample is (B, T, H)
-                    rows = CachedRows.allocate(counts[key], sample.shape[-1], sample.dtype, folder if storage == "disk" else None)
-                    setattr(cache, key, rows)
-        for prefix, out in outputs.items():
+    for prefix, answer in parts.items():
+        first = first_of_each(dataset[f"{prefix}input_ids"], dataset[f"{prefix}labels"])  # (E,)
+        distinct = torch.nonzero(first == torch.arange(len(first))).flatten()  # (D,)
+        for start in range(0, len(distinct), batch_size):
+            index = distinct[start:start + batch_size]  # (B,)
+            batch = {k: v.to(device) for k, v in collate([dataset[int(i)] for i in index]).items()}
+            if prefix:
+                out = answer(input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"],
+                             output_hidden_states=True, logits_to_keep=1)
+            else:
+                hidden_too = {"output_hidden_states": True} if "hidden" in needs else {}
+                keep = {} if "logprob" in needs else {"logits_to_keep": 1}  # NPO reads full logits
+                out = answer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **hidden_too, **keep)
+            if not cache.where:  # storage decided from the real hidden size and dtype
+                storage, where = _storage(counts, needs, out.hidden_states, len(dataset), mode, folder)
+                if storage is None:
+                    return None, where
+                cache.where = where
+                for key in ("hidden", "retain_hidden"):
+                    if key in needs:  # hidden_states[-1] is (B, T, H)
+                        sample = out.hidden_states[-1]
+                        rows = CachedRows.allocate(counts[key], sample.shape[-1], sample.dtype,
+                                                   folder if storage == "disk" else None)
+                        setattr(cache, key, rows)
             mask = shift_labels(batch[f"{prefix}labels"]) != IGNORE_INDEX  # (B, T)
             rows = getattr(cache, f"{prefix}hidden")
             if rows is not None:
                 rows.write(index, out.hidden_states[-1][mask].cpu())  # (N, H), example by example
-            if prefix == "" and cache.logprob is not None:
+            if not prefix and cache.logprob is not None:
                 cache.logprob[index] = sequence_logprob(out.logits, batch["labels"]).float().cpu()  # (B,)
+        repeats = torch.nonzero(first != torch.arange(len(first))).flatten()  # (R,) rows answered by an earlier one
+        if len(repeats):
+            rows = getattr(cache, f"{prefix}hidden")
+            if rows is not None:
+                rows.write(repeats, rows.gather(first[repeats]))
+            if not prefix and cache.logprob is not None:
+                cache.logprob[repeats] = cache.logprob[first[repeats]]
     return cache, cache.where
 
 
-def _storage(counts: dict[str, torch.Tensor], needs: Collection[str], outputs: dict[str, Any], rows: int, mode: str,
+def first_of_each(input_ids: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
+    """For each row, the index of the first row with the same tokens and labels. -> (E,)
+
+    >>> first_of_each([[1, 2], [3], [1, 2]], [[-100, 2], [3], [-100, 2]]).tolist()
+    [0, 1, 0]
+    """
+    seen: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    return torch.tensor([seen.setdefault((tuple(ids), tuple(ys)), i) for i, (ids, ys) in enumerate(zip(input_ids, labels))],
+                        dtype=torch.int64)
+
+
+def _storage(counts: dict[str, torch.Tensor], needs: Collection[str], hidden_states: Any, rows: int, mode: str,
              folder: Path) -> tuple[str | None, str]:
+    """Where the whole cache goes (`choose_storage`), sized from one output's hidden states (or None: NPO alone)."""
     nbytes = 4 * rows if "logprob" in needs else 0
-    for prefix, out in outputs.items():
-        key = f"{prefix}hidden"
-        if key in needs:
-            sample = out.hidden_states[-1]  # (B, T, H)
-            nbytes += estimate_bytes(counts[key], sample.shape[-1], sample.element_size())
+    if hidden_states is not None:
+        sample = hidden_states[-1]  # (B, T, H): forget and retain rows share the model's width and dtype
+        nbytes += sum(estimate_bytes(counts[key], sample.shape[-1], sample.element_size())
+                      for key in ("hidden", "retain_hidden") if key in needs)
     return choose_storage(nbytes, mode, folder)
 
 
