@@ -41,6 +41,7 @@ from undial_peft.deploy.manifest import read_manifest
 from undial_peft.deploy.stack import export_stack
 from undial_peft.models import load_model
 from undial_peft.training.stopping import key_probabilities
+from undial_peft.utils.cpu_memory import ALLOCATORS, relaunch_under
 from undial_peft.utils.tables import align
 
 # Topics never asked, per model: whole relations (at least 8 facts each) that no request touches.
@@ -147,8 +148,10 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="UndialConfig fields for every request, e.g. --set guard_weight=3 (values read as JSON)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="auto", help="as `forget --allocator` (docs/cost.md)")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
+    relaunch_under(args.allocator)  # as the command line runs: tcmalloc where installed
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="ten-requests-") as work:
         result = run(args.model, args.requests, args.never or NEVER[args.model], args.budgets, Path(work),
