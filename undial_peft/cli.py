@@ -291,7 +291,7 @@ def _allocator_flag(verb: argparse.ArgumentParser) -> None:
 
     verb.add_argument("--allocator", choices=ALLOCATORS, default="auto",
                       help="memory allocator of the process (Linux): auto = tcmalloc where installed (on CPU a "
-                           "step's peak -27%%, no slower: docs/cost.md), else the system's (glibc)")
+                           "step's peak -26 to -45%%, time -7 to +10%%: docs/cost.md), else the system's (glibc)")
 
 
 def _relaunch(allocator: str) -> None:

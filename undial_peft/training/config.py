@@ -42,7 +42,7 @@ class UndialConfig(TrainingArguments):
         "CPU (glibc): buffers of at least this many bytes are mmapped, so freed activations go back to the OS instead "
         "of staying in the heap (utils/cpu_memory.py). Process-wide. 131072 (128 KiB) cut a SmolLM2-135M step's peak "
         "by 29% and made it 56% slower (page faults on every fresh buffer), so it is opt-in for memory-bound runs "
-        "that cannot start under tcmalloc, which frees as much at no time cost (the CLI's --allocator). "
+        "that cannot start under tcmalloc, which frees as much at about the same speed (the CLI's --allocator). "
         "0: glibc's own adaptive threshold.")})
     teacher_cache: str = field(
         default="auto", metadata={"help": f"Teacher outputs computed once before training: one of {TEACHER_CACHES}."}

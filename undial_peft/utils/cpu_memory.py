@@ -1,7 +1,7 @@
 """Return freed tensor buffers to the operating system on CPU, so a step's peak RSS is its tensors.
 
 Two ways, both process-wide. The CLI's default relaunches the process under tcmalloc
-(`relaunch_under`, ``LD_PRELOAD``), which keeps no such slack and is not slower; a process that is
+(`relaunch_under`, ``LD_PRELOAD``), which keeps no such slack at about the same speed; a process that is
 already running (a notebook) can only pin glibc's threshold (`pin_mmap_threshold`), which costs
 page faults. docs/cost.md has the side-by-side figures.
 
@@ -55,7 +55,7 @@ def pin_mmap_threshold(threshold: int) -> bool:
 
 # Allocators a process can be relaunched under, each with the names `ctypes.util.find_library` knows it by
 # (Debian / Ubuntu packages: libtcmalloc-minimal4, libjemalloc2). "auto" takes tcmalloc only: jemalloc
-# freed as much, but its steps were 11-20% slower (docs/cost.md).
+# freed as much, but its SmolLM2-135M steps were 7-10% slower where tcmalloc's were 7% faster (docs/cost.md).
 PRELOADS: dict[str, tuple[str, ...]] = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
 ALLOCATORS = ("auto", *PRELOADS, "system")
 RELAUNCHED = "UNDIAL_PEFT_ALLOCATOR"  # set in a relaunched process, so it is never relaunched again
