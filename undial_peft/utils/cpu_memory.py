@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from undial_peft.errors import UndialConfigError
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's <malloc.h>
-GLIBC_START_THRESHOLD = 128 * 1024  # glibc's own initial threshold, which it would otherwise raise
 
 
 @functools.cache
