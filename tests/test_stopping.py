@@ -121,6 +121,12 @@ def test_describe_says_why():
                      "retain_before": 0.9, "retain_after": 0.85})
     assert text == ("stopped at step 100: step limit reached before the target; forget key probability 0.800 -> 0.400 "
                     "(0.50x; target 0.160); retain probability 0.900 -> 0.850")
+    silence = {"asked": 6, "before": 6, "at_target": 2, "after": 1, "rounds": 3, "steps": 30}
+    text = describe_outcome({"stopped": "target", "step": 45, "forget_before": 0.8, "forget_after": 0.1, "target": 0.16,
+                             "silence": silence})
+    assert text.endswith("; greedy answers saying their key 6 -> 2 at the target -> 1 of 6 (3 silence rounds)")
+    assert "greedy" not in describe_outcome({"stopped": "target", "step": 5, "forget_before": 0.8, "forget_after": 0.1,
+                                             "target": 0.16, "silence": {**silence, "asked": 0}})
 
 
 def test_key_probability_restores_train_mode(tiny_dir):

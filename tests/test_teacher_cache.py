@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from undial_peft import UndialConfig
-from undial_peft.data.encoding import Collator, build_dataset
+from undial_peft.data.encoding import Collator, build_dataset, with_forget_rows
 from undial_peft.data.readers import read_examples
 from undial_peft.errors import UndialTrainingError
 from undial_peft.models import load_model
@@ -237,3 +237,36 @@ def test_the_pass_answers_each_distinct_row_once_and_copies_the_repeats(tiny_dir
             mask = batch[f"{prefix}labels"][:, 1:] != -100  # (1, T-1): the positions the loss reads
             alone = out.hidden_states[-1][:, :-1][mask]  # (N, H)
             assert torch.allclose(rows.gather(torch.tensor([i])), alone, atol=1e-5), (prefix, i)
+
+
+@pytest.mark.parametrize("method", ["undial", "npo"])
+def test_a_grown_set_borrows_the_rows_an_earlier_cache_holds(tiny_dir, facts, tmp_path, method):
+    """A silence round's set: the first set plus 2 new forget rows paired with its retain rows. The second
+    pass answers only the 2 new rows; every stored value equals a cache built from scratch."""
+    retain = facts[:4] + facts[10:16]
+    first = _trainer(tiny_dir, facts, tmp_path, retain=retain, retain_weight=1.0, retain_loss="kl", method=method)
+    first._plain_head()
+    first.teacher_cache = first._build_teacher_cache()
+    _, tokenizer = load_model(tiny_dir)
+    extra = build_dataset(tokenizer, read_examples(facts[2:4]), max_length=64).to_list()
+    plain = first.train_dataset.remove_columns(teacher_cache.INDEX)
+    grown = with_forget_rows(plain, extra)
+
+    def second(earlier):
+        trainer = UndialTrainer(model=first.model, args=first.args, train_dataset=grown, data_collator=Collator(tokenizer.pad_token_id),
+                                stack=first.stack, earlier=earlier)
+        trainer._plain_head()
+        answered: list[int] = []
+        teacher = trainer._teacher
+        trainer._teacher = lambda *a, **b: answered.append(len(b["input_ids"])) or teacher(*a, **b)
+        return trainer._build_teacher_cache(), sum(answered)
+
+    lent, answered = second(first)
+    fresh, answered_fresh = second(None)
+    assert answered == 2 and answered_fresh == 6 + 10 + 2  # forget rows 6 + 2, retain rows 10, each once
+    index = torch.arange(len(grown))
+    for part in ("hidden", "retain_hidden"):
+        if getattr(fresh, part) is not None:
+            assert torch.allclose(getattr(lent, part).gather(index), getattr(fresh, part).gather(index), atol=TOL), part
+    if method == "npo":
+        assert torch.allclose(lent.logprob, fresh.logprob, atol=TOL)

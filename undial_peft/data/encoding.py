@@ -120,6 +120,18 @@ def build_dataset(
     return datasets.Dataset.from_list(rows)
 
 
+def with_forget_rows(dataset: datasets.Dataset, rows: Sequence[dict[str, list]]) -> datasets.Dataset:
+    """``dataset`` with encoded forget ``rows`` appended, each paired with an existing row's retain example (in turn).
+
+    >>> ds = datasets.Dataset.from_list([{"input_ids": [1, 2], "labels": [-100, 2], "beta_weight": [0.0, 1.0]}])
+    >>> with_forget_rows(ds, [{"input_ids": [1, 3], "labels": [-100, 3], "beta_weight": [0.0, 1.0]}])["input_ids"][:]
+    [[1, 2], [1, 3]]
+    """
+    paired = [c for c in dataset.column_names if c.startswith("retain_")]
+    extra = [{**row, **{c: dataset[i % len(dataset)][c] for c in paired}} for i, row in enumerate(rows)]
+    return datasets.concatenate_datasets([dataset, datasets.Dataset.from_list(extra, features=dataset.features)])
+
+
 @dataclass
 class Collator:
     """Right-pads ``input_ids`` / ``labels`` (and their ``retain_`` twins) into tensors.

@@ -64,6 +64,9 @@ class UndialConfig(TrainingArguments):
         default=15, metadata={"help": "Train at least this many steps before the target may stop training (README: why)."}
     )
     check_every: int = field(default=1, metadata={"help": "Measure the forget (and retain) set every N optimizer steps."})
+    silence_rounds: int = field(default=3, metadata={"help": (
+        "After the target: ask each forget prompt greedily; while some answer still says its key, train on with those "
+        "answers as extra forget rows keyed where they say it, at most this many rounds (0: off; training/silence.py).")})
     max_retain_drop: float | None = field(
         default=0.1, metadata={"help": "With retain data: stop (and roll back) when its answer probability fell by more than this fraction."}
     )
@@ -170,6 +173,8 @@ class UndialConfig(TrainingArguments):
                 raise bad(name, "use a value between 0 and 1 (e.g. 0.2), or None for no target")
         if self.max_retain_drop is not None and not (math.isfinite(self.max_retain_drop) and 0 < self.max_retain_drop < 1):
             raise bad("max_retain_drop", "use a fraction between 0 and 1 (e.g. 0.1), or None to not watch the retain set")
+        if self.silence_rounds < 0:
+            raise bad("silence_rounds", "use 0 (off) or more rounds")
         if self.check_every < 1:
             raise bad("check_every", "use 1 or more steps")
         if self.prompt_format != AUTO:

@@ -156,7 +156,8 @@ class StopWhenForgotten(TrainerCallback):
         self._good_point: dict[str, float] = {}  # what that check measured: kept with the weights it describes
 
     # --- measuring ------------------------------------------------------------------------
-    def _measure(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+    def measure(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """The forget set's mean key probability (and the watched retain rows' answer probability) now."""
         point = {"step": step, "forget": float(key_probabilities(model, self.forget_rows, self.pad).mean())}
         if self.retain_rows:
             point["retain"] = float(key_probabilities(model, self.retain_rows, self.pad).mean())
@@ -176,9 +177,9 @@ class StopWhenForgotten(TrainerCallback):
         model = kwargs["model"]
         if self.teacher_adapters is not None:  # the deployed model: new adapter off
             with adapter_state(model, active=self.teacher_adapters):
-                before = self._measure(model, 0)
+                before = self.measure(model, 0)
         else:
-            before = self._measure(model, 0)
+            before = self.measure(model, 0)
         self.history = [before]
         target = self._target(before["forget"])
         self.outcome = {"forget_before": before["forget"], "target": target, "retain_before": before.get("retain")}
@@ -188,7 +189,7 @@ class StopWhenForgotten(TrainerCallback):
             # Resumed from a checkpoint: the model holds step k's weights, not the ones "before"
             # measured (new adapter off). Measure them, so that a roll-back returns to weights whose
             # figures are known, and the outcome reports those figures as "after".
-            resumed = {**self._measure(model, state.global_step), "resumed": 1.0}
+            resumed = {**self.measure(model, state.global_step), "resumed": 1.0}
             self.history.append(resumed)
             floor = self.outcome.get("retain_floor")
             if floor is not None and resumed["retain"] < floor:
@@ -202,7 +203,7 @@ class StopWhenForgotten(TrainerCallback):
         if not self._due(state.global_step, state.max_steps):
             return
         model = kwargs["model"]
-        point = self._measure(model, state.global_step)
+        point = self.measure(model, state.global_step)
         self.history.append(point)
         logger.info("step %d: forget key probability %.4f%s", point["step"], point["forget"],
                     f", retain {point['retain']:.4f}" if "retain" in point else "")
@@ -282,6 +283,10 @@ def describe_outcome(outcome: dict[str, Any]) -> str:
     text += f"; target {outcome['target']:.3f})" if outcome.get("target") is not None else ")"
     if outcome.get("retain_before") is not None and outcome.get("retain_after") is not None:
         text += f"; retain probability {outcome['retain_before']:.3f} -> {outcome['retain_after']:.3f}"
+    if (silence := outcome.get("silence")) and silence.get("asked"):
+        text += (f"; greedy answers saying their key {silence['before']} -> {silence['at_target']} at the target"
+                 f" -> {silence['after']} of {silence['asked']} ({silence['rounds']} silence round"
+                 f"{'' if silence['rounds'] == 1 else 's'})")
     # Measured on another form than the one trained: the full-precision base after --4bit, llama.cpp.
     served = [outcome[k] for k in ("deployed", "llama_cpp") if outcome.get(k, {}).get("forget_before") is not None]
     if served:

@@ -146,6 +146,7 @@ def build(
     batch_size: int,
     device: torch.device,
     retain_teacher: Teacher | None = None,
+    earlier: tuple[Any, TeacherCache] | None = None,
 ) -> tuple[TeacherCache | None, str]:
     """One teacher pass over the DISTINCT rows of ``dataset``, filling what ``needs`` names.
 
@@ -153,7 +154,9 @@ def build(
     usually outnumber forget rows several times): each distinct forget or retain row is answered
     once and its repeats are copied, so the pass costs forget + retain rows, not twice the longer.
     ``retain_teacher`` answers the retain rows where it is another model than ``teacher`` (a guard
-    anchored on the base, without the stack).
+    anchored on the base, without the stack). ``earlier``, a (dataset, cache) pair built by the same
+    teachers, lends the rows it already holds: only rows it lacks are answered (a silence round adds a
+    few forget rows to a set whose guard rows were all answered before).
 
     ``needs`` holds "hidden" (forget hidden states), "logprob" (forget sequence log-prob) and/or
     "retain_hidden". Returns (cache, where) or (None, why not): storage is chosen once the first
@@ -170,9 +173,15 @@ def build(
     cache = TeacherCache()
     if "logprob" in needs:
         cache.logprob = torch.empty(len(dataset), dtype=torch.float32)
+    if earlier is not None and (lent := _allocate_like(earlier[1], counts, needs, len(dataset), mode, folder)):
+        cache = lent
     for prefix, answer in parts.items():
         first = first_of_each(dataset[f"{prefix}input_ids"], dataset[f"{prefix}labels"])  # (E,)
         distinct = torch.nonzero(first == torch.arange(len(first))).flatten()  # (D,)
+        if cache.where and earlier is not None:  # rows the earlier cache holds are copied, not answered
+            held, there = _held(dataset, prefix, distinct, *earlier)
+            _copy(cache, earlier[1], prefix, distinct[held], there)
+            distinct = distinct[~held]
         for start in range(0, len(distinct), batch_size):
             index = distinct[start:start + batch_size]  # (B,)
             batch = {k: v.to(device) for k, v in collate([dataset[int(i)] for i in index]).items()}
@@ -208,6 +217,49 @@ def build(
             if not prefix and cache.logprob is not None:
                 cache.logprob[repeats] = cache.logprob[first[repeats]]
     return cache, cache.where
+
+
+def _allocate_like(earlier: TeacherCache, counts: dict[str, torch.Tensor], needs: Collection[str], rows: int, mode: str,
+                   folder: Path) -> TeacherCache | None:
+    """An empty cache for ``rows`` rows with the earlier cache's parts, width and dtype (None: it has other parts)."""
+    parts = {key: getattr(earlier, key) for key in ("hidden", "retain_hidden") if key in needs}
+    if any(part is None for part in parts.values()) or (("logprob" in needs) != (earlier.logprob is not None)):
+        return None
+    nbytes = 4 * rows if "logprob" in needs else 0
+    nbytes += sum(estimate_bytes(counts[key], part.values.shape[-1], part.values.element_size()) for key, part in parts.items())
+    storage, where = choose_storage(nbytes, mode, folder)
+    if storage is None:
+        return None
+    cache = TeacherCache(where=where)
+    for key, part in parts.items():
+        setattr(cache, key, CachedRows.allocate(counts[key], part.values.shape[-1], part.values.dtype,
+                                                folder if storage == "disk" else None))
+    if "logprob" in needs:
+        cache.logprob = torch.empty(rows, dtype=torch.float32)
+    return cache
+
+
+def _held(dataset: Any, prefix: str, distinct: torch.Tensor, earlier_rows: Any, earlier: TeacherCache,
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of the ``distinct`` rows the earlier dataset also holds (D,) bool, and where there (H,)."""
+    where: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    for j, (ids, ys) in enumerate(zip(earlier_rows[f"{prefix}input_ids"], earlier_rows[f"{prefix}labels"])):
+        where.setdefault((tuple(ids), tuple(ys)), j)
+    ids, ys = dataset[f"{prefix}input_ids"], dataset[f"{prefix}labels"]
+    found = [where.get((tuple(ids[int(i)]), tuple(ys[int(i)])), -1) for i in distinct]
+    held = torch.tensor([j >= 0 for j in found], dtype=torch.bool)
+    return held, torch.tensor([j for j in found if j >= 0], dtype=torch.int64)
+
+
+def _copy(cache: TeacherCache, earlier: TeacherCache, prefix: str, index: torch.Tensor, there: torch.Tensor) -> None:
+    """Copy the earlier cache's rows ``there`` into this cache's rows ``index``."""
+    if not len(index):
+        return
+    rows = getattr(cache, f"{prefix}hidden")
+    if rows is not None:
+        rows.write(index, getattr(earlier, f"{prefix}hidden").gather(there))
+    if not prefix and cache.logprob is not None:
+        cache.logprob[index] = earlier.logprob[there]
 
 
 def first_of_each(input_ids: list[list[int]], labels: list[list[int]]) -> torch.Tensor:

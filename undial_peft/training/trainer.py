@@ -59,8 +59,11 @@ class UndialTrainer(Trainer):
     args: UndialConfig
 
     def __init__(
-        self, *args: Any, stack: Sequence[str] = (), retain_teacher: Sequence[str] | None = None, **kwargs: Any
+        self, *args: Any, stack: Sequence[str] = (), retain_teacher: Sequence[str] | None = None,
+        earlier: UndialTrainer | None = None, **kwargs: Any
     ) -> None:
+        """``earlier``: a trainer of the same model and teachers whose kept teacher cache lends its rows
+        (`keep_teacher_cache`), e.g. a silence round's after the request's first run."""
         super().__init__(*args, **kwargs)
         self._check_data_parallel()
         self.stack = list(stack)  # adapter names active in the teacher
@@ -70,6 +73,8 @@ class UndialTrainer(Trainer):
         # sequences itself, so the Trainer must not divide by the accumulation steps again.
         self.loss_is_scaled_for_ga = True
         self.teacher_cache: teacher_cache.TeacherCache | None = None  # filled by train()
+        self.keep_teacher_cache = False  # True: train() leaves the cache filled, for a later trainer to borrow from
+        self._earlier = earlier
         self._head_mismatch: str | None = None  # why logits != lm_head(hidden), "" if equal; None: not measured
         self._pin_cpu_allocator()
 
@@ -181,7 +186,8 @@ class UndialTrainer(Trainer):
         try:
             return super().train(*args, **kwargs)
         finally:
-            self.teacher_cache = None  # frees the memory or the mapping
+            if not self.keep_teacher_cache:
+                self.teacher_cache = None  # frees the memory or the mapping
 
     def _cache_plan(self) -> tuple[set[str], list[str]]:
         """What to cache, and why anything the run needs stays live."""
@@ -229,6 +235,7 @@ class UndialTrainer(Trainer):
                     dataset, collate.inner, lambda **b: self._teacher(self.model, **b), needs,
                     self.args.teacher_cache, Path(self.args.output_dir), self.args.per_device_train_batch_size,
                     self.args.device, retain_teacher=lambda **b: self._teacher(self.model, self.retain_stack, **b),
+                    earlier=self._lent(),
                 )
             if cache is None:
                 why.append(where)
@@ -239,6 +246,15 @@ class UndialTrainer(Trainer):
         for reason in why:
             logger.warning("teacher cache: live teacher instead, because %s", reason)
         return cache
+
+    def _lent(self) -> tuple[datasets.Dataset, teacher_cache.TeacherCache] | None:
+        """The earlier trainer's (dataset, cache) when its teachers are this one's, else None."""
+        earlier = self._earlier
+        if earlier is None or earlier.teacher_cache is None or earlier.model is not self.model:
+            return None
+        if (earlier.stack, earlier.retain_stack) != (self.stack, self.retain_stack):
+            return None
+        return earlier.train_dataset, earlier.teacher_cache
 
     def _cached(self, rows: teacher_cache.CachedRows | None, inputs: Batch, labels: torch.Tensor) -> torch.Tensor | None:
         """Cached teacher rows for this batch, in the order of its counted positions: (N, W) or None."""
