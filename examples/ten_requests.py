@@ -16,8 +16,9 @@ of every never-asked topic. At the end the stack is exported as ONE adapter, exa
     python examples/ten_requests.py --model default --requests 3 --budgets            # a short check
     python examples/ten_requests.py --model gemma3-270m --set guard_weight=3          # another setting
 
-Printed: one line per request (its own figure, the worst earlier request, each never-asked topic,
-steps, wall time of the `forget` call), then one line per export.
+Printed: one line per request (its own figure, the worst earlier request, each never-asked topic, the
+greedy answers that still say their key: of the asked rows that said it before, and of the never-asked
+rows now / before; steps, wall time of the `forget` call), then one line per export.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from undial_peft.data.readers import Example
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.deploy.stack import export_stack
 from undial_peft.models import load_model
+from undial_peft.training.silence import named_rows
 from undial_peft.training.stopping import key_probabilities
 from undial_peft.utils.cpu_memory import ALLOCATORS, relaunch_under
 from undial_peft.utils.tables import align
@@ -48,11 +50,23 @@ from undial_peft.utils.tables import align
 NEVER = {"default": ["capitals", "authors", "landmarks"], "gemma3-270m": ["authors", "currencies", "landmarks"]}
 
 
+def keyed(tokenizer: Any, rows: list[dict[str, str]]) -> list[dict[str, list]]:
+    """Rows encoded in the auto format with their hand keys."""
+    fmt = PromptFormat.resolve("auto", tokenizer)
+    return [encode(tokenizer, Example(r["prompt"], r["answer"], r["key"]), 512, fmt) for r in rows]
+
+
 def key_probability(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> np.ndarray:
     """(N,) hand-key probability per row, exp mean log p over the key's tokens, in the auto format."""
-    fmt = PromptFormat.resolve("auto", tokenizer)
-    keyed = [encode(tokenizer, Example(r["prompt"], r["answer"], r["key"]), 512, fmt) for r in rows]
-    return key_probabilities(model, keyed, tokenizer.pad_token_id).numpy()
+    return key_probabilities(model, keyed(tokenizer, rows), tokenizer.pad_token_id).numpy()
+
+
+def says_key(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> np.ndarray:
+    """(N,) whether the greedy answer to each row's prompt holds its hand key (as `forget`'s silence check)."""
+    named, _ = named_rows(model, tokenizer, keyed(tokenizer, rows))
+    said = np.zeros(len(rows), dtype=bool)
+    said[[n.row for n in named]] = True
+    return said
 
 
 def requests(rows: list[dict[str, str]], never: list[str], count: int) -> list[list[int]]:
@@ -73,17 +87,21 @@ def as_request(model_name: str, rows: list[dict[str, str]]) -> list[dict[str, st
 
 
 def figures(p: np.ndarray, before: np.ndarray, rows: list[dict[str, str]], parts: list[list[int]],
-            never: list[str]) -> dict[str, Any]:
-    """x-before per request (mean key probability after / before) and per never-asked topic."""
+            never: list[str], said: np.ndarray, said_before: np.ndarray) -> dict[str, Any]:
+    """x-before per request (mean key probability after / before) and per never-asked topic; greedy answers
+    that say their key: per request (those that did before), and per never-asked topic (now / before)."""
     topic = np.array([r["topic"] for r in rows])
     return {"requests": [float(p[i].mean() / before[i].mean()) for i in parts],
-            "never": {t: float(p[topic == t].mean() / before[topic == t].mean()) for t in never}}
+            "never": {t: float(p[topic == t].mean() / before[topic == t].mean()) for t in never},
+            "said_requests": [int((said[i] & said_before[i]).sum()) for i in parts],
+            "said_never": {t: [int(said[topic == t].sum()), int(said_before[topic == t].sum())] for t in never}}
 
 
-def measure_stack(base: Any, tokenizer: Any, stack: list[Path], rows: list[dict[str, str]]) -> np.ndarray:
+def measure_stack(base: Any, tokenizer: Any, stack: list[Path], rows: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Key probability and greedy says-the-key of every row, with ``stack`` attached as served."""
     model = attach(base, stack, tokenizer=tokenizer)
     try:
-        return key_probability(model, tokenizer, rows)
+        return key_probability(model, tokenizer, rows), says_key(model, tokenizer, rows)
     finally:
         model.unload()
 
@@ -96,10 +114,10 @@ def run(model_name: str, count: int, never: list[str], budgets: list[int], work:
         raise SystemExit(f"--never {unknown}: no such topic in the facts of {model_name}")
     parts = requests(rows, never, count)
     base, tokenizer = load_model(model_name)
-    before = key_probability(base, tokenizer, rows)
+    before, said_before = key_probability(base, tokenizer, rows), says_key(base, tokenizer, rows)
     stack: list[Path] = []
     result: dict[str, Any] = {"model": model_name, "never": never, "sizes": [len(p) for p in parts], "after": [],
-                              "settings": settings or {}, "before": before.tolist()}
+                              "settings": settings or {}, "before": before.tolist(), "said_before": said_before.tolist()}
     for k, part in enumerate(parts):
         start = time.perf_counter()
         path = forget(base, as_request(model_name, [rows[i] for i in part]), work / f"req-{k + 1:02d}",
@@ -107,11 +125,11 @@ def run(model_name: str, count: int, never: list[str], budgets: list[int], work:
         seconds = time.perf_counter() - start
         stack.append(path)
         manifest = read_manifest(path)
-        p = measure_stack(base, tokenizer, stack, rows)
+        p, said = measure_stack(base, tokenizer, stack, rows)
         result["last"] = p.tolist()  # per row, after the latest request: which facts of a topic fell
-        row = {**figures(p, before, rows, parts[: k + 1], never),
+        row = {**figures(p, before, rows, parts[: k + 1], never, said, said_before),
                "seconds": seconds, "steps": manifest["metrics"]["steps"], "stopped": manifest["stopping"]["stopped"],
-               "topics": sorted({rows[i]["topic"] for i in part})}
+               "silence": manifest["stopping"].get("silence"), "topics": sorted({rows[i]["topic"] for i in part})}
         result["after"].append(row)
         print(f"[{model_name}] request {k + 1}: {json.dumps(row)}", flush=True)
     result["exports"] = {}
@@ -119,23 +137,28 @@ def run(model_name: str, count: int, never: list[str], budgets: list[int], work:
         name = "exact" if budget is None else f"max-rank {budget}"
         path = export_stack(base, stack, work / f"export-{budget or 'exact'}", tokenizer=tokenizer, max_rank=budget)
         rank = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["r"]
-        result["exports"][name] = {**figures(measure_stack(base, tokenizer, [path], rows), before, rows, parts, never),
-                                   "rank": rank}
+        p, said = measure_stack(base, tokenizer, [path], rows)
+        result["exports"][name] = {**figures(p, before, rows, parts, never, said, said_before), "rank": rank}
         print(f"[{model_name}] export {name}: {json.dumps(result['exports'][name])}", flush=True)
     return result
 
 
 def table(result: dict[str, Any]) -> str:
     never = result["never"]
-    lines = [["after", "topics", "this request", "worst earlier", *never, "steps", "wall"]]
+    lines = [["after", "topics", "this request", "worst earlier", *never, "asked, said", "never, said", "steps", "wall"]]
+
+    def said(row: dict[str, Any]) -> list[str]:  # greedy answers still saying a key: asked so far; never-asked now/before
+        now, then = (sum(row["said_never"][t][i] for t in never) for i in (0, 1))
+        return [str(sum(row["said_requests"])), f"{now}/{then}"]
+
     for k, row in enumerate(result["after"]):
         earlier = max(row["requests"][:-1], default=None)
         lines.append([f"request {k + 1}", "+".join(row["topics"]), f"{row['requests'][-1]:.2f}",
                       "-" if earlier is None else f"{earlier:.2f}", *(f"{row['never'][t]:.2f}" for t in never),
-                      f"{row['steps']} ({row['stopped']})", f"{row['seconds']:.0f} s"])
+                      *said(row), f"{row['steps']} ({row['stopped']})", f"{row['seconds']:.0f} s"])
     for name, row in result["exports"].items():
         lines.append([f"export {name}", f"rank {row['rank']}", f"{min(row['requests']):.2f}-{max(row['requests']):.2f}",
-                      "", *(f"{row['never'][t]:.2f}" for t in never), "", ""])
+                      "", *(f"{row['never'][t]:.2f}" for t in never), *said(row), "", ""])
     return "\n".join(align(lines))
 
 
