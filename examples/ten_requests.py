@@ -14,6 +14,7 @@ of every never-asked topic. At the end the stack is exported as ONE adapter, exa
     python examples/ten_requests.py --model gemma3-270m --out runs/ten-gemma.json     # ~30 min
     python examples/ten_requests.py --model default --set guard_teacher=base         # the guard anchored on the base
     python examples/ten_requests.py --model default --requests 3 --budgets            # a short check
+    python examples/ten_requests.py --model gemma3-270m --first 4 --budgets           # the first four of the ten
     python examples/ten_requests.py --model gemma3-270m --set guard_weight=3          # another setting
 
 Printed: one line per request (its own figure, the worst earlier request, each never-asked topic, the
@@ -107,12 +108,12 @@ def measure_stack(base: Any, tokenizer: Any, stack: list[Path], rows: list[dict[
 
 
 def run(model_name: str, count: int, never: list[str], budgets: list[int], work: Path,
-        settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        settings: dict[str, Any] | None = None, first: int | None = None) -> dict[str, Any]:
     rows = facts(model_name)
     unknown = sorted(set(never) - {r["topic"] for r in rows})
     if unknown:
         raise SystemExit(f"--never {unknown}: no such topic in the facts of {model_name}")
-    parts = requests(rows, never, count)
+    parts = requests(rows, never, count)[:first]  # the same cut as all ``count``; only the first requests run
     base, tokenizer = load_model(model_name)
     before, said_before = key_probability(base, tokenizer, rows), says_key(base, tokenizer, rows)
     stack: list[Path] = []
@@ -166,6 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", choices=sorted(NEVER))
     parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--first", type=int, default=None,
+                        help="run only the first N of the --requests requests (cut as for all of them)")
     parser.add_argument("--never", nargs="+", default=None, help="topics no request asks (default: per model)")
     parser.add_argument("--budgets", type=int, nargs="*", default=[16, 32], help="--max-rank exports to measure")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -178,7 +181,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="ten-requests-") as work:
         result = run(args.model, args.requests, args.never or NEVER[args.model], args.budgets, Path(work),
-                     settings_from(args.set))
+                     settings_from(args.set), args.first)
     print(table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
