@@ -90,11 +90,15 @@ def test_no_rounds_without_a_key_or_when_switched_off(tiny_dir, facts, tmp_path)
     config = UndialConfig(per_device_train_batch_size=4, disable_tqdm=True, logging_steps=100, until_ratio=0.9,
                           min_steps=0, auto_key=False, max_steps=10)
     plain = json.loads((api.forget(tiny_dir, facts[:4], tmp_path / "a", config=config) / MANIFEST).read_text())
+    assert plain["hyperparameters"]["silence_rounds"] == 3  # the default for a chat model, as recorded
     assert plain["stopping"]["silence"] == {"asked": 0, "before": 0, "at_target": 0, "rounds": 0, "steps": 0, "after": 0}
     keyed = [_keyed(f) for f in facts[:4]]
     config.silence_rounds = 0
     manifest = json.loads((api.forget(tiny_dir, keyed, tmp_path / "b", config=config) / MANIFEST).read_text())
     assert "silence" not in manifest["stopping"]
+    config.silence_rounds, config.prompt_format = None, "completion"  # a base model's format: off by default
+    manifest = json.loads((api.forget(tiny_dir, keyed, tmp_path / "c", config=config) / MANIFEST).read_text())
+    assert manifest["hyperparameters"]["silence_rounds"] == 0 and "silence" not in manifest["stopping"]
     with pytest.raises(UndialConfigError, match="silence_rounds"):
         UndialConfig(silence_rounds=-1)
 

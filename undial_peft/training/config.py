@@ -22,6 +22,7 @@ RETAIN_LOSSES = ("nll", "kl")
 TEACHER_CACHES = ("auto", "memory", "disk", "off")
 VERIFY = ("none", "llama.cpp")  # engines a new adapter can be measured in after training
 GUARDS = ("auto", "none", "bank", "neighbours")
+SILENCE_ROUNDS = 3  # silence rounds by default for chat prompts (training/silence.py; measured in docs/method.md)
 GUARD_TEACHERS = ("stack", "base")  # what training/guard.py can add when the user holds no retain set
 
 
@@ -64,9 +65,11 @@ class UndialConfig(TrainingArguments):
         default=15, metadata={"help": "Train at least this many steps before the target may stop training (README: why)."}
     )
     check_every: int = field(default=1, metadata={"help": "Measure the forget (and retain) set every N optimizer steps."})
-    silence_rounds: int = field(default=3, metadata={"help": (
+    silence_rounds: int | None = field(default=None, metadata={"help": (
         "After the target: ask each forget prompt greedily; while some answer still says its key, train on with those "
-        "answers as extra forget rows keyed where they say it, at most this many rounds (0: off; training/silence.py).")})
+        "answers as extra forget rows keyed where they say it, at most this many rounds (0: off; training/silence.py). "
+        "Default: 3 for chat prompts, 0 for completion and template prompts (a base model's continuation states the "
+        "fact in other sentences, and training on those cost never-asked facts on Gemma-3; docs/method.md).")})
     max_retain_drop: float | None = field(
         default=0.1, metadata={"help": "With retain data: stop (and roll back) when its answer probability fell by more than this fraction."}
     )
@@ -142,6 +145,18 @@ class UndialConfig(TrainingArguments):
             return "neighbours" if self.method == "undial" else "none"
         return self.guard
 
+    def resolved_silence_rounds(self, prompt_kind: str) -> int:
+        """The silence rounds this run may train: ``silence_rounds``, or by default 3 for chat prompts and 0 otherwise.
+
+        >>> UndialConfig().resolved_silence_rounds("chat"), UndialConfig().resolved_silence_rounds("completion")
+        (3, 0)
+        >>> UndialConfig(silence_rounds=1).resolved_silence_rounds("completion")
+        1
+        """
+        if self.silence_rounds is not None:
+            return self.silence_rounds
+        return SILENCE_ROUNDS if prompt_kind == "chat" else 0
+
     def _check(self) -> None:
         def bad(name: str, fix: str) -> UndialConfigError:
             return UndialConfigError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
@@ -173,7 +188,7 @@ class UndialConfig(TrainingArguments):
                 raise bad(name, "use a value between 0 and 1 (e.g. 0.2), or None for no target")
         if self.max_retain_drop is not None and not (math.isfinite(self.max_retain_drop) and 0 < self.max_retain_drop < 1):
             raise bad("max_retain_drop", "use a fraction between 0 and 1 (e.g. 0.1), or None to not watch the retain set")
-        if self.silence_rounds < 0:
+        if self.silence_rounds is not None and self.silence_rounds < 0:
             raise bad("silence_rounds", "use 0 (off) or more rounds")
         if self.check_every < 1:
             raise bad("check_every", "use 1 or more steps")

@@ -117,7 +117,8 @@ def forget(
     # template, else raw completion); every step below reads it from the config.
     fmt = PromptFormat.resolve(config.prompt_format, tokenizer)
     config = dataclasses.replace(config, prompt_format=fmt.template or fmt.kind,
-                                 guard=config.resolved_guard(has_retain=retain_rows is not None))
+                                 guard=config.resolved_guard(has_retain=retain_rows is not None),
+                                 silence_rounds=config.resolved_silence_rounds(fmt.kind))
     identity = base_identity(base)
     parents = verify_stack(stack, identity, force=force)
     dataset = build_dataset(tokenizer, forget_rows, retain_rows, config.max_length, fmt)  # validates
