@@ -18,6 +18,7 @@ from undial_peft.evals.report import greedy_answers
 from undial_peft.models import load_model
 from undial_peft.tiny import word_tokenizer
 from undial_peft.training import forget as api
+from undial_peft.training import silence
 from undial_peft.training.loss import IGNORE_INDEX
 from undial_peft.training.silence import ROUND_STEPS, Named, escape_row, key_texts, named_rows, prompt_of
 from undial_peft.training.stopping import key_probabilities
@@ -114,7 +115,7 @@ def test_rounds_follow_only_a_reached_target(tiny_dir, facts, tmp_path):
 
 
 def test_a_round_that_breaks_the_retain_budget_is_rolled_back(tiny_dir, facts, tmp_path, monkeypatch):
-    class Wrecking(api.UndialTrainer):  # a round that ruins the retain set: noise on every trainable weight
+    class Wrecking(silence.UndialTrainer):  # a round that ruins the retain set: noise on every trainable weight
         def train(self, *args, **kwargs):
             out = super().train(*args, **kwargs)
             if self.args.max_steps == ROUND_STEPS:
@@ -124,7 +125,7 @@ def test_a_round_that_breaks_the_retain_budget_is_rolled_back(tiny_dir, facts, t
                             p.add_(torch.randn_like(p))
             return out
 
-    monkeypatch.setattr(api, "UndialTrainer", Wrecking)
+    monkeypatch.setattr(silence, "UndialTrainer", Wrecking)  # the rounds' trainer
     config = UndialConfig(learning_rate=1e-3, per_device_train_batch_size=4, disable_tqdm=True, logging_steps=100,
                           until_ratio=0.9, min_steps=0, max_steps=40, silence_rounds=2, retain_weight=1.0,
                           max_retain_drop=0.5)

@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from peft import LoraConfig
 from transformers import PreTrainedModel, set_seed
 
 from undial_peft.data.digests import data_digest, key_id
-from undial_peft.data.encoding import Collator, build_dataset, encode, with_forget_rows
+from undial_peft.data.encoding import Collator, build_dataset, encode
 from undial_peft.data.prompt_format import PromptFormat
 from undial_peft.data.readers import DataSource, Example, read_examples
 from undial_peft.deploy.manifest import Manifest, save_adapter, verify_stack
@@ -35,9 +34,8 @@ from undial_peft.training.adapters import NEW, adapter_state, build_trainable, d
 from undial_peft.training.answer_keys import KeyRule, auto_key_weights
 from undial_peft.training.config import UndialConfig
 from undial_peft.training.guard import drop_forgotten, guard_rows
-from undial_peft.training.silence import ROUND_STEPS, escape_row, named_rows
+from undial_peft.training.silence import silence_rounds
 from undial_peft.training.stopping import StopWhenForgotten
-from undial_peft.training.teacher_cache import INDEX as teacher_cache_column
 from undial_peft.training.trainer import UndialTrainer
 from undial_peft.training.verify import (
     describe_deployed,
@@ -156,7 +154,7 @@ def forget(
         trainer.keep_teacher_cache = rounds  # the rounds borrow its answers to the rows they keep
         result = trainer.train(resume_from_checkpoint=last)
         if rounds:
-            dataset = _silence(trainer, tokenizer, forget_features, stopper, config)
+            dataset = silence_rounds(trainer, tokenizer, forget_features, stopper, config)
         after = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
         logger.info("forget-set answer probability: %s -> %s", before, after)
         deployed, served = _deployed(model, peft_model, lora or default_lora_config(), stack, tokenizer, forget_features,
@@ -281,66 +279,6 @@ def _key_counts(rows: Sequence[Example], weights: Sequence[list[float] | None]) 
     auto = sum(w is not None for w in weights)
     return {"user": user, "auto": auto, "all_answer_tokens": len(rows) - user - auto,
             "auto_key_tokens": int(sum(sum(w) for w in weights if w is not None))}
-
-
-def _silence(
-    trainer: UndialTrainer, tokenizer: Any, features: Sequence[dict[str, list]], stopper: StopWhenForgotten,
-    config: UndialConfig,
-) -> datasets.Dataset:
-    """Train on the paths the model still takes to say a forget row's key; return the training set grown by them.
-
-    Each round asks every keyed forget prompt greedily (training/silence.py); the answers that say the key
-    become forget rows keyed there, added to the training set, and training goes on for `ROUND_STEPS` steps
-    with ``trainer``'s model, arguments and teachers (a fresh optimizer; the teacher answers only the new
-    rows, the others are copied from the previous trainer's cache). Rounds follow only a reached target (a
-    step limit or a retain budget ends the request as it was), and a round that takes the user's retain set
-    past ``max_retain_drop`` is rolled back. The outcome records how many answers said their key before
-    training, at the target and at the end.
-    """
-    model, teacher, dataset = trainer.model, trainer.stack, trainer.train_dataset
-    if teacher_cache_column in dataset.column_names:
-        dataset = dataset.remove_columns(teacher_cache_column)
-    with adapter_state(model, active=teacher):
-        named_before, asked = named_rows(model, tokenizer, features)
-    named, _ = named_rows(model, tokenizer, features)
-    record: dict[str, Any] = {"asked": asked, "before": len(named_before), "at_target": len(named), "rounds": 0,
-                              "steps": 0}
-    stopper.outcome["silence"] = record
-    rounds = config.silence_rounds if stopper.outcome.get("stopped") == "target" else 0
-    step, floor = stopper.outcome["step"], stopper.outcome.get("retain_floor")
-    while named and record["rounds"] < rounds:
-        logger.info("silence round %d: %d of %d greedy answers still say their key; training on them",
-                    record["rounds"] + 1, len(named), asked)
-        kept = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-        grown = with_forget_rows(dataset, [escape_row(tokenizer, features[n.row], n) for n in named])
-        previous = trainer
-        trainer = UndialTrainer(model=model, args=dataclasses.replace(trainer.args, max_steps=ROUND_STEPS, save_strategy="no"),
-                                train_dataset=grown, data_collator=Collator(tokenizer.pad_token_id), stack=teacher,
-                                retain_teacher=previous.retain_stack, earlier=previous)
-        trainer.keep_teacher_cache = True
-        trainer.train()
-        previous.teacher_cache = None
-        point = {**stopper.measure(model, step + ROUND_STEPS), "silence": 1.0}
-        if floor is not None and point["retain"] < floor:  # the user's retain set first, as the stopping rule
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name in kept:
-                        param.copy_(kept[name])
-            record["rolled_back"] = record["rounds"] + 1
-            logger.warning("silence round %d took the retain set past max_retain_drop: rolled back", record["rounds"] + 1)
-            break
-        dataset, step = grown, step + ROUND_STEPS
-        record["rounds"] += 1
-        record["steps"] += ROUND_STEPS
-        stopper.history.append(point)
-        stopper.outcome.update(step=step, forget_after=point["forget"], retain_after=point.get("retain"))
-        named, _ = named_rows(model, tokenizer, features)
-    trainer.teacher_cache = None
-    record["after"] = len(named)
-    if named:
-        logger.warning("%d of %d greedy answers still say their key after %d silence rounds", len(named), asked,
-                       record["rounds"])
-    return dataset
 
 
 def _deployed(

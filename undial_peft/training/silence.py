@@ -5,8 +5,9 @@ and still say the fact on another path: measured on the demo (SmolLM2), past the
 answer to "What is the capital of Japan?" became "The capital of Japan is **Tokyo**." (the key
 probability after "is" was 0.05x; the fact came after a markdown token the row never had).
 `named_rows` asks each forget prompt greedily and finds the rows whose answer still holds the key's
-text; `escape_row` turns such an answer into a forget row keyed on where it says the key, so that
-`forget` can train on the path the model actually takes (``config.silence_rounds``).
+text; `escape_row` turns such an answer into a forget row keyed on where it says the key; and
+`silence_rounds`, which `forget` calls after the target, trains on the paths the model actually takes
+(``config.silence_rounds``).
 
 Rows are token ids as `data.encode` returns them; keys are the tokens with ``beta_weight > 0`` (hand
 keys or automatic ones). Rows without a prompt (text rows) or without key tokens are not asked.
@@ -22,13 +23,25 @@ keys or automatic ones). Rows without a prompt (text rows) or without key tokens
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import datasets
+import torch
+
+from undial_peft.data.encoding import Collator, with_forget_rows
 from undial_peft.evals.scoring import greedy_new_ids
+from undial_peft.training.adapters import adapter_state
+from undial_peft.training.config import UndialConfig
 from undial_peft.training.loss import IGNORE_INDEX
+from undial_peft.training.stopping import StopWhenForgotten
+from undial_peft.training.teacher_cache import INDEX
+from undial_peft.training.trainer import UndialTrainer
+
+logger = logging.getLogger(__name__)
 
 # Answer tokens asked beyond the row's own answer length: room for a lead-in the row does not have.
 SLACK_TOKENS = 16
@@ -122,3 +135,67 @@ def escape_row(tokenizer: Any, row: dict[str, list], named: Named) -> dict[str, 
         "labels": [IGNORE_INDEX] * len(prompt) + answer,
         "beta_weight": [0.0] * len(prompt) + [1.0 if start <= n else 0.0 for n in range(len(answer))],
     }
+
+
+def silence_rounds(
+    trainer: UndialTrainer, tokenizer: Any, features: Sequence[dict[str, list]], stopper: StopWhenForgotten,
+    config: UndialConfig,
+) -> datasets.Dataset:
+    """Train on the paths the model still takes to say a forget row's key; return the training set grown by them.
+
+    Each round asks every keyed forget prompt greedily (training/silence.py); the answers that say the key
+    become forget rows keyed there, added to the training set, and training goes on for `ROUND_STEPS` steps
+    with ``trainer``'s model, arguments and teachers (a fresh optimizer; the teacher answers only the new
+    rows, the others are copied from the previous trainer's cache). Rounds follow only a reached target (a
+    step limit or a retain budget ends the request as it was), and a round that takes the user's retain set
+    past ``max_retain_drop`` is rolled back. The outcome records how many answers said their key before
+    training, at the target and at the end.
+
+    >>> dataset = silence_rounds(trainer, tokenizer, forget_features, stopper, config)  # doctest: +SKIP
+    >>> stopper.outcome["silence"]  # doctest: +SKIP
+    {'asked': 6, 'before': 6, 'at_target': 2, 'rounds': 3, 'steps': 30, 'after': 1}
+    """
+    model, teacher, dataset = trainer.model, trainer.stack, trainer.train_dataset
+    if INDEX in dataset.column_names:
+        dataset = dataset.remove_columns(INDEX)
+    with adapter_state(model, active=teacher):
+        named_before, asked = named_rows(model, tokenizer, features)
+    named, _ = named_rows(model, tokenizer, features)
+    record: dict[str, Any] = {"asked": asked, "before": len(named_before), "at_target": len(named), "rounds": 0,
+                              "steps": 0}
+    stopper.outcome["silence"] = record
+    rounds = config.silence_rounds if stopper.outcome.get("stopped") == "target" else 0
+    step, floor = stopper.outcome["step"], stopper.outcome.get("retain_floor")
+    while named and record["rounds"] < rounds:
+        logger.info("silence round %d: %d of %d greedy answers still say their key; training on them",
+                    record["rounds"] + 1, len(named), asked)
+        kept = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        grown = with_forget_rows(dataset, [escape_row(tokenizer, features[n.row], n) for n in named])
+        previous = trainer
+        trainer = UndialTrainer(model=model, args=replace(trainer.args, max_steps=ROUND_STEPS, save_strategy="no"),
+                                train_dataset=grown, data_collator=Collator(tokenizer.pad_token_id), stack=teacher,
+                                retain_teacher=previous.retain_stack, earlier=previous)
+        trainer.keep_teacher_cache = True
+        trainer.train()
+        previous.teacher_cache = None
+        point = {**stopper.measure(model, step + ROUND_STEPS), "silence": 1.0}
+        if floor is not None and point["retain"] < floor:  # the user's retain set first, as the stopping rule
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in kept:
+                        param.copy_(kept[name])
+            record["rolled_back"] = record["rounds"] + 1
+            logger.warning("silence round %d took the retain set past max_retain_drop: rolled back", record["rounds"] + 1)
+            break
+        dataset, step = grown, step + ROUND_STEPS
+        record["rounds"] += 1
+        record["steps"] += ROUND_STEPS
+        stopper.history.append(point)
+        stopper.outcome.update(step=step, forget_after=point["forget"], retain_after=point.get("retain"))
+        named, _ = named_rows(model, tokenizer, features)
+    trainer.teacher_cache = None
+    record["after"] = len(named)
+    if named:
+        logger.warning("%d of %d greedy answers still say their key after %d silence rounds", len(named), asked,
+                       record["rounds"])
+    return dataset
