@@ -126,8 +126,12 @@ def escape_row(tokenizer: Any, row: dict[str, list], named: Named) -> dict[str, 
     >>> # escape_row(tok, row, Named(0, ids_of(" **Tokyo**."), "Tokyo"))["beta_weight"]  -> [0, 0, 1, 1] on the answer
     """
     ids = named.answer_ids
-    end = next(n for n in range(1, len(ids) + 1) if named.key in tokenizer.decode(ids[:n], skip_special_tokens=True))
-    start = max(s for s in range(end) if named.key in tokenizer.decode(ids[s:end], skip_special_tokens=True))
+
+    def holds(part: list[int]) -> bool:  # as `named_rows` found it: the key as a word of its own
+        return says(tokenizer.decode(part, skip_special_tokens=True), named.key)
+
+    end = next(n for n in range(1, len(ids) + 1) if holds(ids[:n]))
+    start = max(s for s in range(end) if holds(ids[s:end]))
     prompt = prompt_of(row) or []
     answer = ids[:end]
     return {
