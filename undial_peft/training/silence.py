@@ -153,7 +153,8 @@ def silence_rounds(
     rows, the others are copied from the previous trainer's cache). Rounds follow only a reached target (a
     step limit or a retain budget ends the request as it was), and a round that takes the user's retain set
     past ``max_retain_drop`` is rolled back. The outcome records how many answers said their key before
-    training, at the target and at the end.
+    training, at the target and at the end, on the model trained (in a 4-bit run the NF4 model, not the
+    full-precision base it is served on).
 
     >>> dataset = silence_rounds(trainer, tokenizer, forget_features, stopper, config)  # doctest: +SKIP
     >>> stopper.outcome["silence"]  # doctest: +SKIP

@@ -170,9 +170,7 @@ def build(
     if "hidden" in needs or "logprob" in needs:
         # forget side first where it has hidden states: the first output then sizes the whole cache
         parts = {"": teacher, **parts} if "hidden" in needs else {**parts, "": teacher}
-    cache = TeacherCache()
-    if "logprob" in needs:
-        cache.logprob = torch.empty(len(dataset), dtype=torch.float32)
+    cache = TeacherCache()  # a placeholder until the first output (or the earlier cache) sizes it
     if earlier is not None and (lent := _allocate_like(earlier[1], counts, needs, len(dataset), mode, folder)):
         cache = lent
     for prefix, answer in parts.items():
@@ -193,16 +191,11 @@ def build(
                 keep = {} if "logprob" in needs else {"logits_to_keep": 1}  # NPO reads full logits
                 out = answer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **hidden_too, **keep)
             if not cache.where:  # storage decided from the real hidden size and dtype
-                storage, where = _storage(counts, needs, out.hidden_states, len(dataset), mode, folder)
-                if storage is None:
+                like = None if out.hidden_states is None else out.hidden_states[-1]  # (B, T, H)
+                sized, where = _empty(counts, needs, len(dataset), like, mode, folder)
+                if sized is None:
                     return None, where
-                cache.where = where
-                for key in ("hidden", "retain_hidden"):
-                    if key in needs:  # hidden_states[-1] is (B, T, H)
-                        sample = out.hidden_states[-1]
-                        rows = CachedRows.allocate(counts[key], sample.shape[-1], sample.dtype,
-                                                   folder if storage == "disk" else None)
-                        setattr(cache, key, rows)
+                cache = sized
             mask = shift_labels(batch[f"{prefix}labels"]) != IGNORE_INDEX  # (B, T)
             rows = getattr(cache, f"{prefix}hidden")
             if rows is not None:
@@ -222,21 +215,28 @@ def build(
 def _allocate_like(earlier: TeacherCache, counts: dict[str, torch.Tensor], needs: Collection[str], rows: int, mode: str,
                    folder: Path) -> TeacherCache | None:
     """An empty cache for ``rows`` rows with the earlier cache's parts, width and dtype (None: it has other parts)."""
-    parts = {key: getattr(earlier, key) for key in ("hidden", "retain_hidden") if key in needs}
-    if any(part is None for part in parts.values()) or (("logprob" in needs) != (earlier.logprob is not None)):
+    parts = [getattr(earlier, key) for key in ("hidden", "retain_hidden") if key in needs]
+    if any(part is None for part in parts) or (("logprob" in needs) != (earlier.logprob is not None)):
         return None
-    nbytes = 4 * rows if "logprob" in needs else 0
-    nbytes += sum(estimate_bytes(counts[key], part.values.shape[-1], part.values.element_size()) for key, part in parts.items())
+    return _empty(counts, needs, rows, parts[0].values if parts else None, mode, folder)[0]
+
+
+def _empty(counts: dict[str, torch.Tensor], needs: Collection[str], rows: int, like: torch.Tensor | None, mode: str,
+           folder: Path) -> tuple[TeacherCache | None, str]:
+    """An empty cache for ``rows`` rows in the storage `choose_storage` picks, its hidden parts as wide as ``like``
+    (..., H) and of its dtype (None: no hidden part, NPO alone); (None, why) where it fits nowhere."""
+    hidden = [key for key in ("hidden", "retain_hidden") if key in needs and like is not None]
+    nbytes = (4 * rows if "logprob" in needs else 0) + sum(
+        estimate_bytes(counts[key], like.shape[-1], like.element_size()) for key in hidden)
     storage, where = choose_storage(nbytes, mode, folder)
     if storage is None:
-        return None
+        return None, where
     cache = TeacherCache(where=where)
-    for key, part in parts.items():
-        setattr(cache, key, CachedRows.allocate(counts[key], part.values.shape[-1], part.values.dtype,
-                                                folder if storage == "disk" else None))
+    for key in hidden:
+        setattr(cache, key, CachedRows.allocate(counts[key], like.shape[-1], like.dtype, folder if storage == "disk" else None))
     if "logprob" in needs:
         cache.logprob = torch.empty(rows, dtype=torch.float32)
-    return cache
+    return cache, where
 
 
 def _held(dataset: Any, prefix: str, distinct: torch.Tensor, earlier_rows: Any, earlier: TeacherCache,
@@ -271,17 +271,6 @@ def first_of_each(input_ids: list[list[int]], labels: list[list[int]]) -> torch.
     seen: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
     return torch.tensor([seen.setdefault((tuple(ids), tuple(ys)), i) for i, (ids, ys) in enumerate(zip(input_ids, labels))],
                         dtype=torch.int64)
-
-
-def _storage(counts: dict[str, torch.Tensor], needs: Collection[str], hidden_states: Any, rows: int, mode: str,
-             folder: Path) -> tuple[str | None, str]:
-    """Where the whole cache goes (`choose_storage`), sized from one output's hidden states (or None: NPO alone)."""
-    nbytes = 4 * rows if "logprob" in needs else 0
-    if hidden_states is not None:
-        sample = hidden_states[-1]  # (B, T, H): forget and retain rows share the model's width and dtype
-        nbytes += sum(estimate_bytes(counts[key], sample.shape[-1], sample.element_size())
-                      for key in ("hidden", "retain_hidden") if key in needs)
-    return choose_storage(nbytes, mode, folder)
 
 
 @dataclass
