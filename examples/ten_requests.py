@@ -33,12 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from two_models import facts, settings_from
+from two_models import facts, keyed, settings_from
 
 from undial_peft import UndialConfig, attach, forget
-from undial_peft.data.encoding import encode
-from undial_peft.data.prompt_format import PromptFormat
-from undial_peft.data.readers import Example
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.deploy.stack import export_stack
 from undial_peft.models import load_model
@@ -49,12 +46,6 @@ from undial_peft.utils.tables import align
 
 # Topics never asked, per model: whole relations (at least 8 facts each) that no request touches.
 NEVER = {"default": ["capitals", "authors", "landmarks"], "gemma3-270m": ["authors", "currencies", "landmarks"]}
-
-
-def keyed(tokenizer: Any, rows: list[dict[str, str]]) -> list[dict[str, list]]:
-    """Rows encoded in the auto format with their hand keys."""
-    fmt = PromptFormat.resolve("auto", tokenizer)
-    return [encode(tokenizer, Example(r["prompt"], r["answer"], r["key"]), 512, fmt) for r in rows]
 
 
 def key_probability(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> np.ndarray:

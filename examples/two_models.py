@@ -53,11 +53,15 @@ def facts(model: str) -> list[dict[str, str]]:
     return [{"prompt": r["prompt"], "answer": r["completion"], "key": r["key"], "topic": r["topic"]} for r in rows]
 
 
+def keyed(tokenizer: Any, rows: list[dict[str, str]]) -> list[dict[str, list]]:
+    """Rows encoded in the auto format with their hand keys."""
+    fmt = PromptFormat.resolve("auto", tokenizer)
+    return [encode(tokenizer, Example(r["prompt"], r["answer"], r["key"]), 512, fmt) for r in rows]
+
+
 def measure(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> dict[str, float]:
     """Mean key probability per topic (exp mean log p over the hand key's tokens), in the auto format."""
-    fmt = PromptFormat.resolve("auto", tokenizer)
-    keyed = [encode(tokenizer, Example(r["prompt"], r["answer"], r["key"]), 512, fmt) for r in rows]
-    p = key_probabilities(model, keyed, tokenizer.pad_token_id).numpy()
+    p = key_probabilities(model, keyed(tokenizer, rows), tokenizer.pad_token_id).numpy()
     topics = np.array([r["topic"] for r in rows])
     return {t: float(p[topics == t].mean()) for t in dict.fromkeys(topics)}
 
