@@ -67,6 +67,25 @@ def test_named_rows_asks_the_model_and_matches_the_key_text(tiny_dir, facts):
     assert tokenizer.decode(named[0].answer_ids).split()[:6] == "Zorbel was born in Kavara .".split()
 
 
+class _Pieces:
+    """A tokenizer of fixed text pieces: enough for `named_rows`, which only decodes."""
+
+    eos_token_id, pad_token_id = 0, 0
+    pieces = {1: "Q?", 2: "It", 3: " was", 4: " Paris", 5: " Rome", 6: ".\n", 7: "Paris", 8: "'s"}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.pieces[i] for i in ids if i)
+
+
+def test_a_completion_answer_ends_at_its_first_newline(monkeypatch):
+    row = {"input_ids": [1, 2, 3, 4], "labels": [IGNORE_INDEX, 2, 3, 4], "beta_weight": [0.0, 0.0, 0.0, 1.0]}
+    said_later = [2, 3, 5, 6, 7, 8]  # "It was Rome.\nParis's": the next line, not the answer, says the key
+    monkeypatch.setattr(silence, "greedy_new_ids", lambda *a, **k: [said_later])
+    named, asked = named_rows(None, _Pieces(), [row])
+    assert asked == 1 and [n.key for n in named] == ["Paris"] and named[0].answer_ids == said_later
+    assert named_rows(None, _Pieces(), [row], one_line=True) == ([], 1)
+
+
 def test_forget_trains_silence_rounds_and_reports_what_greedy_answers_say(tiny_dir, facts, tmp_path):
     rows = [_keyed(f) for f in facts[:4]]
     # A weak target (0.9x) stops while every greedy answer still says its city: one round must follow.

@@ -23,6 +23,7 @@ from undial_peft.deploy.manifest import read_manifest
 from undial_peft.evals.metrics import answer_probability
 from undial_peft.evals.report import greedy_answers, score
 from undial_peft.training.config import UndialConfig
+from undial_peft.training.silence import says, spoken_key
 from undial_peft.training.stopping import describe_outcome
 from undial_peft.utils.tables import dict_rows
 
@@ -37,7 +38,7 @@ def measure_facts(model: Any, tokenizer: Any, facts: list[dict[str, str]], confi
     for row, s, answer in zip(rows, scores, answers):
         on_key = np.array(encode(tokenizer, row, config.max_length, config.prompt_format)["beta_weight"])[-len(s.logprobs):] > 0
         measured.append({"p": answer_probability(s.logprobs), "p_key": float(np.exp(s.logprobs[on_key].sum())),
-                         "said": row.key in answer, "answer": answer})
+                         "said": says(answer, spoken_key([row.key])), "answer": answer})
     return measured
 
 

@@ -33,6 +33,7 @@ import datasets
 import torch
 
 from undial_peft.data.encoding import Collator, with_forget_rows
+from undial_peft.data.prompt_format import PromptFormat
 from undial_peft.evals.scoring import greedy_new_ids
 from undial_peft.training.adapters import adapter_state
 from undial_peft.training.config import UndialConfig
@@ -80,13 +81,33 @@ def key_texts(tokenizer: Any, row: dict[str, list]) -> list[str]:
     return [text for text in texts if text]
 
 
-def says(text: str, key: str) -> bool:
-    """Whether ``text`` holds ``key`` as a word of its own (not inside another: "Fe" is not in "Ferrous").
+def spoken_key(keys: Sequence[str]) -> str:
+    """The word an answer must say to state a row's fact: the last word of its longest key run.
 
+    A key in several runs (the J, K and Rowling of J.K. Rowling) is found by its longest, since a single
+    letter is in any other name. Automatic keys take a fact's modifiers along ("East Africa", "Canadian
+    Dollar", "Thomas Edison"): an answer that says "Africa", "dollar" or "Edison" still states the fact, so
+    the run's last word (the head of an English noun phrase, a person's surname) is what is looked for.
+    >>> spoken_key(["J", "K", "Rowling"]), spoken_key(["East Africa"]), spoken_key(["Fe"])
+    ('Rowling', 'Africa', 'Fe')
+    """
+    longest = max(keys, key=len)
+    return longest.split()[-1].strip(".,;:!?\"'()") or longest
+
+
+def says(text: str, key: str) -> bool:
+    """Whether ``text`` says ``key`` as a word of its own, allowing a plural or possessive ending.
+
+    Not inside another word ("Fe" is not in "Ferrous"), but "Shakespeares" and "Tokyo's" say it. Keys of three
+    characters or more match in any case ("TOKYO", "rupee"); shorter ones (chemical symbols) only as written,
+    since "fe" or "au" is part of other text.
     >>> says("The capital of Japan is **Tokyo**.", "Tokyo"), says("It is Ferrous.", "Fe"), says("Fe, iron", "Fe")
     (True, False, True)
+    >>> says("a play by William Shakespeares", "Shakespeare"), says("the Indian rupee", "Rupee"), says("fe", "Fe")
+    (True, True, False)
     """
-    return re.search(rf"(?<!\w){re.escape(key)}(?!\w)", text) is not None
+    flags = re.IGNORECASE if len(key) >= 3 else 0
+    return re.search(rf"(?<!\w){re.escape(key)}(?:'s|\u2019s|s|es)?(?!\w)", text, flags) is not None
 
 
 def prompt_of(row: dict[str, list]) -> list[int] | None:
@@ -95,9 +116,14 @@ def prompt_of(row: dict[str, list]) -> list[int] | None:
     return row["input_ids"][:first] if first > 0 else None
 
 
-def named_rows(model: Any, tokenizer: Any, rows: Sequence[dict[str, list]]) -> tuple[list[Named], int]:
+def named_rows(
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, list]], one_line: bool = False,
+) -> tuple[list[Named], int]:
     """Ask every keyed prompt row greedily; return the rows whose answer says the key, and how many were asked.
 
+    An answer ends at the end of the turn (eos or pad); with ``one_line`` (completion and template prompts)
+    also at its first newline, as the guard cuts them: a base model's continuation runs on past its answer
+    into new text ("iron.\\n\\nIron is a chemical element with the symbol Fe"), which is not the answer asked.
     >>> # named, asked = named_rows(peft_model, tokenizer, forget_features)  -> ([Named(row=1, ...)], 6)
     """
     asked = [(i, prompt, keys) for i, row in enumerate(rows)
@@ -110,10 +136,10 @@ def named_rows(model: Any, tokenizer: Any, rows: Sequence[dict[str, list]]) -> t
     stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     named = []
     for (i, _, keys), ids in zip(asked, answers):
-        ids = ids[: next((n for n, t in enumerate(ids) if t in stop), len(ids))]  # up to the end of the turn
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        key = max(keys, key=len)  # a key in several runs (the J, K and Rowling of J.K. Rowling) by its longest:
-        if says(text, key):       # a single letter would be found in any other name
+        ends = (n for n, t in enumerate(ids) if t in stop or (one_line and "\n" in tokenizer.decode([t])))
+        ids = ids[: next(ends, len(ids))]
+        key = spoken_key(keys)
+        if says(tokenizer.decode(ids, skip_special_tokens=True), key):
             named.append(Named(i, ids, key))
     return named, len(asked)
 
@@ -161,11 +187,12 @@ def silence_rounds(
     {'asked': 6, 'before': 6, 'at_target': 2, 'rounds': 3, 'steps': 30, 'after': 1}
     """
     model, teacher, dataset = trainer.model, trainer.stack, trainer.train_dataset
+    one_line = PromptFormat.resolve(config.prompt_format, tokenizer).kind != "chat"
     if INDEX in dataset.column_names:
         dataset = dataset.remove_columns(INDEX)
     with adapter_state(model, active=teacher):
-        named_before, asked = named_rows(model, tokenizer, features)
-    named, _ = named_rows(model, tokenizer, features)
+        named_before, asked = named_rows(model, tokenizer, features, one_line)
+    named, _ = named_rows(model, tokenizer, features, one_line)
     record: dict[str, Any] = {"asked": asked, "before": len(named_before), "at_target": len(named), "rounds": 0,
                               "steps": 0}
     stopper.outcome["silence"] = record
@@ -197,7 +224,7 @@ def silence_rounds(
         record["steps"] += ROUND_STEPS
         stopper.history.append(point)
         stopper.outcome.update(step=step, forget_after=point["forget"], retain_after=point.get("retain"))
-        named, _ = named_rows(model, tokenizer, features)
+        named, _ = named_rows(model, tokenizer, features, one_line)
     trainer.teacher_cache = None
     record["after"] = len(named)
     if named:
