@@ -96,6 +96,15 @@ def test_sequential_requests_stack_and_score_each(quick):
     assert len(manifest["parents"]) == 1
 
 
+def test_stacked_only_runs_the_sequence_alone(tiny_base, tmp_path):
+    results = bench.run_real_bench(tmp_path, model=tiny_base, size=SIZE, methods=METHODS, sequential=("npo",),
+                                   single=False, cache_dir=tmp_path / "models", plot=False, log=lambda _: None)
+    assert results["runs"] == [] and results["attacks"] == {} and results["protocol"]["swept_methods"] == []
+    assert [s["request"] for s in results["sequential"]["npo"]] == list(range(1, SIZE.stacked_requests + 1))
+    assert "sequential (stacked)" in results["table"] and "npo stop@" not in results["table"]
+    assert not list((tmp_path / "reports").glob("stop-*"))
+
+
 def test_attacks_run_on_the_stopping_rule_adapter(quick):
     _, results, _ = quick
     attacked = results["attacks"]["npo"]

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="learning rates of the sweep (default 1e-4 3e-4 1e-3; the middle one is the main run)")
     parser.add_argument("--sweep-all", action="store_true",
                         help="with --model: every method at every learning rate (default: UNDIAL auto-key and NPO + retain)")
+    parser.add_argument("--stacked", nargs="+", default=None, metavar="LABEL",
+                        help="with --model: the methods the sequential part stacks, by label (default: undial auto-key,"
+                             " undial auto-key +guard, npo)")
+    parser.add_argument("--stacked-only", action="store_true",
+                        help="with --model: only the sequential part (no single-request runs, sweep or attacks)")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot")
     return parser
 
@@ -78,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 size = dataclasses.replace(size, learning_rates=tuple(args.lrs))
             swept = [m.label for m in REAL_METHODS] if args.sweep_all else None
             run_real_bench(args.out, model=args.model, seed=args.seed, size=size, quick=args.quick, swept=swept,
-                           cache_dir=args.cache, threads=args.threads, plot=not args.no_plot)
+                           sequential=args.stacked, single=not args.stacked_only, cache_dir=args.cache,
+                           threads=args.threads, plot=not args.no_plot)
     except (ValueError, FileExistsError) as err:
         print(f"undial-peft bench: error: {err}", file=sys.stderr)
         return 2

@@ -78,6 +78,7 @@ def run_real_bench(
     swept: Sequence[str] | None = None,
     sequential: Sequence[str] | None = None,
     attacked: Sequence[str] | None = None,
+    single: bool = True,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
     plot: bool = True,
@@ -92,6 +93,8 @@ def run_real_bench(
             `settings.SWEEP_METHODS`; every method still runs once with the stopping rule).
         sequential: labels of ``methods`` stacked over the first ``size.stacked_requests`` requests (empty: skip).
         attacked: labels of ``methods`` whose stopping-rule adapter is attacked (`settings.ATTACKS`; empty: skip).
+        single: run the single-request part (every method with the stopping rule, the sweep, the attacks);
+            False runs only the sequential part (``--stacked-only``).
         cache_dir: where fine-tuned targets are cached (default ``out_dir/models``).
     Returns:
         a JSON-ready dict: protocol, data sizes, targets, baselines, sweep, stopping, sequential, timings.
@@ -99,9 +102,9 @@ def run_real_bench(
     started = time.perf_counter()
     size = size or (REAL_QUICK if quick else REAL)
     methods = tuple(methods or REAL_METHODS)
-    swept = tuple(SWEEP_METHODS if swept is None else swept)
+    swept = tuple(SWEEP_METHODS if swept is None else swept) if single else ()
     sequential = tuple(SEQUENTIAL_METHODS if sequential is None else sequential)
-    attacked = tuple(ATTACKED_METHODS if attacked is None else attacked)
+    attacked = tuple(ATTACKED_METHODS if attacked is None else attacked) if single else ()
     unknown = [label for label in (*swept, *sequential, *attacked) if label not in {m.label for m in methods}]
     if unknown:
         raise UndialConfigError(f"swept, sequential or attacked methods {unknown} are not among the methods; choose from"
@@ -142,7 +145,7 @@ def run_real_bench(
         runs: list[dict[str, Any]] = []
         fixed = {"max_steps": size.unlearn_steps, "until_ratio": None, "max_retain_drop": None}
         cells = [(spec, lr, "sweep", fixed) for spec in methods if spec.label in swept for lr in sorted(size.learning_rates)]
-        cells += [(spec, None, "stop", {"max_steps": 4 * size.unlearn_steps}) for spec in methods]
+        cells += [(spec, None, "stop", {"max_steps": 4 * size.unlearn_steps}) for spec in methods if single]
         for spec, lr, kind, settings in cells:
             rid = f"{kind}-{run_id(spec, lr) if lr else run_id(spec, 0).removesuffix('-lr-0')}"
             config = {**QUIET, **settings, "per_device_train_batch_size": size.unlearn_batch_size, "seed": seed}

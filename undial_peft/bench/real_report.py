@@ -51,7 +51,7 @@ def format_real(results: dict[str, Any]) -> str:
                      f"{run['steps']} {why}", *(["-"] * len(lrs))])
     lines = align(rows)
     rule = "-" * len(lines[0])
-    out = [lines[0], rule, *lines[1:3], rule, *lines[3:]]
+    out = [lines[0], rule, *lines[1:3], *([rule, *lines[3:]] if lines[3:] else [])]  # no runs: --stacked-only
     sequences = {k: v for k, v in results.get("sequential", {}).items() if k not in ("reference", "target")}
     if sequences:
         n = max(len(steps) for steps in sequences.values())
