@@ -36,11 +36,10 @@ import torch
 from two_models import facts, keyed, settings_from
 
 from undial_peft import UndialConfig, attach, forget
-from undial_peft.data.prompt_format import PromptFormat
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.deploy.stack import export_stack
 from undial_peft.models import load_model
-from undial_peft.training.silence import named_rows
+from undial_peft.training.silence import answers_end_at_newline, named_rows
 from undial_peft.training.stopping import key_probabilities
 from undial_peft.utils.cpu_memory import ALLOCATORS, relaunch_under
 from undial_peft.utils.tables import align
@@ -57,8 +56,7 @@ def key_probability(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> n
 def says_key(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> np.ndarray:
     """(N,) whether the greedy answer to each row's prompt holds its hand key (as `forget`'s silence check:
     a completion model's answer ends at its first newline)."""
-    one_line = PromptFormat.resolve("auto", tokenizer).kind != "chat"
-    named, _ = named_rows(model, tokenizer, keyed(tokenizer, rows), one_line)
+    named, _ = named_rows(model, tokenizer, keyed(tokenizer, rows), answers_end_at_newline("auto", tokenizer))
     said = np.zeros(len(rows), dtype=bool)
     said[[n.row for n in named]] = True
     return said

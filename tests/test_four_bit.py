@@ -120,8 +120,8 @@ def test_a_four_bit_miss_as_served_trains_on_at_full_precision(tiny_dir, facts, 
 
     measured = []
 
-    def first_misses(served, rows, pad):
-        figures = real(served, rows, pad)
+    def first_misses(served, rows, tokenizer, one_line):
+        figures = real(served, rows, tokenizer, one_line)
         measured.append(figures)
         return {**figures, "forget_after": figures["forget_before"]} if len(measured) == 1 else figures
 
@@ -135,3 +135,27 @@ def test_a_four_bit_miss_as_served_trains_on_at_full_precision(tiny_dir, facts, 
     assert 1 <= deployed["finish_steps"] <= 2
     assert manifest["metrics"]["steps"] == manifest["stopping"]["step"] + deployed["finish_steps"]
     assert deployed["forget_after"] == pytest.approx(measured[1]["forget_after"])  # measured after the finish
+
+
+def test_a_four_bit_run_counts_greedy_answers_on_the_served_base(tiny_dir, facts, tmp_path):
+    """The served figures say how many greedy answers still name their key, counted on the float32 base;
+    checked against greedy answers taken independently from the saved adapter attached as served."""
+    from undial_peft import UndialConfig, attach, forget
+    from undial_peft.deploy.manifest import read_manifest
+    from undial_peft.evals.report import greedy_answers
+    from undial_peft.training.silence import says
+
+    rows = [{**f, "key": f["answer"].split()[-1].rstrip(".")} for f in facts[:4]]  # keyed on the city
+    config = UndialConfig(max_steps=3, min_steps=0, until_ratio=0.9, learning_rate=1e-2, beta=3.0, silence_rounds=0,
+                          finish_on_served=False)
+    out = forget(tiny_dir, rows, tmp_path / "req-4bit", config=config, load_in_4bit=True)
+    deployed = read_manifest(out)["deployed"]
+
+    def said(model, tokenizer) -> int:
+        answers = greedy_answers(model, tokenizer, [r["question"] for r in rows], max_new_tokens=32, batch_size=1)
+        return sum(says(a, r["key"]) for a, r in zip(answers, rows))
+
+    base, tokenizer = load_model(tiny_dir)
+    assert deployed["asked"] == 4
+    assert deployed["said_before"] == said(base, tokenizer) == 4  # the memorised tiny model says every city
+    assert deployed["said_after"] == said(attach(base, [out], tokenizer=tokenizer), tokenizer)

@@ -34,7 +34,7 @@ from undial_peft.training.adapters import NEW, adapter_state, build_trainable, d
 from undial_peft.training.answer_keys import KeyRule, auto_key_weights
 from undial_peft.training.config import UndialConfig
 from undial_peft.training.guard import drop_forgotten, guard_rows
-from undial_peft.training.silence import silence_rounds
+from undial_peft.training.silence import answers_end_at_newline, silence_rounds
 from undial_peft.training.stopping import StopWhenForgotten
 from undial_peft.training.trainer import UndialTrainer
 from undial_peft.training.verify import (
@@ -301,7 +301,8 @@ def _deployed(
                        "was not measured as served; run `undial-peft eval --adapters ...` on the served base.")
         return {"form": None, "skipped": "a loaded model was given; its full-precision form is unknown"}, None
     served = served_copy(model, trained, lora, stack)
-    figures = measure_served(served, features, tokenizer.pad_token_id)
+    one_line = answers_end_at_newline(config.prompt_format, tokenizer)
+    figures = measure_served(served, features, tokenizer, one_line)
     figures.update(verdict(figures, config.until_ratio, config.until_prob))
     if figures["reached"] is False and config.finish_on_served:
         logger.warning("%s: training on at that precision", describe_deployed(figures))
@@ -313,7 +314,7 @@ def _deployed(
                                    save_strategy="no")
         UndialTrainer(model=served, args=args, train_dataset=dataset, data_collator=Collator(tokenizer.pad_token_id),
                       stack=teacher, callbacks=[finisher]).train()
-        figures = measure_served(served, features, tokenizer.pad_token_id)
+        figures = measure_served(served, features, tokenizer, one_line)
         figures.update(verdict(figures, config.until_ratio, config.until_prob))
         figures.update(finish_steps=int(finisher.outcome.get("step", 0)), before_finish=first)
     else:

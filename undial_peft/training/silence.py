@@ -116,6 +116,12 @@ def prompt_of(row: dict[str, list]) -> list[int] | None:
     return row["input_ids"][:first] if first > 0 else None
 
 
+def answers_end_at_newline(prompt_format: Any, tokenizer: Any) -> bool:
+    """Whether greedy answers in this prompt format end at their first newline: completion and template prompts
+    (a base model's continuation), not chat turns, which end at the end of the turn."""
+    return PromptFormat.resolve(prompt_format, tokenizer).kind != "chat"
+
+
 def named_rows(
     model: Any, tokenizer: Any, rows: Sequence[dict[str, list]], one_line: bool = False,
 ) -> tuple[list[Named], int]:
@@ -187,7 +193,7 @@ def silence_rounds(
     {'asked': 6, 'before': 6, 'at_target': 2, 'rounds': 3, 'steps': 30, 'after': 1}
     """
     model, teacher, dataset = trainer.model, trainer.stack, trainer.train_dataset
-    one_line = PromptFormat.resolve(config.prompt_format, tokenizer).kind != "chat"
+    one_line = answers_end_at_newline(config.prompt_format, tokenizer)
     if INDEX in dataset.column_names:
         dataset = dataset.remove_columns(INDEX)
     with adapter_state(model, active=teacher):

@@ -4,8 +4,8 @@ An adapter trained over a 4-bit (NF4) base is deployed on the full-precision bas
 learned to move an NF4 model, and the same weights move the full-precision model less (measured with
 examples/two_models.py: SmolLM2 0.11x of the forget key probability on NF4, 0.54x served; Gemma-3-270M
 0.09x and 0.28x). `served_copy` loads the base the way `attach` serves it and puts the stack and the
-new adapter's weights on it; `measure_served` measures the forget rows' key probability with and
-without the new adapter. ``forget`` records the result in the
+new adapter's weights on it; `measure_served` measures the forget rows' key probability and greedy
+answers with and without the new adapter. ``forget`` records the result in the
 manifest (``deployed``) and never calls a target reached that the deployed form misses.
 
 >>> verdict({"forget_before": 0.8, "forget_after": 0.2}, until_ratio=0.2, until_prob=None)
@@ -36,6 +36,7 @@ from undial_peft.errors import UndialConfigError
 from undial_peft.models import load_model
 from undial_peft.training.adapters import NEW, adapter_state, build_trainable, frozen_adapters
 from undial_peft.training.concat import concatenated_deltas
+from undial_peft.training.silence import named_rows
 from undial_peft.training.stopping import key_probabilities, stopping_target
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ def describe_deployed(figures: dict[str, Any]) -> str:
     before, after = figures["forget_before"], figures["forget_after"]
     text = f"as served ({figures['form']}): forget key probability {before:.3f} -> {after:.3f}"
     text += f" ({after / before:.2f}x)" if before > 0 else ""
+    if figures.get("asked"):
+        text += f", greedy answers saying their key {figures['said_before']} -> {figures['said_after']} of {figures['asked']}"
     if figures.get("finish_steps"):
         text += f", after {figures['finish_steps']} more steps on it"
     if figures.get("reached") is True:
@@ -85,15 +88,18 @@ def served_copy(model: str | Path, trained: torch.nn.Module, lora: LoraConfig, s
     return served
 
 
-def measure_served(served: torch.nn.Module, forget_rows: Sequence[dict[str, list]],
-                   pad_token_id: int) -> dict[str, Any]:
-    """Mean forget key probability on ``served`` without and with the new adapter (the stack stays on)."""
+def measure_served(served: torch.nn.Module, forget_rows: Sequence[dict[str, list]], tokenizer: Any,
+                   one_line: bool = False) -> dict[str, Any]:
+    """The forget rows on ``served`` without and with the new adapter (the stack stays on): mean key
+    probability, and how many greedy answers say their key (`silence.named_rows`, of ``asked`` keyed rows)."""
     earlier = frozen_adapters(served)
-    with adapter_state(served, active=earlier):
-        before = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
-    with adapter_state(served, active=[*earlier, NEW]):
-        after = key_probabilities(served, forget_rows, pad_token_id)  # (N,)
-    return {"form": SERVED_FORM, "forget_before": float(before.mean()), "forget_after": float(after.mean())}
+    figures: dict[str, Any] = {"form": SERVED_FORM}
+    for when, active in (("before", earlier), ("after", [*earlier, NEW])):
+        with adapter_state(served, active=active):
+            figures[f"forget_{when}"] = float(key_probabilities(served, forget_rows, tokenizer.pad_token_id).mean())
+            named, figures["asked"] = named_rows(served, tokenizer, forget_rows, one_line)
+            figures[f"said_{when}"] = len(named)
+    return figures
 
 
 def measure_llama_cpp(trained: Any, base_gguf: str | Path, forget_rows: Sequence[dict[str, list]],
