@@ -17,6 +17,12 @@ of every never-asked topic. At the end the stack is exported as ONE adapter, exa
     python examples/ten_requests.py --model gemma3-270m --first 4 --budgets           # the first four of the ten
     python examples/ten_requests.py --model gemma3-270m --set guard_weight=3          # another setting
 
+    python examples/ten_requests.py --split runs/ten-gemma.json                       # never-asked rows, split
+
+``--split`` reads a saved run: each never-asked topic after the last request, split into the rows whose
+key an asked answer also says (Gemma-3's "The Eiffel Tower is located in the city of" -> " Paris", forgotten
+as France's capital) and the rest: what a request took on purpose, and what it took beside.
+
 Printed: one line per request (its own figure, the worst earlier request, each never-asked topic, the
 greedy answers that still say their key: of the asked rows that said it before, and of the never-asked
 rows now / before; steps, wall time of the `forget` call), then one line per export.
@@ -39,7 +45,7 @@ from undial_peft import UndialConfig, attach, forget
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.deploy.stack import export_stack
 from undial_peft.models import load_model
-from undial_peft.training.silence import answers_end_at_newline, named_rows
+from undial_peft.training.silence import answers_end_at_newline, named_rows, says
 from undial_peft.training.stopping import key_probabilities
 from undial_peft.utils.cpu_memory import ALLOCATORS, relaunch_under
 from undial_peft.utils.tables import align
@@ -155,6 +161,28 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(align(lines))
 
 
+def split(result: dict[str, Any]) -> str:
+    """Per never-asked topic, after the last request (x before): all rows, the rows whose key an asked row's
+    answer says as a word (`silence.says`), and the rest, with the lowest row of the rest."""
+    rows, never = facts(result["model"]), result["never"]
+    order = list(dict.fromkeys(r["topic"] for r in rows))
+    asked = sorted((i for i, r in enumerate(rows) if r["topic"] not in never), key=lambda i: order.index(rows[i]["topic"]))
+    asked = asked[: sum(result["sizes"])]  # the requests that ran, cut as `requests` cuts them
+    before, last = np.array(result["before"]), np.array(result["last"])
+
+    def x(ii: list[int]) -> str:
+        return f"{last[ii].mean() / before[ii].mean():.2f} ({len(ii)})" if ii else "- (0)"
+
+    lines = [["never asked", "all rows", "key said by an asked answer", "the rest", "the rest: lowest row"]]
+    for t in never:
+        idx = [i for i, r in enumerate(rows) if r["topic"] == t]
+        shared = [i for i in idx if any(says(rows[j]["answer"], rows[i]["key"]) for j in asked)]
+        rest = [i for i in idx if i not in shared]
+        lowest = f"{min(last[i] / before[i] for i in rest):.2f}" if rest else "-"
+        lines.append([t, x(idx), x(shared) + "".join(f" {rows[i]['key']}" for i in shared), x(rest), lowest])
+    return "\n".join(align(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", choices=sorted(NEVER))
@@ -168,7 +196,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", choices=ALLOCATORS, default="auto", help="as `forget --allocator` (docs/cost.md)")
     parser.add_argument("--out", default=None, help="write the results as JSON")
+    parser.add_argument("--split", default=None, metavar="JSON",
+                        help="print a saved run's never-asked topics split by whether an asked answer says their key")
     args = parser.parse_args()
+    if args.split:
+        print(split(json.loads(Path(args.split).read_text(encoding="utf-8"))))
+        return
     relaunch_under(args.allocator)  # as the command line runs: tcmalloc where installed
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="ten-requests-") as work:
