@@ -68,11 +68,16 @@ def says_key(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> np.ndarr
     return said
 
 
+def asked_rows(rows: list[dict[str, str]], never: list[str]) -> list[int]:
+    """Indices of the rows of asked topics, topic by topic in order of first appearance."""
+    order = list(dict.fromkeys(r["topic"] for r in rows))
+    return sorted((i for i, r in enumerate(rows) if r["topic"] not in never), key=lambda i: order.index(rows[i]["topic"]))
+
+
 def requests(rows: list[dict[str, str]], never: list[str], count: int) -> list[list[int]]:
     """Row indices of each request: the rows of asked topics, topic by topic (in order of first appearance),
     in ``count`` near-equal parts."""
-    order = list(dict.fromkeys(r["topic"] for r in rows))
-    asked = sorted((i for i, r in enumerate(rows) if r["topic"] not in never), key=lambda i: order.index(rows[i]["topic"]))
+    asked = asked_rows(rows, never)
     if len(asked) < count:
         raise SystemExit(f"{len(asked)} asked rows cannot make {count} requests: never-ask fewer topics")
     return [part.tolist() for part in np.array_split(np.array(asked), count)]
@@ -165,9 +170,7 @@ def split(result: dict[str, Any]) -> str:
     """Per never-asked topic, after the last request (x before): all rows, the rows whose key an asked row's
     answer says as a word (`silence.says`), and the rest, with the lowest row of the rest."""
     rows, never = facts(result["model"]), result["never"]
-    order = list(dict.fromkeys(r["topic"] for r in rows))
-    asked = sorted((i for i, r in enumerate(rows) if r["topic"] not in never), key=lambda i: order.index(rows[i]["topic"]))
-    asked = asked[: sum(result["sizes"])]  # the requests that ran, cut as `requests` cuts them
+    asked = asked_rows(rows, never)[: sum(result["sizes"])]  # the requests that ran, cut as `requests` cuts them
     before, last = np.array(result["before"]), np.array(result["last"])
 
     def x(ii: list[int]) -> str:

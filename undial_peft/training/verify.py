@@ -57,6 +57,9 @@ def describe_deployed(figures: dict[str, Any]) -> str:
     >>> describe_deployed({"form": "full-precision base (float32)", "forget_before": 0.7, "forget_after": 0.238,
     ...                    "target": 0.14, "reached": False, "missed_by": 0.098})
     'as served (full-precision base (float32)): forget key probability 0.700 -> 0.238 (0.34x); target 0.140 MISSED by 0.098'
+    >>> describe_deployed({"form": "f", "forget_before": 0.7, "forget_after": 0.07, "asked": 6, "said_before": 6,
+    ...                    "said_after": 2, "reached": True, "target": 0.14})
+    'as served (f): forget key probability 0.700 -> 0.070 (0.10x), greedy answers saying their key 6 -> 2 of 6; target 0.140 reached'
     """
     before, after = figures["forget_before"], figures["forget_after"]
     text = f"as served ({figures['form']}): forget key probability {before:.3f} -> {after:.3f}"
