@@ -13,6 +13,7 @@ from undial_peft.evals.report import score
 from undial_peft.models import four_bit_config, load_model
 from undial_peft.training.adapters import adapter_state, build_trainable, default_lora_config
 from undial_peft.training.loss import undial_loss, undial_loss_from_hidden
+from undial_peft.training.silence import ROUND_STEPS
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -159,3 +160,22 @@ def test_a_four_bit_run_counts_greedy_answers_on_the_served_base(tiny_dir, facts
     assert deployed["asked"] == 4
     assert deployed["said_before"] == said(base, tokenizer) == 4  # the memorised tiny model says every city
     assert deployed["said_after"] == said(attach(base, [out], tokenizer=tokenizer), tokenizer)
+
+
+def test_served_answers_that_still_say_a_key_get_silence_rounds_at_full_precision(tiny_dir, facts, tmp_path):
+    """A 4-bit run whose target holds as served, but whose served greedy answers still say a key, trains on
+    at the served precision with silence rounds on the served model's own answers."""
+    from undial_peft import UndialConfig, forget
+    from undial_peft.deploy.manifest import read_manifest
+
+    rows = [{**f, "key": f["answer"].split()[-1].rstrip(".")} for f in facts[:4]]
+    # A weak target (0.95x) holds as served within 4 steps while the memorised tiny model still says a city.
+    config = UndialConfig(max_steps=4, min_steps=0, until_ratio=0.95, learning_rate=3e-3, silence_rounds=1)
+    out = forget(tiny_dir, rows, tmp_path / "req-4bit", config=config, load_in_4bit=True)
+    manifest = read_manifest(out)
+    deployed = manifest["deployed"]
+    first = deployed["before_finish"]
+    assert first["reached"] is True and first["said_after"] > 0  # the case this covers: met, yet still said
+    assert deployed["silence"]["asked"] == 4 and deployed["silence"]["rounds"] == 1
+    assert deployed["finish_steps"] >= deployed["silence"]["steps"] == ROUND_STEPS
+    assert manifest["metrics"]["steps"] == (manifest["stopping"]["step"] + deployed["finish_steps"])

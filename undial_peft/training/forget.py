@@ -289,8 +289,9 @@ def _deployed(
     """The forget rows measured on the model as served (after a 4-bit run: the full-precision base), with
     the stopping target applied to them; None where training ran on the served form already.
 
-    Where the served form misses the target and ``config.finish_on_served`` holds, training goes on
-    there (same data, same target, at most ``max_steps`` more) and that model is returned to be saved:
+    Where the served form misses the target, or (with silence rounds) a served greedy answer still says its
+    key, and ``config.finish_on_served`` holds, training goes on there (same data, same target, at most
+    ``max_steps`` more, then the silence rounds on the served model's answers) and that model is returned:
     measured on SmolLM2 and Gemma-3, an adapter that reached 0.1x on NF4 kept 0.3-0.5x of the key
     probability on the float32 base, so the NF4 figure alone would misreport the request.
     """
@@ -304,7 +305,10 @@ def _deployed(
     one_line = answers_end_at_newline(config.prompt_format, tokenizer)
     figures = measure_served(served, features, tokenizer, one_line)
     figures.update(verdict(figures, config.until_ratio, config.until_prob))
-    if figures["reached"] is False and config.finish_on_served:
+    # The silence rounds ran on the 4-bit model's answers; the served model can still say a key (SmolLM2, the
+    # demo's facts: 1 of 6 on NF4, 4 of 6 served). Then it, too, trains on at the served precision.
+    still_said = config.silence_rounds > 0 and figures.get("said_after", 0) > 0
+    if (figures["reached"] is False or still_said) and config.finish_on_served:
         logger.warning("%s: training on at that precision", describe_deployed(figures))
         first = dict(figures)
         teacher = frozen_adapters(served)
@@ -312,11 +316,16 @@ def _deployed(
         finisher = _stopper(tokenizer, features, None, finish, teacher)
         args = dataclasses.replace(finish, output_dir=str(checkpoints), activation_checkpointing=False,
                                    save_strategy="no")
-        UndialTrainer(model=served, args=args, train_dataset=dataset, data_collator=Collator(tokenizer.pad_token_id),
-                      stack=teacher, callbacks=[finisher]).train()
+        trainer = UndialTrainer(model=served, args=args, train_dataset=dataset,
+                                data_collator=Collator(tokenizer.pad_token_id), stack=teacher, callbacks=[finisher])
+        trainer.keep_teacher_cache = config.silence_rounds > 0
+        trainer.train()  # where the target already holds, it stops at its first check
+        if config.silence_rounds > 0:
+            silence_rounds(trainer, tokenizer, features, finisher, finish)  # on the served model's own answers
         figures = measure_served(served, features, tokenizer, one_line)
         figures.update(verdict(figures, config.until_ratio, config.until_prob))
-        figures.update(finish_steps=int(finisher.outcome.get("step", 0)), before_finish=first)
+        figures.update(finish_steps=int(finisher.outcome.get("step", 0)), before_finish=first,
+                       silence=finisher.outcome.get("silence"))
     else:
         del served
         gc.collect()
