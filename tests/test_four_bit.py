@@ -121,8 +121,8 @@ def test_a_four_bit_miss_as_served_trains_on_at_full_precision(tiny_dir, facts, 
 
     measured = []
 
-    def first_misses(served, rows, tokenizer, one_line):
-        figures = real(served, rows, tokenizer, one_line)
+    def first_misses(served, rows, tokenizer, one_line, before=None):
+        figures = real(served, rows, tokenizer, one_line, before)
         measured.append(figures)
         return {**figures, "forget_after": figures["forget_before"]} if len(measured) == 1 else figures
 

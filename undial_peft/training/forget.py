@@ -322,7 +322,7 @@ def _deployed(
         trainer.train()  # where the target already holds, it stops at its first check
         if config.silence_rounds > 0:
             silence_rounds(trainer, tokenizer, features, finisher, finish)  # on the served model's own answers
-        figures = measure_served(served, features, tokenizer, one_line)
+        figures = measure_served(served, features, tokenizer, one_line, before=first)
         figures.update(verdict(figures, config.until_ratio, config.until_prob))
         figures.update(finish_steps=int(finisher.outcome.get("step", 0)), before_finish=first,
                        silence=finisher.outcome.get("silence"))

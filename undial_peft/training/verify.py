@@ -92,12 +92,17 @@ def served_copy(model: str | Path, trained: torch.nn.Module, lora: LoraConfig, s
 
 
 def measure_served(served: torch.nn.Module, forget_rows: Sequence[dict[str, list]], tokenizer: Any,
-                   one_line: bool = False) -> dict[str, Any]:
+                   one_line: bool = False, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """The forget rows on ``served`` without and with the new adapter (the stack stays on): mean key
-    probability, and how many greedy answers say their key (`silence.named_rows`, of ``asked`` keyed rows)."""
+    probability, and how many greedy answers say their key (`silence.named_rows`, of ``asked`` keyed rows).
+    ``before``: an earlier result on the same served base, whose "before" figures (the stack alone) are kept."""
     earlier = frozen_adapters(served)
     figures: dict[str, Any] = {"form": SERVED_FORM}
+    if before is not None:  # the stack alone has not changed: only the new adapter's side is measured again
+        figures.update({k: before[k] for k in ("forget_before", "said_before", "asked")})
     for when, active in (("before", earlier), ("after", [*earlier, NEW])):
+        if f"forget_{when}" in figures:
+            continue
         with adapter_state(served, active=active):
             figures[f"forget_{when}"] = float(key_probabilities(served, forget_rows, tokenizer.pad_token_id).mean())
             named, figures["asked"] = named_rows(served, tokenizer, forget_rows, one_line)
