@@ -320,8 +320,9 @@ def _deployed(
                                 data_collator=Collator(tokenizer.pad_token_id), stack=teacher, callbacks=[finisher])
         trainer.keep_teacher_cache = config.silence_rounds > 0
         trainer.train()  # where the target already holds, it stops at its first check
+        # then the rounds on the served model's own answers; the stack alone was counted by measure_served
         if config.silence_rounds > 0:
-            silence_rounds(trainer, tokenizer, features, finisher, finish)  # on the served model's own answers
+            silence_rounds(trainer, tokenizer, features, finisher, finish, said_before=first["said_before"])
         figures = measure_served(served, features, tokenizer, one_line, before=first)
         figures.update(verdict(figures, config.until_ratio, config.until_prob))
         figures.update(finish_steps=int(finisher.outcome.get("step", 0)), before_finish=first,

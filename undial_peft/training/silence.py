@@ -175,7 +175,7 @@ def escape_row(tokenizer: Any, row: dict[str, list], named: Named) -> dict[str, 
 
 def silence_rounds(
     trainer: UndialTrainer, tokenizer: Any, features: Sequence[dict[str, list]], stopper: StopWhenForgotten,
-    config: UndialConfig,
+    config: UndialConfig, said_before: int | None = None,
 ) -> datasets.Dataset:
     """Train on the paths the model still takes to say a forget row's key; return the training set grown by them.
 
@@ -188,6 +188,7 @@ def silence_rounds(
     training, at the target and at the end, on the model trained (in a 4-bit run the NF4 model, not the
     full-precision base it is served on).
 
+    ``said_before``: the teacher's count where the caller has it (a 4-bit run's served figures), saving a pass.
     >>> dataset = silence_rounds(trainer, tokenizer, forget_features, stopper, config)  # doctest: +SKIP
     >>> stopper.outcome["silence"]  # doctest: +SKIP
     {'asked': 6, 'before': 6, 'at_target': 2, 'rounds': 3, 'steps': 30, 'after': 1}
@@ -196,10 +197,11 @@ def silence_rounds(
     one_line = answers_end_at_newline(config.prompt_format, tokenizer)
     if INDEX in dataset.column_names:
         dataset = dataset.remove_columns(INDEX)
-    with adapter_state(model, active=teacher):
-        named_before, asked = named_rows(model, tokenizer, features, one_line)
-    named, _ = named_rows(model, tokenizer, features, one_line)
-    record: dict[str, Any] = {"asked": asked, "before": len(named_before), "at_target": len(named), "rounds": 0,
+    if said_before is None:  # the teacher's own count, unless the caller measured it on this model already
+        with adapter_state(model, active=teacher):
+            said_before = len(named_rows(model, tokenizer, features, one_line)[0])
+    named, asked = named_rows(model, tokenizer, features, one_line)
+    record: dict[str, Any] = {"asked": asked, "before": said_before, "at_target": len(named), "rounds": 0,
                               "steps": 0}
     stopper.outcome["silence"] = record
     rounds = config.silence_rounds if stopper.outcome.get("stopped") == "target" else 0
