@@ -31,6 +31,7 @@ from undial_peft.training.answer_keys import (
     key_mask,
     neutral_prior,
     token_report,
+    token_reports,
 )
 
 
@@ -92,6 +93,28 @@ def test_scores_separate_the_phrasing(town_model):
     # A stricter rule chooses nothing (and no fallback): the row then keeps every answer token.
     assert not any(key_mask(report, KeyRule(threshold=1e6, fallback=1e6)))
     assert key_mask(report, KeyRule(threshold=1e6, fallback=0.0)) == [i == city for i in range(len(words))]
+
+
+def test_batched_reports_equal_one_row_at_a_time_with_full_logits(town_model):
+    import torch
+
+    from undial_peft.data.encoding import prompt_ids
+
+    model, tokenizer, facts = town_model
+    prior = neutral_prior(model, tokenizer, reply_tokens=RULE.reply_tokens)
+    # Rows of different lengths, so the batch pads: a long question, a short one, the usual ones.
+    rows = [Example("Where does " + NAMES[0] + " live ? Where does " + NAMES[1] + " live?", facts[0]["answer"]),
+            Example("Where?", facts[1]["answer"])] + [Example(f["question"], f["answer"]) for f in facts[2:7]]
+    reports = token_reports(model, tokenizer, rows, prior, batch_size=3)
+    for row, report in zip(rows, reports):
+        question = prompt_ids(tokenizer, row.prompt)
+        answer = tokenizer(row.answer, add_special_tokens=False).input_ids
+        with torch.no_grad():  # the reference: this row alone, every position's logits, in float64
+            logits = model(input_ids=torch.tensor([question + answer])).logits[0].double()  # (Q + A, V)
+        logp = logits[len(question) - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(answer)[:, None])[:, 0]  # (A,)
+        assert report.ids == answer
+        assert report.logp.double().tolist() == pytest.approx(logp.tolist(), abs=1e-4)
+        assert report.score.double().tolist() == pytest.approx((logp - prior.double()[answer]).tolist(), abs=1e-4)
 
 
 def test_user_key_and_text_rows_are_left_alone(town_model):

@@ -40,6 +40,8 @@ from undial_peft.data.prompt_format import AUTO, FormatSpec
 from undial_peft.data.readers import Example
 from undial_peft.errors import UndialDataError
 from undial_peft.models import pad_id
+from undial_peft.training.loss import IGNORE_INDEX
+from undial_peft.training.stopping import answer_logprobs
 from undial_peft.utils.modes import model_mode
 
 NEUTRAL_PROMPTS = ("Say something.", "Tell me about your day.", "Write a short paragraph about anything you like.")
@@ -95,17 +97,30 @@ def token_report(
     model: torch.nn.Module, tokenizer: Any, example: Example, prior: torch.Tensor, prompt_format: FormatSpec = AUTO
 ) -> TokenReport:
     """Score every answer token of one question/answer row with the model as it is now."""
-    if example.prompt is None:
+    return token_reports(model, tokenizer, [example], prior, prompt_format)[0]
+
+
+@torch.no_grad()
+def token_reports(
+    model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], prior: torch.Tensor,
+    prompt_format: FormatSpec = AUTO, batch_size: int = 16,
+) -> list[TokenReport]:
+    """`token_report` for many rows, scored in batches with logits at the answer positions only (a guard's
+    hundred rows one by one, full logits each, took 25 s of a SmolLM2 request)."""
+    if any(example.prompt is None for example in examples):
         raise UndialDataError("automatic keys need a question/answer row; a text row has no question.")
-    answer, words, texts = _answer(tokenizer, example.answer)
-    question = prompt_ids(tokenizer, example.prompt, prompt_format)
-    asked = {w.lower() for w in WORD.findall(example.prompt)}
-    copied = torch.tensor([w >= 0 and texts[w] in asked for w in words])  # (A,)
-    ids = torch.tensor(answer)  # (A,)
-    device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor([question + answer], device=device)).logits[0]  # (Q + A, V)
-    logp = logits[len(question) - 1 : -1].float().log_softmax(-1).cpu().gather(-1, ids[:, None])[:, 0]  # (A,)
-    return TokenReport(answer, logp, logp - prior.cpu()[ids], copied, words)
+    parts, rows = [], []
+    for example in examples:
+        answer, words, texts = _answer(tokenizer, example.answer)
+        question = prompt_ids(tokenizer, example.prompt, prompt_format)
+        asked = {w.lower() for w in WORD.findall(example.prompt)}
+        parts.append((answer, words, torch.tensor([w >= 0 and texts[w] in asked for w in words])))  # copied: (A,)
+        rows.append({"input_ids": question + answer, "labels": [IGNORE_INDEX] * len(question) + answer})
+    logps = [logp[m].cpu() for _, batch_logp, mask in answer_logprobs(model, rows, pad_id(tokenizer), batch_size)
+             for logp, m in zip(batch_logp, mask)]  # (A,) per row: log p(t | question, answer so far)
+    log_prior = prior.cpu()
+    return [TokenReport(answer, logp, logp - log_prior[torch.tensor(answer, dtype=torch.long)], copied, words)
+            for (answer, words, copied), logp in zip(parts, logps)]
 
 
 def key_mask(report: TokenReport, rule: KeyRule = KeyRule()) -> list[bool]:
@@ -134,13 +149,12 @@ def auto_key_weights(
     deployed before this request. Its mode is restored.
     """
     with model_mode(model):
-        weights: list[list[float] | None] = []
-        prior = None
-        for example in examples:
-            if example.key is not None or example.prompt is None:
-                weights.append(None)
-                continue
-            prior = neutral_prior(model, tokenizer, prompt_format, rule.reply_tokens) if prior is None else prior
-            mask = key_mask(token_report(model, tokenizer, example, prior, prompt_format), rule)
-            weights.append([float(m) for m in mask] if any(mask) else None)
+        weights: list[list[float] | None] = [None] * len(examples)
+        todo = [i for i, example in enumerate(examples) if example.key is None and example.prompt is not None]
+        if not todo:
+            return weights
+        prior = neutral_prior(model, tokenizer, prompt_format, rule.reply_tokens)
+        for i, report in zip(todo, token_reports(model, tokenizer, [examples[i] for i in todo], prior, prompt_format)):
+            mask = key_mask(report, rule)
+            weights[i] = [float(m) for m in mask] if any(mask) else None
         return weights
