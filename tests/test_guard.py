@@ -220,3 +220,78 @@ def test_a_base_anchored_guard_leaves_out_answers_the_stack_forgot_on_purpose(mo
     kept = guard_module.drop_forgotten(model, tokenizer, rows, "completion", stack=["stack_0"])
     assert kept == [rows[0], rows[2]] and calls == ["base", "stack"]
     assert guard_module.drop_forgotten(model, tokenizer, rows, "completion", stack=[]) == rows and len(calls) == 2
+
+
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_the_guard_kl_weighs_its_fact_tokens_one_plus_k_times(tiny_dir, facts, tmp_path, cache):
+    from conftest import random_adapters
+    from peft import LoraConfig
+
+    from undial_peft.data.encoding import Collator, build_dataset
+    from undial_peft.models import load_model
+
+    stack = random_adapters(tiny_dir, tmp_path, [LoraConfig(r=4, target_modules=["q_proj", "v_proj"])])
+    base, tokenizer = load_model(tiny_dir)
+    model = build_trainable(base, default_lora_config(), stack)
+    rows = [Example(f["question"], f["answer"]) for f in facts]
+    retain = rows[4:8]
+    # Fact tokens: the last answer token of rows 0 and 2; rows 1 and 3 have none (None: no key found).
+    keys = [[0.0] * (len(encode(tokenizer, r, 64)["labels"]) - encode(tokenizer, r, 64)["labels"].count(-100) - 1)
+            + [1.0] if i % 2 == 0 else None for i, r in enumerate(retain)]
+    dataset = build_dataset(tokenizer, rows[:4], retain, max_length=64, retain_keys=keys)
+    assert [sum(k) for k in dataset["retain_key"]] == [1.0, 0.0, 1.0, 0.0]
+    assert all(len(k) == len(ids) for k, ids in zip(dataset["retain_key"], dataset["retain_input_ids"]))
+    losses = {}
+    for weight in (0.0, 4.0):
+        args = _settings(retain_loss="kl", retain_weight=1.0, teacher_cache=cache, guard_key_weight=weight,
+                         output_dir=str(tmp_path / "ckpt"))
+        trainer = UndialTrainer(model=model, args=args, train_dataset=dataset, stack=["stack_0"], retain_teacher=[],
+                                data_collator=Collator(tokenizer.pad_token_id))
+        trainer.teacher_cache = trainer._build_teacher_cache()
+        trainer.current_gradient_accumulation_steps = 1
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            losses[weight] = trainer._retain_loss(model, batch).item()
+    # Reference in float64: per-position KL(base || stack) from full logits, weighed 1 + K at the fact tokens.
+    inputs = {"input_ids": batch["retain_input_ids"], "attention_mask": batch["retain_attention_mask"]}
+    mask = batch["retain_labels"][:, 1:] != -100  # (B, T-1)
+    with torch.no_grad():
+        with adapter_state(model, active=[]):
+            teacher = model(**inputs).logits[:, :-1][mask].double().log_softmax(-1)  # (N, V)
+        student = model(**inputs).logits[:, :-1][mask].double().log_softmax(-1)  # (N, V)
+    per_position = (teacher.exp() * (teacher - student)).sum(-1)  # (N,)
+    fact = batch["retain_key"][:, 1:][mask].double()  # (N,)
+    assert fact.sum() == 2  # the batch holds both keyed rows
+    for weight, loss in losses.items():
+        reference = ((1 + weight * fact) * per_position).sum().item() / mask.sum().item()
+        assert loss == pytest.approx(reference, rel=1e-4)
+    assert losses[4.0] > losses[0.0] * 1.01
+
+
+def test_forget_finds_the_guard_answers_fact_tokens_only_when_weighed(tiny_dir, facts, tmp_path, monkeypatch):
+    seen = []
+    real = forget_module.auto_key_weights
+    monkeypatch.setattr(forget_module, "auto_key_weights", lambda m, t, rows, **k: seen.append(len(rows)) or real(m, t, rows, **k))
+    forget(tiny_dir, facts[:4], tmp_path / "plain", config=_settings(guard="bank", guard_rows=8, guard_key_weight=0.0))
+    assert seen == []  # auto_key=False in _settings, and K = 0: no key search at all
+    path = forget(tiny_dir, facts[:4], tmp_path / "weighed", config=_settings(guard="bank", guard_rows=8,
+                                                                               guard_key_weight=10.0))
+    assert seen == [8]  # the guard's own answers, not the forget rows
+    assert read_manifest(path)["hyperparameters"]["guard_key_weight"] == 10.0
+    with pytest.raises(UndialConfigError, match="guard_key_weight"):
+        UndialConfig(guard_key_weight=-1.0)
+
+
+def test_a_guard_fact_token_the_request_lowers_is_not_weighed(monkeypatch):
+    tokenizer = word_tokenizer(["Mexico speaks Spanish . Spain speaks Spanish . Peru speaks Spanish . Brazil speaks Portuguese ."])
+    guard = [Example("Mexico ?", "Mexico speaks Spanish ."), Example("Brazil ?", "Brazil speaks Portuguese ."),
+             Example("Peru ?", "Spanish")]
+    # Every guard answer token a fact token, so the test sees exactly which ones the request's keys remove.
+    monkeypatch.setattr(forget_module, "auto_key_weights",
+                        lambda model, tok, rows, **k: [[1.0] * len(tok(r.answer, add_special_tokens=False).input_ids)
+                                                       for r in rows])
+    forget_row = encode(tokenizer, Example("Spain ?", "Spain speaks Spanish .", "Spanish"), 32)
+    model = build_trainable(tiny_llama(tokenizer, hidden_size=32, num_layers=1), default_lora_config())
+    keys = forget_module._guard_keys(model, tokenizer, guard, UndialConfig(guard_key_weight=3.0), [], [forget_row])
+    assert keys == [[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], None]  # " Spanish" left at 1x; nothing else left: None
+    assert forget_module._guard_keys(model, tokenizer, guard, UndialConfig(guard_key_weight=0.0), [], [forget_row]) is None

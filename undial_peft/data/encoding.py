@@ -87,11 +87,14 @@ def build_dataset(
     max_length: int = 512,
     prompt_format: FormatSpec = AUTO,
     answer_weights: Sequence[Sequence[float] | None] | None = None,
+    retain_keys: Sequence[Sequence[float] | None] | None = None,
 ) -> datasets.Dataset:
     """Tokenised training set of forget examples, each row paired with a retain example.
 
     ``answer_weights`` (one entry per forget example, None to keep its own) replaces the beta
-    weights of the answer tokens, e.g. with automatic keys.
+    weights of the answer tokens, e.g. with automatic keys. ``retain_keys`` (one entry per retain
+    example: 1.0 on its fact tokens, None for none) becomes the ``retain_key`` column the guard's KL
+    weighs (`UndialConfig.guard_key_weight`); 0.0 on the prompt, as ``beta_weight`` is.
 
     With retain data the set has max(F, R) rows: row i holds forget[i % F] and retain[i % R], so
     one epoch sees every forget AND every retain example (forget rows repeat when R > F). Pairing
@@ -111,12 +114,12 @@ def build_dataset(
 
     rows = encode_all(forget, "forget", answer_weights)
     if retain:
-        kept = encode_all(retain, "retain")
-        rows = [
-            {**rows[i % len(rows)], "retain_input_ids": kept[i % len(kept)]["input_ids"],
-             "retain_labels": kept[i % len(kept)]["labels"]}
-            for i in range(max(len(rows), len(kept)))
-        ]
+        kept = encode_all(retain, "retain", retain_keys)
+        extra = ({"retain_key": row["beta_weight"] if keys is not None else [0.0] * len(row["beta_weight"])}
+                 for row, keys in zip(kept, retain_keys)) if retain_keys is not None else ({} for _ in kept)
+        kept = [{"retain_input_ids": row["input_ids"], "retain_labels": row["labels"], **more}
+                for row, more in zip(kept, extra)]
+        rows = [{**rows[i % len(rows)], **kept[i % len(kept)]} for i in range(max(len(rows), len(kept)))]
     return datasets.Dataset.from_list(rows)
 
 
@@ -134,7 +137,8 @@ def with_forget_rows(dataset: datasets.Dataset, rows: Sequence[dict[str, list]])
 
 @dataclass
 class Collator:
-    """Right-pads ``input_ids`` / ``labels`` (and their ``retain_`` twins) into tensors.
+    """Right-pads ``input_ids`` / ``labels`` (and their ``retain_`` twins) into tensors; per-token weights
+    (``beta_weight``, ``retain_key``) are padded with 0.
 
     >>> batch = Collator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
     ...                                   {"input_ids": [8], "labels": [8]}])
@@ -147,14 +151,20 @@ class Collator:
     def __call__(self, features: list[dict[str, list]]) -> dict[str, torch.Tensor]:
         batch = self._pad([f["input_ids"] for f in features], [f["labels"] for f in features], "")
         if "beta_weight" in features[0]:
-            weights = torch.zeros(batch["labels"].shape)  # (B, T); 0 on padding
-            for i, row in enumerate(features):
-                weights[i, : len(row["beta_weight"])] = torch.tensor(row["beta_weight"])
-            batch["beta_weight"] = weights
+            batch["beta_weight"] = self._weights([f["beta_weight"] for f in features], batch["labels"].shape)
         if "retain_input_ids" in features[0]:
             retain = [f["retain_input_ids"] for f in features], [f["retain_labels"] for f in features]
             batch.update(self._pad(*retain, "retain_"))
+            if "retain_key" in features[0]:
+                batch["retain_key"] = self._weights([f["retain_key"] for f in features], batch["retain_labels"].shape)
         return batch
+
+    @staticmethod
+    def _weights(rows: list[list[float]], shape: torch.Size) -> torch.Tensor:
+        weights = torch.zeros(shape)  # (B, T); 0 on padding
+        for i, row in enumerate(rows):
+            weights[i, : len(row)] = torch.tensor(row)
+        return weights
 
     def _pad(self, ids: list[list[int]], labels: list[list[int]], prefix: str) -> dict[str, torch.Tensor]:
         width = max(len(row) for row in ids)

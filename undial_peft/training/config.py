@@ -86,6 +86,13 @@ class UndialConfig(TrainingArguments):
     # 2: meets the one-request goal on both real models (never-asked >= 0.96x; 1.0 left Gemma-3 at 0.93x) and keeps
     # more over ten SmolLM2 requests (docs/models.md, docs/stacks.md); 3 was worse on Gemma-3 after two.
     guard_weight: float = field(default=2.0, metadata={"help": "Weight of the guard's KL term (the retain weight for guard rows)."})
+    # 0 by default. 3 kept more over five SmolLM2 requests (never-asked capitals/authors/landmarks 0.99x/0.87x/0.95x
+    # against 0.92x/0.73x/0.91x) and as much on the demo, but less on one Gemma-3 request (lowest never-asked topic
+    # 0.91x against 0.96x) (docs/stacks.md).
+    guard_key_weight: float = field(default=0.0, metadata={"help": (
+        "K: the guard's KL counts 1 + K times at the fact tokens of the teacher's answers (found by the automatic-key "
+        "rule, training/answer_keys.py) and once elsewhere, over the number of answer positions (0: the plain mean). "
+        "A mean over every answer token lets the phrasing outvote the one fact token a request erodes.")})
     guard_rows: int = field(default=64, metadata={"help": "Bank prompts the guard asks the teacher (round-robin over relations); neighbours add up to as many of each kind."})
     guard_teacher: str = field(default="stack", metadata={"help": (
         f"Whose answers the guard keeps: one of {GUARD_TEACHERS}. stack: the model as deployed before this request "
@@ -202,6 +209,8 @@ class UndialConfig(TrainingArguments):
             raise bad("guard", f"choose one of {GUARDS}")
         if not (math.isfinite(self.guard_weight) and self.guard_weight > 0):
             raise bad("guard_weight", "use a finite value > 0 (guard='none' turns the guard off)")
+        if not (math.isfinite(self.guard_key_weight) and self.guard_key_weight >= 0):
+            raise bad("guard_key_weight", "use a finite value >= 0 (0: every guard answer token counts once)")
         if self.guard_teacher not in GUARD_TEACHERS:
             raise bad("guard_teacher", f"choose one of {GUARD_TEACHERS}")
         if self.guard_rows < 1:

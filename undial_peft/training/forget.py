@@ -134,10 +134,10 @@ def forget(
             # They are not handed to the stopping rule's retain watch, which is for the user's own data.
             args = dataclasses.replace(args, retain_loss="kl", retain_weight=config.guard_weight)
         weights = _auto_keys(peft_model, tokenizer, forget_rows, config, teacher)
+        forget_features = _encoded(tokenizer, forget_rows, config, weights)  # what the checks and the served figures score
         if any(w is not None for w in weights) or guard:
             dataset = build_dataset(tokenizer, forget_rows, retain_rows or guard or None, config.max_length, fmt,
-                                    weights)
-        forget_features = _encoded(tokenizer, forget_rows, config, weights)  # what the checks and the served figures score
+                                    weights, _guard_keys(peft_model, tokenizer, guard, config, teacher, forget_features))
         stopper = _stopper(tokenizer, forget_features, retain_rows, config, teacher)
         qa_rows = [row for row in forget_rows if row.prompt is not None]
         before = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
@@ -273,6 +273,39 @@ def _guard(
     return rows
 
 
+def _guard_keys(
+    model: torch.nn.Module, tokenizer: Any, guard: Sequence[Example], config: UndialConfig, teacher: Sequence[str],
+    forget_features: Sequence[dict[str, list]],
+) -> list[list[float] | None] | None:
+    """The guard answers' fact tokens (1.0 per answer token), found by the automatic-key rule with the model
+    that answered them; None where the guard's KL weighs every token alike (no guard, or ``guard_key_weight`` 0).
+
+    A fact token that is also one of the request's key tokens is not weighed: "Mexico's language is Spanish"
+    beside a request that forgets Spain's " Spanish" would pull, K times over, on the very token the request
+    lowers (ten SmolLM2 requests: a languages request's greedy answers went from 6 to 7 of 8 still saying
+    their key over three silence rounds). It keeps the plain guard's weight, as before K.
+    >>> # _guard_keys(model, tok, guard, UndialConfig(guard_key_weight=3), [], features)[0]  -> [0.0, ..., 1.0, 0.0]
+    """
+    if not guard or config.guard_key_weight == 0:
+        return None
+    start = time.perf_counter()
+    with adapter_state(model, active=[] if config.guard_teacher == "base" else teacher):
+        rule = KeyRule(threshold=config.auto_key_threshold, fallback=config.auto_key_threshold * 2 / 3)
+        keys = auto_key_weights(model, tokenizer, guard, prompt_format=config.prompt_format, rule=rule)
+    lowered = {t for row in forget_features for t, w in zip(row["input_ids"], row["beta_weight"]) if w > 0}
+    shared = 0
+    for i, (row, row_keys) in enumerate(zip(guard, keys)):
+        if row_keys is not None:
+            ids = tokenizer(row.answer, add_special_tokens=False).input_ids  # the answer tokens the weights follow
+            kept = [w if t not in lowered else 0.0 for t, w in zip(ids, row_keys)]
+            shared += kept != row_keys
+            keys[i] = kept if any(kept) else None
+    logger.info("guard: fact tokens found in %d of %d answers (%d held a token this request lowers, left at 1x), "
+                "weighed %sx in the KL (%.1f s)", sum(k is not None for k in keys), len(keys), shared,
+                1 + config.guard_key_weight, time.perf_counter() - start)
+    return keys
+
+
 def _key_counts(rows: Sequence[Example], weights: Sequence[list[float] | None]) -> dict[str, int]:
     """How each row chose its adjusted tokens: counts only, never the key texts."""
     user = sum(row.key is not None for row in rows)
@@ -388,7 +421,7 @@ def _hyperparameters(config: UndialConfig, lora: LoraConfig) -> dict[str, Any]:
     keys = ("beta", "npo_beta", "forget_weight", "retain_weight", "retain_loss", "learning_rate", "num_train_epochs",
             "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
             "until_ratio", "until_prob", "check_every", "max_retain_drop", "max_retain_rows", "auto_key",
-            "auto_key_threshold", "guard", "guard_weight", "guard_rows", "guard_teacher", "silence_rounds", "verify")
+            "auto_key_threshold", "guard", "guard_weight", "guard_key_weight", "guard_rows", "guard_teacher", "silence_rounds", "verify")
     targets = lora.target_modules
     return {
         **{key: getattr(config, key) for key in keys},

@@ -329,8 +329,12 @@ class UndialTrainer(Trainer):
             teacher = at_answers(self._teacher(model, self.retain_stack, **batch, **answer))  # (N, V), live teacher
         teacher_logp = teacher.float().log_softmax(-1)  # (N, V)
         student_logp = student.float().log_softmax(-1)  # (N, V)
-        kl = torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
-        return kl / mask.sum().clamp(min=1) * share
+        kl = torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)  # (N,)
+        if "retain_key" in inputs and self.args.guard_key_weight > 0:
+            # The guard's fact tokens count 1 + K times: over a mean of every answer token, the phrasing a
+            # request leaves alone outvotes the one token it erodes (docs/stacks.md).
+            kl = kl * (1 + self.args.guard_key_weight * L.shift_labels_like(inputs["retain_key"])[mask].to(kl.device))
+        return kl.sum() / mask.sum().clamp(min=1) * share
 
     def compute_loss(
         self,
