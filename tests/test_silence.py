@@ -86,24 +86,33 @@ def test_a_completion_answer_ends_at_its_first_newline(monkeypatch):
     assert named_rows(None, _Pieces(), [row], one_line=True) == ([], 1)
 
 
-def test_forget_trains_silence_rounds_and_reports_what_greedy_answers_say(tiny_dir, facts, tmp_path):
+def test_forget_trains_silence_rounds_and_reports_what_greedy_answers_say(tiny_dir, facts, tmp_path, monkeypatch):
     rows = [_keyed(f) for f in facts[:4]]
     # A weak target (0.9x) stops while every greedy answer still says its city: one round must follow.
     config = UndialConfig(learning_rate=1e-3, per_device_train_batch_size=4, disable_tqdm=True, logging_steps=100,
-                          until_ratio=0.9, min_steps=0, silence_rounds=1, max_steps=40)
+                          until_ratio=0.9, min_steps=0, silence_rounds=1, max_steps=40, guard_key_weight=3.0)
+    weighed = []
+
+    class Recording(silence.UndialTrainer):  # the rounds' trainers: the plain guard mean, whatever the request's K
+        def __init__(self, *args, **kwargs):
+            weighed.append(kwargs["args"].guard_key_weight)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(silence, "UndialTrainer", Recording)
     out = api.forget(tiny_dir, rows, tmp_path / "a", config=config)
+    assert weighed == [0.0]  # the request's K is 3
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    silence = manifest["stopping"]["silence"]
-    assert silence["asked"] == 4 and silence["before"] == 4  # the memorised model says every city
-    assert silence["at_target"] > 0 and silence["rounds"] == 1 and silence["steps"] == ROUND_STEPS
+    record = manifest["stopping"]["silence"]
+    assert record["asked"] == 4 and record["before"] == 4  # the memorised model says every city
+    assert record["at_target"] > 0 and record["rounds"] == 1 and record["steps"] == ROUND_STEPS
     assert manifest["metrics"]["steps"] == manifest["stopping"]["step"]  # the round's steps are counted
     assert manifest["stopping"]["history"][-1]["silence"] == 1.0  # "after" was measured after the round
     # Independently: greedy answers of the saved adapter, attached to a fresh load.
     model, tokenizer = load_model(tiny_dir)
     answers = greedy_answers(attach(model, [out], tokenizer=tokenizer), tokenizer, [r["question"] for r in rows],
                              max_new_tokens=16)
-    assert sum(r["key"] in a for r, a in zip(rows, answers)) == silence["after"]
-    assert f"-> {silence['after']} of 4 (1 silence round)" in (out / "README.md").read_text(encoding="utf-8")
+    assert sum(r["key"] in a for r, a in zip(rows, answers)) == record["after"]
+    assert f"-> {record['after']} of 4 (1 silence round)" in (out / "README.md").read_text(encoding="utf-8")
 
 
 def test_no_rounds_without_a_key_or_when_switched_off(tiny_dir, facts, tmp_path):

@@ -212,7 +212,10 @@ def silence_rounds(
         kept = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         grown = with_forget_rows(dataset, [escape_row(tokenizer, features[n.row], n) for n in named])
         previous = trainer
-        trainer = UndialTrainer(model=model, args=replace(trainer.args, max_steps=ROUND_STEPS, save_strategy="no"),
+        # The plain guard mean (K = 0): the weighed fact tokens held the very paths a round trains away (the
+        # demo at K = 3: 2 of 6 answers still said their key after three weighed rounds, 0 after one plain one).
+        args = replace(trainer.args, max_steps=ROUND_STEPS, save_strategy="no", guard_key_weight=0.0)
+        trainer = UndialTrainer(model=model, args=args,
                                 train_dataset=grown, data_collator=Collator(tokenizer.pad_token_id), stack=teacher,
                                 retain_teacher=previous.retain_stack, earlier=previous)
         trainer.keep_teacher_cache = True
