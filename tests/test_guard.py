@@ -165,39 +165,56 @@ def test_an_epoch_run_keeps_its_epoch_at_the_forget_rows(tiny_dir, facts, tmp_pa
     assert manifest["metrics"]["steps"] == 2  # 4 rows, batch 4, 2 epochs
 
 
-@pytest.mark.parametrize("cache", ["off", "memory"])
-def test_a_guard_anchored_on_the_base_takes_its_kl_against_the_base_not_the_stack(tiny_dir, facts, tmp_path, cache):
+def _stacked_model(tiny_dir, tmp_path):
+    """The tiny model with one random frozen adapter ("stack_0") and a fresh zero NEW adapter on top."""
     from conftest import random_adapters
     from peft import LoraConfig
 
-    from undial_peft.data.encoding import Collator, build_dataset
     from undial_peft.models import load_model
 
     stack = random_adapters(tiny_dir, tmp_path, [LoraConfig(r=4, target_modules=["q_proj", "v_proj"])])
     base, tokenizer = load_model(tiny_dir)
-    model = build_trainable(base, default_lora_config(), stack)
-    rows = [Example(f["question"], f["answer"]) for f in facts]
-    dataset = build_dataset(tokenizer, rows[:4], rows[4:8], max_length=64)
-    args = _settings(retain_loss="kl", retain_weight=1.0, teacher_cache=cache, output_dir=str(tmp_path / "ckpt"))
-    losses = {}
-    for anchor in (None, []):  # the stack (default), the base
-        trainer = UndialTrainer(model=model, args=args, train_dataset=dataset, stack=["stack_0"], retain_teacher=anchor,
-                                data_collator=Collator(tokenizer.pad_token_id))
-        trainer.teacher_cache = trainer._build_teacher_cache()
-        trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this test skips
-        batch = next(iter(trainer.get_train_dataloader()))
-        with torch.no_grad():
-            losses["stack" if anchor is None else "base"] = trainer._retain_loss(model, batch).item()
-    # Reference: KL(base || stack) at the retain answer positions, from full logits (NEW is still zero).
+    return build_trainable(base, default_lora_config(), stack), tokenizer
+
+
+def _first_retain_loss(model, tokenizer, dataset, args, anchor):
+    """The trainer's retain loss on its first batch (teacher cache as ``args`` says), and that batch."""
+    from undial_peft.data.encoding import Collator
+
+    trainer = UndialTrainer(model=model, args=args, train_dataset=dataset, stack=["stack_0"], retain_teacher=anchor,
+                            data_collator=Collator(tokenizer.pad_token_id))
+    trainer.teacher_cache = trainer._build_teacher_cache()
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which these tests skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        return trainer._retain_loss(model, batch).item(), batch
+
+
+def _base_to_stack_kl(model, batch):
+    """Reference in float64 from full logits: KL(base || stack) per retain answer position (N,), and the (B, T-1) mask."""
     retain = {"input_ids": batch["retain_input_ids"], "attention_mask": batch["retain_attention_mask"]}
     mask = batch["retain_labels"][:, 1:] != -100  # (B, T-1): positions predicting an answer token
     with torch.no_grad():
         with adapter_state(model, active=[]):
             teacher = model(**retain).logits[:, :-1][mask].double().log_softmax(-1)  # (N, V)
-        student = model(**retain).logits[:, :-1][mask].double().log_softmax(-1)  # (N, V)
-    reference = (teacher.exp() * (teacher - student)).sum().item() / mask.sum().item()
-    assert losses["stack"] == pytest.approx(0.0, abs=1e-6)  # student = stack + a zero adapter
-    assert losses["base"] == pytest.approx(reference, rel=1e-4) and reference > 1e-4
+        student = model(**retain).logits[:, :-1][mask].double().log_softmax(-1)  # (N, V), NEW is still zero
+    return (teacher.exp() * (teacher - student)).sum(-1), mask
+
+
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_a_guard_anchored_on_the_base_takes_its_kl_against_the_base_not_the_stack(tiny_dir, facts, tmp_path, cache):
+    from undial_peft.data.encoding import build_dataset
+
+    model, tokenizer = _stacked_model(tiny_dir, tmp_path)
+    rows = [Example(f["question"], f["answer"]) for f in facts]
+    dataset = build_dataset(tokenizer, rows[:4], rows[4:8], max_length=64)
+    args = _settings(retain_loss="kl", retain_weight=1.0, teacher_cache=cache, output_dir=str(tmp_path / "ckpt"))
+    stack, _ = _first_retain_loss(model, tokenizer, dataset, args, None)  # the default anchor: the stack
+    base, batch = _first_retain_loss(model, tokenizer, dataset, args, [])
+    per_position, mask = _base_to_stack_kl(model, batch)
+    reference = per_position.sum().item() / mask.sum().item()
+    assert stack == pytest.approx(0.0, abs=1e-6)  # student = stack + a zero adapter
+    assert base == pytest.approx(reference, rel=1e-4) and reference > 1e-4
 
 
 def test_a_base_anchored_guard_leaves_out_answers_the_stack_forgot_on_purpose(monkeypatch):
@@ -224,42 +241,23 @@ def test_a_base_anchored_guard_leaves_out_answers_the_stack_forgot_on_purpose(mo
 
 @pytest.mark.parametrize("cache", ["off", "memory"])
 def test_the_guard_kl_weighs_its_fact_tokens_one_plus_k_times(tiny_dir, facts, tmp_path, cache):
-    from conftest import random_adapters
-    from peft import LoraConfig
+    from undial_peft.data.encoding import build_dataset
 
-    from undial_peft.data.encoding import Collator, build_dataset
-    from undial_peft.models import load_model
-
-    stack = random_adapters(tiny_dir, tmp_path, [LoraConfig(r=4, target_modules=["q_proj", "v_proj"])])
-    base, tokenizer = load_model(tiny_dir)
-    model = build_trainable(base, default_lora_config(), stack)
+    model, tokenizer = _stacked_model(tiny_dir, tmp_path)
     rows = [Example(f["question"], f["answer"]) for f in facts]
     retain = rows[4:8]
     # Fact tokens: the last answer token of rows 0 and 2; rows 1 and 3 have none (None: no key found).
-    keys = [[0.0] * (len(encode(tokenizer, r, 64)["labels"]) - encode(tokenizer, r, 64)["labels"].count(-100) - 1)
-            + [1.0] if i % 2 == 0 else None for i, r in enumerate(retain)]
+    answers = [sum(label != -100 for label in encode(tokenizer, r, 64)["labels"]) for r in retain]
+    keys = [[0.0] * (n - 1) + [1.0] if i % 2 == 0 else None for i, n in enumerate(answers)]
     dataset = build_dataset(tokenizer, rows[:4], retain, max_length=64, retain_keys=keys)
     assert [sum(k) for k in dataset["retain_key"]] == [1.0, 0.0, 1.0, 0.0]
     assert all(len(k) == len(ids) for k, ids in zip(dataset["retain_key"], dataset["retain_input_ids"]))
     losses = {}
-    for weight in (0.0, 4.0):
+    for weight in (0.0, 4.0):  # the KL against the base, so it is not zero
         args = _settings(retain_loss="kl", retain_weight=1.0, teacher_cache=cache, guard_key_weight=weight,
                          output_dir=str(tmp_path / "ckpt"))
-        trainer = UndialTrainer(model=model, args=args, train_dataset=dataset, stack=["stack_0"], retain_teacher=[],
-                                data_collator=Collator(tokenizer.pad_token_id))
-        trainer.teacher_cache = trainer._build_teacher_cache()
-        trainer.current_gradient_accumulation_steps = 1
-        batch = next(iter(trainer.get_train_dataloader()))
-        with torch.no_grad():
-            losses[weight] = trainer._retain_loss(model, batch).item()
-    # Reference in float64: per-position KL(base || stack) from full logits, weighed 1 + K at the fact tokens.
-    inputs = {"input_ids": batch["retain_input_ids"], "attention_mask": batch["retain_attention_mask"]}
-    mask = batch["retain_labels"][:, 1:] != -100  # (B, T-1)
-    with torch.no_grad():
-        with adapter_state(model, active=[]):
-            teacher = model(**inputs).logits[:, :-1][mask].double().log_softmax(-1)  # (N, V)
-        student = model(**inputs).logits[:, :-1][mask].double().log_softmax(-1)  # (N, V)
-    per_position = (teacher.exp() * (teacher - student)).sum(-1)  # (N,)
+        losses[weight], batch = _first_retain_loss(model, tokenizer, dataset, args, [])
+    per_position, mask = _base_to_stack_kl(model, batch)
     fact = batch["retain_key"][:, 1:][mask].double()  # (N,)
     assert fact.sum() == 2  # the batch holds both keyed rows
     for weight, loss in losses.items():
