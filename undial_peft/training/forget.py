@@ -282,8 +282,8 @@ def _guard_keys(
 
     A fact token that is also one of the request's key tokens is not weighed: "Mexico's language is Spanish"
     beside a request that forgets Spain's " Spanish" would pull, K times over, on the very token the request
-    lowers (ten SmolLM2 requests: a languages request's greedy answers went from 6 to 7 of 8 still saying
-    their key over three silence rounds). It keeps the plain guard's weight, as before K.
+    lowers (the second of the ten SmolLM2 requests, chemistry and three languages, at K = 3: 0.24x of its hand
+    keys without this rule, 0.06x with it). It keeps the plain guard's weight, as before K.
     >>> # _guard_keys(model, tok, guard, UndialConfig(guard_key_weight=3), [], features)[0]  -> [0.0, ..., 1.0, 0.0]
     """
     if not guard or config.guard_key_weight == 0:
