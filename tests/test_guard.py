@@ -97,8 +97,8 @@ def test_guard_settings_are_checked():
 
 
 def _settings(**extra) -> UndialConfig:
-    return UndialConfig(max_steps=3, until_ratio=None, auto_key=False, learning_rate=1e-2, seed=0,
-                        per_device_train_batch_size=4, disable_tqdm=True, **extra)
+    return UndialConfig(**{"max_steps": 3, "until_ratio": None, "auto_key": False, "learning_rate": 1e-2, "seed": 0,
+                           "per_device_train_batch_size": 4, "disable_tqdm": True, **extra})
 
 
 def test_forget_with_the_bank_guard_trains_a_kl_retain_term(tiny_dir, facts, tmp_path, monkeypatch):
@@ -293,3 +293,18 @@ def test_a_guard_fact_token_the_request_lowers_is_not_weighed(monkeypatch):
     keys = forget_module._guard_keys(model, tokenizer, guard, UndialConfig(guard_key_weight=3.0), [], [forget_row])
     assert keys == [[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], None]  # " Spanish" left at 1x; nothing else left: None
     assert forget_module._guard_keys(model, tokenizer, guard, UndialConfig(guard_key_weight=0.0), [], [forget_row]) is None
+
+
+def test_the_forget_rows_and_the_guard_share_one_neutral_prior(tiny_dir, facts, tmp_path, monkeypatch):
+    priors = []
+    real = forget_module.neutral_prior
+    monkeypatch.setattr(forget_module, "neutral_prior", lambda *a, **k: priors.append(1) or real(*a, **k))
+    forget(tiny_dir, facts[:4], tmp_path / "shared",
+           config=_settings(guard="bank", guard_rows=8, guard_key_weight=3.0, auto_key=True))
+    assert len(priors) == 1  # the forget rows' key search found it; the guard's, under the same teacher, reused it
+    forget(tiny_dir, facts[:4], tmp_path / "base", config=_settings(guard="bank", guard_rows=8, guard_key_weight=3.0,
+                                                                     auto_key=True, guard_teacher="base"))
+    assert len(priors) == 2  # anchored on the base, with no stack: the base is the teacher, still one prior
+    keyed = [{**f, "key": f["answer"].split()[-1]} for f in facts[:4]]
+    forget(tiny_dir, keyed, tmp_path / "keyed", config=_settings(guard="none", auto_key=True))
+    assert len(priors) == 2  # every row has its own key: no search, no prior

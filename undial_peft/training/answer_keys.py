@@ -141,8 +141,11 @@ def auto_key_weights(
     *,
     prompt_format: FormatSpec = AUTO,
     rule: KeyRule = KeyRule(),
+    prior: torch.Tensor | None = None,
 ) -> list[list[float] | None]:
     """Per row: one beta weight per answer token (1.0 on key tokens), or None to keep the row as it is.
+
+    ``prior``: `neutral_prior` of this model in this format, where the caller has it (else computed here).
 
     None for rows with a user ``key`` (it wins), for text rows, and for rows where no token passes
     (they keep the adjustment on every answer token). ``model`` must be the teacher: the model as
@@ -153,7 +156,7 @@ def auto_key_weights(
         todo = [i for i, example in enumerate(examples) if example.key is None and example.prompt is not None]
         if not todo:
             return weights
-        prior = neutral_prior(model, tokenizer, prompt_format, rule.reply_tokens)
+        prior = neutral_prior(model, tokenizer, prompt_format, rule.reply_tokens) if prior is None else prior
         for i, report in zip(todo, token_reports(model, tokenizer, [examples[i] for i in todo], prior, prompt_format)):
             mask = key_mask(report, rule)
             weights[i] = [float(m) for m in mask] if any(mask) else None

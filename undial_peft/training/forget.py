@@ -31,7 +31,7 @@ from undial_peft.errors import OutputExistsError, UndialConfigError
 from undial_peft.evals.scoring import mean_answer_probability
 from undial_peft.models import base_identity, load_model, source_name
 from undial_peft.training.adapters import NEW, adapter_state, build_trainable, default_lora_config, frozen_adapters
-from undial_peft.training.answer_keys import KeyRule, auto_key_weights
+from undial_peft.training.answer_keys import KeyRule, auto_key_weights, neutral_prior
 from undial_peft.training.config import UndialConfig
 from undial_peft.training.guard import drop_forgotten, guard_rows
 from undial_peft.training.silence import answers_end_at_newline, silence_rounds
@@ -133,11 +133,13 @@ def forget(
             # The guard rows are this request's retain rows for the loss only: a KL term to the teacher.
             # They are not handed to the stopping rule's retain watch, which is for the user's own data.
             args = dataclasses.replace(args, retain_loss="kl", retain_weight=config.guard_weight)
-        weights = _auto_keys(peft_model, tokenizer, forget_rows, config, teacher)
+        priors: dict[tuple[str, ...], torch.Tensor] = {}  # the neutral prior per teacher, found once per request
+        weights = _forget_keys(peft_model, tokenizer, forget_rows, config, teacher, priors)
         forget_features = _encoded(tokenizer, forget_rows, config, weights)  # what the checks and the served figures score
         if any(w is not None for w in weights) or guard:
+            guard_keys = _guard_keys(peft_model, tokenizer, guard, config, teacher, forget_features, priors)
             dataset = build_dataset(tokenizer, forget_rows, retain_rows or guard or None, config.max_length, fmt,
-                                    weights, _guard_keys(peft_model, tokenizer, guard, config, teacher, forget_features))
+                                    weights, guard_keys)
         stopper = _stopper(tokenizer, forget_features, retain_rows, config, teacher)
         qa_rows = [row for row in forget_rows if row.prompt is not None]
         before = mean_probability(peft_model, tokenizer, qa_rows, config) if qa_rows else None
@@ -220,7 +222,7 @@ def preview_keys(
     verify_stack(stack, base_identity(base), force=force)
     peft_model = build_trainable(base, default_lora_config(), stack)
     try:
-        weights = _auto_keys(peft_model, tokenizer, rows, config, frozen_adapters(peft_model))
+        weights = _forget_keys(peft_model, tokenizer, rows, config, frozen_adapters(peft_model))
     finally:
         if isinstance(model, PreTrainedModel):
             peft_model.unload()
@@ -236,15 +238,34 @@ def preview_keys(
     return shown
 
 
-def _auto_keys(
-    model: torch.nn.Module, tokenizer: Any, rows: Sequence[Example], config: UndialConfig, teacher: Sequence[str]
+def _forget_keys(
+    model: torch.nn.Module, tokenizer: Any, rows: Sequence[Example], config: UndialConfig, teacher: Sequence[str],
+    priors: dict[tuple[str, ...], torch.Tensor] | None = None,
 ) -> list[list[float] | None]:
-    """Automatic key weights per row (None: the row keeps its own), from the teacher: new adapter off."""
+    """The forget rows' automatic keys where this run uses them (UNDIAL with ``auto_key``), else None per row."""
     if not (config.auto_key and config.method == "undial"):
         return [None] * len(rows)
+    return _auto_keys(model, tokenizer, rows, config, teacher, priors)
+
+
+def _auto_keys(
+    model: torch.nn.Module, tokenizer: Any, rows: Sequence[Example], config: UndialConfig, teacher: Sequence[str],
+    priors: dict[tuple[str, ...], torch.Tensor] | None = None,
+) -> list[list[float] | None]:
+    """Automatic key weights per row (None: the row keeps its own), from ``teacher`` (the new adapter off).
+
+    ``priors`` keeps the neutral prior per teacher for the request's next key search (the guard's answers
+    under the same teacher): its three greedy replies took 12.6 s on SmolLM2, the most of a search.
+    """
+    if not any(row.key is None and row.prompt is not None for row in rows):
+        return [None] * len(rows)  # every row keeps its own key (or has no question): no search, no prior
+    rule = KeyRule(threshold=config.auto_key_threshold, fallback=config.auto_key_threshold * 2 / 3)
+    priors = {} if priors is None else priors
     with adapter_state(model, active=teacher):
-        rule = KeyRule(threshold=config.auto_key_threshold, fallback=config.auto_key_threshold * 2 / 3)
-        return auto_key_weights(model, tokenizer, rows, prompt_format=config.prompt_format, rule=rule)
+        if tuple(teacher) not in priors:
+            priors[tuple(teacher)] = neutral_prior(model, tokenizer, config.prompt_format, rule.reply_tokens)
+        return auto_key_weights(model, tokenizer, rows, prompt_format=config.prompt_format, rule=rule,
+                                prior=priors[tuple(teacher)])
 
 
 def _guard(
@@ -275,7 +296,7 @@ def _guard(
 
 def _guard_keys(
     model: torch.nn.Module, tokenizer: Any, guard: Sequence[Example], config: UndialConfig, teacher: Sequence[str],
-    forget_features: Sequence[dict[str, list]],
+    forget_features: Sequence[dict[str, list]], priors: dict[tuple[str, ...], torch.Tensor] | None = None,
 ) -> list[list[float] | None] | None:
     """The guard answers' fact tokens (1.0 per answer token), found by the automatic-key rule with the model
     that answered them; None where the guard's KL weighs every token alike (no guard, or ``guard_key_weight`` 0).
@@ -289,9 +310,7 @@ def _guard_keys(
     if not guard or config.guard_key_weight == 0:
         return None
     start = time.perf_counter()
-    with adapter_state(model, active=[] if config.guard_teacher == "base" else teacher):
-        rule = KeyRule(threshold=config.auto_key_threshold, fallback=config.auto_key_threshold * 2 / 3)
-        keys = auto_key_weights(model, tokenizer, guard, prompt_format=config.prompt_format, rule=rule)
+    keys = _auto_keys(model, tokenizer, guard, config, [] if config.guard_teacher == "base" else teacher, priors)
     lowered = {t for row in forget_features for t, w in zip(row["input_ids"], row["beta_weight"]) if w > 0}
     shared = 0
     for i, (row, row_keys) in enumerate(zip(guard, keys)):
