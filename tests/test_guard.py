@@ -14,7 +14,7 @@ from undial_peft.data.readers import Example
 from undial_peft.deploy.manifest import read_manifest
 from undial_peft.errors import UndialConfigError
 from undial_peft.tiny import tiny_llama, word_tokenizer
-from undial_peft.training import forget as forget_module
+from undial_peft.training import teacher_rows
 from undial_peft.training.adapters import NEW, adapter_state, build_trainable, default_lora_config
 from undial_peft.training.forget import forget
 from undial_peft.training.guard import guard_rows
@@ -123,8 +123,8 @@ def test_forget_with_the_bank_guard_trains_a_kl_retain_term(tiny_dir, facts, tmp
 
 def test_guard_none_asks_nothing_and_bank_changes_the_adapter(tiny_dir, facts, tmp_path, monkeypatch):
     calls = []
-    real = forget_module.guard_rows
-    monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = teacher_rows.guard_rows
+    monkeypatch.setattr(teacher_rows, "guard_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     plain = forget(tiny_dir, facts[:4], tmp_path / "plain", config=_settings(guard="none"))
     assert not calls and "guard_rows" not in read_manifest(plain)["data"]
     guarded = forget(tiny_dir, facts[:4], tmp_path / "guarded", config=_settings(guard="bank", guard_rows=8))
@@ -135,7 +135,7 @@ def test_guard_none_asks_nothing_and_bank_changes_the_adapter(tiny_dir, facts, t
 
 def test_guard_is_skipped_with_user_retain_data(tiny_dir, facts, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or [])
+    monkeypatch.setattr(teacher_rows, "guard_rows", lambda *a, **k: calls.append(1) or [])
     path = forget(tiny_dir, facts[:4], tmp_path / "kept", retain=facts[12:],
                   config=_settings(guard="bank", retain_weight=1.0, max_retain_drop=None))
     manifest = read_manifest(path)
@@ -146,8 +146,8 @@ def test_guard_is_skipped_with_user_retain_data(tiny_dir, facts, tmp_path, monke
 def test_the_default_guard_is_neighbours_for_undial_only(tiny_dir, facts, tmp_path, monkeypatch, method, expected):
     """Baselines run as published; UNDIAL without retain data gets the neighbours guard."""
     calls = []
-    real = forget_module.guard_rows
-    monkeypatch.setattr(forget_module, "guard_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = teacher_rows.guard_rows
+    monkeypatch.setattr(teacher_rows, "guard_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     path = forget(tiny_dir, facts[:4], tmp_path / method, config=_settings(method=method, guard_rows=8))
     manifest = read_manifest(path)
     assert manifest["hyperparameters"]["guard"] == expected
@@ -268,8 +268,8 @@ def test_the_guard_kl_weighs_its_fact_tokens_one_plus_k_times(tiny_dir, facts, t
 
 def test_forget_finds_the_guard_answers_fact_tokens_only_when_weighed(tiny_dir, facts, tmp_path, monkeypatch):
     seen = []
-    real = forget_module.auto_key_weights
-    monkeypatch.setattr(forget_module, "auto_key_weights", lambda m, t, rows, **k: seen.append(len(rows)) or real(m, t, rows, **k))
+    real = teacher_rows.auto_key_weights
+    monkeypatch.setattr(teacher_rows, "auto_key_weights", lambda m, t, rows, **k: seen.append(len(rows)) or real(m, t, rows, **k))
     forget(tiny_dir, facts[:4], tmp_path / "plain", config=_settings(guard="bank", guard_rows=8, guard_key_weight=0.0))
     assert seen == []  # auto_key=False in _settings, and K = 0: no key search at all
     path = forget(tiny_dir, facts[:4], tmp_path / "weighed", config=_settings(guard="bank", guard_rows=8,
@@ -285,20 +285,20 @@ def test_a_guard_fact_token_the_request_lowers_is_not_weighed(monkeypatch):
     guard = [Example("Mexico ?", "Mexico speaks Spanish ."), Example("Brazil ?", "Brazil speaks Portuguese ."),
              Example("Peru ?", "Spanish")]
     # Every guard answer token a fact token, so the test sees exactly which ones the request's keys remove.
-    monkeypatch.setattr(forget_module, "auto_key_weights",
+    monkeypatch.setattr(teacher_rows, "auto_key_weights",
                         lambda model, tok, rows, **k: [[1.0] * len(tok(r.answer, add_special_tokens=False).input_ids)
                                                        for r in rows])
     forget_row = encode(tokenizer, Example("Spain ?", "Spain speaks Spanish .", "Spanish"), 32)
     model = build_trainable(tiny_llama(tokenizer, hidden_size=32, num_layers=1), default_lora_config())
-    keys = forget_module._guard_keys(model, tokenizer, guard, UndialConfig(guard_key_weight=3.0), [], [forget_row])
+    keys = teacher_rows.guard_keys(model, tokenizer, guard, UndialConfig(guard_key_weight=3.0), [], [forget_row])
     assert keys == [[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], None]  # " Spanish" left at 1x; nothing else left: None
-    assert forget_module._guard_keys(model, tokenizer, guard, UndialConfig(guard_key_weight=0.0), [], [forget_row]) is None
+    assert teacher_rows.guard_keys(model, tokenizer, guard, UndialConfig(guard_key_weight=0.0), [], [forget_row]) is None
 
 
 def test_the_forget_rows_and_the_guard_share_one_neutral_prior(tiny_dir, facts, tmp_path, monkeypatch):
     priors = []
-    real = forget_module.neutral_prior
-    monkeypatch.setattr(forget_module, "neutral_prior", lambda *a, **k: priors.append(1) or real(*a, **k))
+    real = teacher_rows.neutral_prior
+    monkeypatch.setattr(teacher_rows, "neutral_prior", lambda *a, **k: priors.append(1) or real(*a, **k))
     forget(tiny_dir, facts[:4], tmp_path / "shared",
            config=_settings(guard="bank", guard_rows=8, guard_key_weight=3.0, auto_key=True))
     assert len(priors) == 1  # the forget rows' key search found it; the guard's, under the same teacher, reused it
