@@ -59,6 +59,15 @@ def auto_keys(
                                 prior=priors[tuple(teacher)])
 
 
+def guard_anchor(config: UndialConfig, teacher: Sequence[str]) -> list[str]:
+    """The adapters active in the model whose answers the guard keeps: the stack, or none (the base alone).
+
+    >>> guard_anchor(UndialConfig(guard_teacher="base"), ["stack_0"]), guard_anchor(UndialConfig(), ["stack_0"])
+    ([], ['stack_0'])
+    """
+    return [] if config.guard_teacher == "base" else list(teacher)
+
+
 def guard_for(
     model: torch.nn.Module, tokenizer: Any, forget_rows: Sequence[Example], retain_rows: Sequence[Example] | None,
     config: UndialConfig, teacher: Sequence[str],
@@ -71,8 +80,7 @@ def guard_for(
     # A run measured in epochs keeps its epoch at the forget rows: one guard row per forget row.
     size = config.guard_rows if config.max_steps > 0 else min(config.guard_rows, len(forget_rows))
     start = time.perf_counter()
-    anchor = [] if config.guard_teacher == "base" else teacher
-    rows = guard_rows(model, tokenizer, config.prompt_format, forget_rows, anchor, size=size,
+    rows = guard_rows(model, tokenizer, config.prompt_format, forget_rows, guard_anchor(config, teacher), size=size,
                       neighbours=config.guard == "neighbours")
     if config.guard_teacher == "base":
         rows = drop_forgotten(model, tokenizer, rows, config.prompt_format, teacher, config.max_length)
@@ -101,7 +109,7 @@ def guard_keys(
     if not guard or config.guard_key_weight == 0:
         return None
     start = time.perf_counter()
-    keys = auto_keys(model, tokenizer, guard, config, [] if config.guard_teacher == "base" else teacher, priors)
+    keys = auto_keys(model, tokenizer, guard, config, guard_anchor(config, teacher), priors)
     lowered = {t for row in forget_features for t, w in zip(row["input_ids"], row["beta_weight"]) if w > 0}
     shared = 0
     for i, (row, row_keys) in enumerate(zip(guard, keys)):
