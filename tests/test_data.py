@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import normalizers
 
-from undial_peft.data.encoding import Collator, build_dataset, encode, prompt_ids, with_forget_rows
+from undial_peft.data.encoding import Collator, build_dataset, encode, prompt_ids
 from undial_peft.data.readers import Example, read_examples
 from undial_peft.errors import UndialConfigError, UndialDataError
 from undial_peft.tiny import word_tokenizer
@@ -283,24 +283,3 @@ def test_random_files_raise_only_data_errors(content, suffix):
 
 
 _FUZZ_TOKENIZER = _dropping_tokenizer()
-
-
-def test_rows_added_to_a_guarded_set_get_the_same_share_as_the_others(tokenizer):
-    """A silence round's rows join a set where 2 forget rows repeat over 12 guard rows: after the join every
-    forget row (old or new) is seen equally often an epoch, each guard row still once, with its own key weights."""
-    forget = read_examples([QA, QA | {"answer": "Zorbel was born in 1984."}])
-    retain = read_examples([{"question": "When was Marvok born?", "answer": " ".join(["1984"] * n)} for n in range(1, 13)])
-    keys = [None if n % 3 else [1.0] + [0.0] * n for n in range(12)]
-    first = build_dataset(tokenizer, forget, retain, max_length=32, retain_keys=keys)
-    escape = encode(tokenizer, Example(QA["question"], "Zorbel was born in NA ."), 32)
-    counts = []
-    grown = first
-    for added in ([escape], [escape | {"beta_weight": [0.0] * len(escape["beta_weight"])}]):  # two rounds
-        grown = with_forget_rows(grown, added)
-        seen = [json.dumps([r["input_ids"], r["beta_weight"]]) for r in grown]
-        counts.append(sorted({s: seen.count(s) for s in seen}.values()))
-        assert sorted(map(json.dumps, grown["retain_input_ids"])) == sorted(map(json.dumps, first["retain_input_ids"]))
-        for row in grown:  # each guard row keeps its own key weights
-            j = first["retain_input_ids"].index(row["retain_input_ids"])
-            assert row["retain_key"] == first[j]["retain_key"]
-    assert counts == [[4, 4, 4], [3, 3, 3, 3]]

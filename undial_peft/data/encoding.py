@@ -16,8 +16,6 @@ left; an answer longer than ``max_length - 1`` is cut on the right; text rows ar
 
 from __future__ import annotations
 
-import json
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,33 +124,15 @@ def build_dataset(
 
 
 def with_forget_rows(dataset: datasets.Dataset, rows: Sequence[dict[str, list]]) -> datasets.Dataset:
-    """``dataset``'s distinct forget rows and the encoded forget ``rows``, each as often as the others, re-paired
-    with its distinct retain examples in turn (as `build_dataset` pairs them: max(F, R) rows).
+    """``dataset`` with encoded forget ``rows`` appended, each paired with an existing row's retain example (in turn).
 
-    Why re-pair: with a guard, a set holds R >> F rows and each forget row repeats R / F times an epoch; a
-    row appended once would be seen R / F times less often than the rows it joins (a silence round's new
-    rows were trained about once in its 10 steps). Identical forget rows count once.
-    >>> ds = datasets.Dataset.from_list([{"input_ids": [1, 2], "labels": [-100, 2], "retain_input_ids": [r]}
-    ...                                  for r in (7, 8, 9, 10)])  # one forget row, four retain rows
-    >>> grown = with_forget_rows(ds, [{"input_ids": [1, 3], "labels": [-100, 3]}])
-    >>> grown["input_ids"][:], grown["retain_input_ids"][:]
-    ([[1, 2], [1, 3], [1, 2], [1, 3]], [[7], [8], [9], [10]])
+    >>> ds = datasets.Dataset.from_list([{"input_ids": [1, 2], "labels": [-100, 2], "beta_weight": [0.0, 1.0]}])
+    >>> with_forget_rows(ds, [{"input_ids": [1, 3], "labels": [-100, 3], "beta_weight": [0.0, 1.0]}])["input_ids"][:]
+    [[1, 2], [1, 3]]
     """
-    forget_side = [c for c in dataset.column_names if not c.startswith("retain_")]
     paired = [c for c in dataset.column_names if c.startswith("retain_")]
-
-    def distinct(records: Sequence[dict[str, list]], columns: list[str]) -> list[dict[str, list]]:
-        seen: dict[str, dict[str, list]] = {}
-        for record in records:
-            part = {c: record[c] for c in columns}
-            seen.setdefault(json.dumps(part), part)
-        return list(seen.values())
-
-    table = dataset.to_list()
-    forget = distinct(table, forget_side) + [{c: row[c] for c in forget_side} for row in rows]
-    kept = distinct(table, paired) if paired else [{}]
-    return datasets.Dataset.from_list([{**forget[i % len(forget)], **kept[i % len(kept)]}
-                                       for i in range(max(len(forget), len(kept)))], features=dataset.features)
+    extra = [{**row, **{c: dataset[i % len(dataset)][c] for c in paired}} for i, row in enumerate(rows)]
+    return datasets.concatenate_datasets([dataset, datasets.Dataset.from_list(extra, features=dataset.features)])
 
 
 @dataclass

@@ -180,8 +180,7 @@ def silence_rounds(
     """Train on the paths the model still takes to say a forget row's key; return the training set grown by them.
 
     Each round asks every keyed forget prompt greedily (training/silence.py); the answers that say the key
-    become forget rows keyed there, added to the training set as often as its other forget rows
-    (`with_forget_rows`), and training goes on for `ROUND_STEPS` steps
+    become forget rows keyed there, added to the training set, and training goes on for `ROUND_STEPS` steps
     with ``trainer``'s model, arguments and teachers (a fresh optimizer; the teacher answers only the new
     rows, the others are copied from the previous trainer's cache). Rounds follow only a reached target (a
     step limit or a retain budget ends the request as it was), and a round that takes the user's retain set
