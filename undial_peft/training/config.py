@@ -86,9 +86,9 @@ class UndialConfig(TrainingArguments):
     # 2: meets the one-request goal on both real models (never-asked >= 0.96x; 1.0 left Gemma-3 at 0.93x) and keeps
     # more over ten SmolLM2 requests (docs/models.md, docs/stacks.md); 3 was worse on Gemma-3 after two.
     guard_weight: float = field(default=2.0, metadata={"help": "Weight of the guard's KL term (the retain weight for guard rows)."})
-    # 0 by default. 3 kept more over five SmolLM2 requests (never-asked capitals/authors/landmarks 0.99x/0.87x/0.95x
-    # against 0.92x/0.73x/0.91x) and as much on the demo, but less on one Gemma-3 request (lowest never-asked topic
-    # 0.91x against 0.96x) (docs/stacks.md).
+    # 0 by default. 3 kept never-asked capitals/authors/landmarks at 0.99x/0.87x/0.95x over five SmolLM2 requests,
+    # within a few hundredths of today's defaults (0.97x/0.86x/0.97x), met the demo's goals, and cost one Gemma-3
+    # request (lowest never-asked topic 0.91x against 0.96x: its guard and forget terms fight) (docs/stacks.md).
     guard_key_weight: float = field(default=0.0, metadata={"help": (
         "K: the guard's KL counts 1 + K times at the fact tokens of the teacher's answers (found by the automatic-key "
         "rule, training/answer_keys.py) and once elsewhere, over the number of answer positions (0: the plain mean). "
