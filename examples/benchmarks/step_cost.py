@@ -29,6 +29,11 @@ step     one optimizer step on random token ids (batch 4; labels on the second h
          smaller shape) times the parameter count stands in for it, marked "estimated".
 loss     `undial_loss_from_hidden` vs `undial_loss` on full logits, forward + backward from hidden
          states (B=4, H=576, V=49152: SmolLM2's head), at several T: peak memory above the inputs.
+chat     one UNDIAL step as `forget` trains a chat request: the packaged demo facts in the model's chat
+         template, 8 forget rows and 8 guard rows (KL, weight 2, cached teacher), with the template's
+         shared opening run once (``once``, `training.shared_prefix`, the default) and with every row
+         run whole (``whole``). Median step time and peak memory; the tiny model's template shares
+         too few tokens to run once, so --quick shows both alike.
 latency  forward latency (batch 1, seq 128) of the base, one adapter, a stack of 8 adapters attached
          as is, the 8 exported as ONE adapter (`stack.export_stack`), and the 8 merged into the base.
          The 8 adapters are trained with `forget` for one step each on the packaged demo facts.
@@ -81,8 +86,10 @@ from harness import fmt, random_batch, spawn, sync
 from steps import (
     BATCH,
     BETA,
+    LR,
     STEP_VARIANTS,
     PeakMemory,
+    Step,
     build_step,
     demo_rows,
     maxrss_mib,
@@ -180,6 +187,69 @@ def child_loss(spec: dict[str, Any]) -> dict[str, Any]:
     sync()
     elapsed = time.perf_counter() - start
     return {"time_s": elapsed, "peak_above_mib": memory.peak() - before, "peak_reset": memory.reset_ok}
+
+
+# --- a chat request's step, its shared opening run once or not (child) -------------------------
+
+
+def child_chat(spec: dict[str, Any]) -> dict[str, Any]:
+    from undial_peft.data.encoding import Collator, build_dataset
+    from undial_peft.data.readers import Example
+    from undial_peft.models import load_model
+    from undial_peft.training import shared_prefix
+    from undial_peft.training.adapters import build_trainable, default_lora_config
+    from undial_peft.training.config import UndialConfig
+    from undial_peft.training.trainer import UndialTrainer
+
+    if spec["variant"] == "whole":
+        shared_prefix.MIN_SHARED = 1 << 30  # no batch shares that much: every row runs whole
+    device = harness.device()
+    model, tokenizer = load_model(spec["model"])
+    model.to(device)
+    facts = [Example(r["question"], r["answer"], r.get("key")) for r in demo_rows()]
+    dataset = build_dataset(tokenizer, facts[:8], [Example(f.prompt, f.answer) for f in facts[8:16]])
+    with tempfile.TemporaryDirectory() as workdir:
+        torch.manual_seed(0)
+        peft_model = build_trainable(model, default_lora_config()).train()
+        args = UndialConfig(output_dir=workdir, beta=BETA, learning_rate=LR, retain_weight=2.0, retain_loss="kl",
+                            teacher_cache="memory")
+        trainer = UndialTrainer(model=peft_model, args=args, train_dataset=dataset,
+                                data_collator=Collator(tokenizer.pad_token_id))
+        trainer.teacher_cache = trainer._build_teacher_cache()  # what train() does first
+        trainer.current_gradient_accumulation_steps = 1  # set by train(); the retain term reads it
+        batch = {k: v.to(device) for k, v in trainer.data_collator([trainer.train_dataset[i] for i in range(8)]).items()}
+        step = Step(lambda b: trainer.compute_loss(peft_model, b), trainer.create_optimizer(), peft_model, trainer)
+        settle()
+        memory = PeakMemory(device)
+        memory.reset()
+        times = []
+        for _ in range(spec["warmup"] + spec["steps"]):
+            sync()
+            start = time.perf_counter()
+            step(batch)
+            sync()
+            times.append(time.perf_counter() - start)
+        peak = memory.peak()
+    tokens = int(batch["attention_mask"].sum() + batch["retain_attention_mask"].sum())
+    shared = [shared_prefix.shared_length(batch[f"{p}input_ids"], batch[f"{p}attention_mask"]) for p in ("", "retain_")]
+    return {"step_s": statistics.median(times[spec["warmup"]:]), "times_s": times, "net_mib": peak - spec["runtime_mib"],
+            "tokens": tokens, "shared": shared, "rows": int(batch["input_ids"].shape[0] * 2),
+            "shares": any(shared_prefix.worth_sharing(batch[f"{p}input_ids"], batch[f"{p}attention_mask"])
+                          for p in ("", "retain_"))}
+
+
+def report_chat(results: dict[str, dict[str, Any]], checks: list[tuple[str, float | None, float]]) -> str:
+    rows = []
+    for variant, r in results.items():
+        if "error" in r:
+            rows.append([variant, "error: " + r["error"][:90], "", "", "", ""])
+            continue
+        rows.append([variant, fmt(r["step_s"], ".3f"), fmt(r["net_mib"], ".0f"), str(r["tokens"]),
+                     "/".join(map(str, r["shared"])), fmt(_ratio(r, results.get("whole"), "step_s"))])
+    if results.get("once", {}).get("shares"):  # a template that shares too little (the tiny one) runs both alike
+        checks.append(("chat step time  once / whole", _ratio(results["once"], results.get("whole"), "step_s"), 0.85))
+    header = ["chat step (8 forget + 8 guard rows)", "step_s", "peak_MiB", "tokens", "shared (forget/guard)", "time/whole"]
+    return table(header, rows) + "\n(shared: the opening every row of the batch has, run once in `once`.)"
 
 
 # --- inference latency (child) ----------------------------------------------------------------
@@ -296,7 +366,7 @@ def report_switch(r: dict[str, Any]) -> str:
     return table(["teacher switch (enter + leave)", "ms"], rows) + f"\n({r['layers']} LoRA layers)"
 
 
-CHILDREN = {"step": child_step, "loss": child_loss, "latency": child_latency, "switch": child_switch}
+CHILDREN = {"step": child_step, "loss": child_loss, "chat": child_chat, "latency": child_latency, "switch": child_switch}
 
 
 def run_child(spec_json: str) -> None:
@@ -453,8 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a random-weight model with the shape of SmolLM2-360M, Llama-3.2-1B or Llama-3.1-8B")
     parser.add_argument("--reference-bytes-per-param", type=float, default=None,
                         help="where the reference variant is not run (does not fit): its measured bytes/param")
-    parser.add_argument("--sections", nargs="+", default=["step", "loss", "latency", "switch"],
-                        choices=["step", "loss", "latency", "switch"])
+    parser.add_argument("--sections", nargs="+", default=["step", "loss", "chat", "latency", "switch"],
+                        choices=["step", "loss", "chat", "latency", "switch"])
     parser.add_argument("--variants", nargs="+", default=list(STEP_VARIANTS), choices=STEP_VARIANTS)
     parser.add_argument("--seqs", nargs="+", type=int, default=None, help="sequence lengths of the step section (128 512)")
     parser.add_argument("--loss-seqs", nargs="+", type=int, default=None, help="T of the loss section (128 512 1024)")
@@ -513,6 +583,11 @@ def main(argv: list[str] | None = None) -> int:
                     results[(variant, seq, chunk)] = _spawn(spec, args.timeout)
             raw["loss"] = {f"{v}@{s}/{c}": r for (v, s, c), r in results.items()}
             outputs.append(report_loss(results))
+        if "chat" in args.sections:
+            results = {variant: _spawn({**common, "section": "chat", "variant": variant, "model": model,
+                                        "warmup": warmup, "steps": steps}, args.timeout) for variant in ("once", "whole")}
+            raw["chat"] = results
+            outputs.append(report_chat(results, checks))
         if "latency" in args.sections:
             spec = {**common, "section": "latency", "model": model, "adapters": 8, "seq": 128,
                     "warmup": 2 if quick else 3, "reps": 5 if quick else 20}

@@ -36,7 +36,7 @@ from transformers.training_args import ParallelMode
 from undial_peft.deploy.manifest import WEIGHTS
 from undial_peft.errors import UndialStackError, UndialTrainingError
 from undial_peft.training import loss as L
-from undial_peft.training import teacher_cache
+from undial_peft.training import shared_prefix, teacher_cache
 from undial_peft.training.adapters import NEW, adapter_state
 from undial_peft.training.config import UndialConfig
 from undial_peft.utils.cpu_memory import pin_mmap_threshold
@@ -76,6 +76,10 @@ class UndialTrainer(Trainer):
         self.keep_teacher_cache = False  # True: train() leaves the cache filled, for a later trainer to borrow from
         self._earlier = earlier
         self._head_mismatch: str | None = None  # why logits != lm_head(hidden), "" if equal; None: not measured
+        # why the shared opening of a batch cannot run once (shared_prefix.check), "" if it can; None: not measured
+        self._prefix_mismatch: str | None = None
+        if earlier is not None and earlier.model is self.model:  # a silence round: the same model, measured already
+            self._head_mismatch, self._prefix_mismatch = earlier._head_mismatch, earlier._prefix_mismatch
         self._pin_cpu_allocator()
 
     def _pin_cpu_allocator(self) -> None:
@@ -175,6 +179,19 @@ class UndialTrainer(Trainer):
         ratio = ((rebuilt * logits).sum() / (logits * logits).sum().clamp(min=torch.finfo(torch.float32).tiny)).item()
         return (f"lm_head(hidden) != logits (ratio {ratio:#.3g}, largest difference {error:.1%} of the largest "
                 f"logit): the head scales or soft-caps logits")
+
+    def _student_hidden(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, T, H): the student's last hidden state; a chat template's shared opening runs once (`shared_prefix`)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        # Gradient checkpointing turns the cache off (and would rerun its updates in the backward).
+        if shared_prefix.worth_sharing(ids, mask) and not getattr(self.model, "is_gradient_checkpointing", False):
+            if self._prefix_mismatch is None:
+                self._prefix_mismatch = shared_prefix.check(model, ids, mask)
+                if self._prefix_mismatch:
+                    logger.warning("%s; each batch runs as one pass", self._prefix_mismatch)
+            if not self._prefix_mismatch:
+                return shared_prefix.last_hidden(model, ids, mask)
+        return model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
 
     def _fused(self) -> bool:
         return self.args.loss_chunk_size > 0 and self._plain_head()
@@ -282,7 +299,7 @@ class UndialTrainer(Trainer):
                 teacher = self._cached(self._cache_part("hidden"), inputs, labels)  # (N, H) counted rows
                 if teacher is None:
                     teacher = self._teacher(model, **batch, **head).hidden_states[-1]  # (B, T, H)
-                student = model(**batch, **head).hidden_states[-1]  # (B, T, H)
+                student = self._student_hidden(model, batch)  # (B, T, H)
                 lm_head = self.model.get_output_embeddings()
                 return L.undial_loss_from_hidden(
                     student, teacher, lm_head, labels, beta, num_items, self.args.loss_chunk_size
@@ -321,7 +338,7 @@ class UndialTrainer(Trainer):
         def at_answers(out: Any) -> torch.Tensor:  # (N, V)
             return head(out.hidden_states[-1][mask]) if plain else out.logits[mask]
 
-        student = at_answers(model(**batch, **answer))  # (N, V)
+        student = head(self._student_hidden(model, batch)[mask]) if plain else model(**batch).logits[mask]  # (N, V)
         cached = self._cached(self._cache_part("retain_hidden"), inputs, labels)  # (N, H)
         if cached is not None:
             teacher = head(cached.to(head.weight.dtype))  # (N, V)
