@@ -6,6 +6,8 @@ with ``NEW`` switched off under ``torch.no_grad()``; there is never a second cop
 Before training, one teacher pass fills a `teacher_cache.TeacherCache` (``teacher_cache="auto"``)
 that the losses read instead of a live teacher pass per step; where the cache cannot equal the
 live teacher (dropout in the teacher, too big) training uses the live teacher and logs why.
+The student's forward runs the opening every row of a batch shares (a chat template's system
+prompt) once and the rest of each row on its cache (`shared_prefix`, checked once per model).
 
 The fused loss and the hidden-state caches rebuild logits as lm_head(last hidden state). Some
 heads do more (Granite and MiniCPM3 scale the logits, Gemma-2 soft-caps them, Falcon-H1 multiplies
