@@ -24,13 +24,14 @@ def share_short(monkeypatch):
 
 @pytest.fixture
 def calls(monkeypatch) -> list[int]:
-    """The shared length of every batch `last_hidden` ran with its opening once (0 where it ran as one pass)."""
+    """The shared length of every batch `last_hidden` ran with its opening once (batches run as one pass: not listed)."""
     seen: list[int] = []
     inner = shared_prefix.last_hidden
 
-    def spy(model, ids, mask):
-        seen.append(shared_prefix.shared_length(ids, mask) if shared_prefix.worth_sharing(ids, mask) else 0)
-        return inner(model, ids, mask)
+    def spy(model, ids, mask, share=True):
+        if share and shared_prefix.worth_sharing(ids, mask):
+            seen.append(shared_prefix.shared_length(ids, mask))
+        return inner(model, ids, mask, share)
 
     monkeypatch.setattr(shared_prefix, "last_hidden", spy)
     return seen

@@ -112,6 +112,18 @@ def _unpacked_numel(param: torch.Tensor) -> int:
     return state.shape.numel() if state is not None else param.numel()
 
 
+def timed_steps(step: Step, batch: dict[str, torch.Tensor], count: int) -> tuple[list[float], list[float]]:
+    """Run ``count`` training steps on ``batch``: each one's seconds (device synced) and loss."""
+    times, losses = [], []
+    for _ in range(count):
+        sync()
+        start = time.perf_counter()
+        losses.append(step(batch))
+        sync()
+        times.append(time.perf_counter() - start)
+    return times, losses
+
+
 def child_step(spec: dict[str, Any]) -> dict[str, Any]:
     from undial_peft.models import load_model
 
@@ -128,13 +140,7 @@ def child_step(spec: dict[str, Any]) -> dict[str, Any]:
         memory = PeakMemory(device)
         before = memory.current()
         memory.reset()
-        times, losses = [], []
-        for _ in range(spec["warmup"] + spec["steps"]):
-            sync()
-            start = time.perf_counter()
-            losses.append(step(batch))
-            sync()
-            times.append(time.perf_counter() - start)
+        times, losses = timed_steps(step, batch, spec["warmup"] + spec["steps"])
         peak = memory.peak()
     return {
         "step_s": statistics.median(times[spec["warmup"]:]),
@@ -222,18 +228,12 @@ def child_chat(spec: dict[str, Any]) -> dict[str, Any]:
         settle()
         memory = PeakMemory(device)
         memory.reset()
-        times = []
-        for _ in range(spec["warmup"] + spec["steps"]):
-            sync()
-            start = time.perf_counter()
-            step(batch)
-            sync()
-            times.append(time.perf_counter() - start)
+        times, _ = timed_steps(step, batch, spec["warmup"] + spec["steps"])
         peak = memory.peak()
     tokens = int(batch["attention_mask"].sum() + batch["retain_attention_mask"].sum())
     shared = [shared_prefix.shared_length(batch[f"{p}input_ids"], batch[f"{p}attention_mask"]) for p in ("", "retain_")]
     return {"step_s": statistics.median(times[spec["warmup"]:]), "times_s": times, "net_mib": peak - spec["runtime_mib"],
-            "tokens": tokens, "shared": shared, "rows": int(batch["input_ids"].shape[0] * 2),
+            "tokens": tokens, "shared": shared,
             "shares": any(shared_prefix.worth_sharing(batch[f"{p}input_ids"], batch[f"{p}attention_mask"])
                           for p in ("", "retain_"))}
 

@@ -54,8 +54,9 @@ def _cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H): the model's last hidden state, the shared opening run once (one pass where none is shared).
+def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, share: bool = True) -> torch.Tensor:
+    """(B, T, H): the model's last hidden state, the shared opening run once (one pass where none is shared,
+    or with ``share=False``).
 
     The opening runs as one row with its cache kept; the cache is repeated B times (a differentiable
     copy) and the rest of every row runs on it, so gradients reach the opening's weights from all rows.
@@ -63,7 +64,7 @@ def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
     >>> # hidden = last_hidden(peft_model, batch["input_ids"], batch["attention_mask"])  -> (B, T, H)
     """
     plain = {"output_hidden_states": True, "logits_to_keep": 1}  # no (B, T, V) logits: callers apply the head
-    if not worth_sharing(input_ids, attention_mask):
+    if not (share and worth_sharing(input_ids, attention_mask)):
         return model(input_ids=input_ids, attention_mask=attention_mask, **plain).hidden_states[-1]
     rows, shared = input_ids.shape[0], shared_length(input_ids, attention_mask)
     opening = model(input_ids=input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared],
@@ -90,8 +91,7 @@ def check(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
             shared = last_hidden(model, input_ids, attention_mask)  # (B, T, H)
         except Exception as err:  # noqa: BLE001 - any failure means: run the batch as one pass
             return f"running the shared opening once failed ({type(err).__name__}: {err})"
-        whole = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                      logits_to_keep=1).hidden_states[-1]  # (B, T, H)
+        whole = last_hidden(model, input_ids, attention_mask, share=False)  # (B, T, H)
     real = attention_mask.bool()  # (B, T): padding positions are never read
     scale = whole[real].abs().max().clamp(min=torch.finfo(torch.float32).tiny)
     error = ((shared[real] - whole[real]).abs().max() / scale).item()

@@ -185,15 +185,18 @@ class UndialTrainer(Trainer):
     def _student_hidden(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, T, H): the student's last hidden state; a chat template's shared opening runs once (`shared_prefix`)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        # Gradient checkpointing turns the cache off (and would rerun its updates in the backward).
-        if shared_prefix.worth_sharing(ids, mask) and not getattr(self.model, "is_gradient_checkpointing", False):
-            if self._prefix_mismatch is None:
-                self._prefix_mismatch = shared_prefix.check(model, ids, mask)
-                if self._prefix_mismatch:
-                    logger.warning("%s; each batch runs as one pass", self._prefix_mismatch)
-            if not self._prefix_mismatch:
-                return shared_prefix.last_hidden(model, ids, mask)
-        return model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        return shared_prefix.last_hidden(model, ids, mask, share=self._may_share(model, ids, mask))
+
+    def _may_share(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+        """Whether this batch's shared opening may run once: it has one, no gradient checkpointing (which turns the
+        cache off and would rerun its updates in the backward), and `shared_prefix.check` agreed once per model."""
+        if not shared_prefix.worth_sharing(ids, mask) or getattr(self.model, "is_gradient_checkpointing", False):
+            return False
+        if self._prefix_mismatch is None:
+            self._prefix_mismatch = shared_prefix.check(model, ids, mask)
+            if self._prefix_mismatch:
+                logger.warning("%s; each batch runs as one pass", self._prefix_mismatch)
+        return not self._prefix_mismatch
 
     def _fused(self) -> bool:
         return self.args.loss_chunk_size > 0 and self._plain_head()
