@@ -16,6 +16,7 @@ import json
 import random
 
 import pytest
+import torch
 from conftest import CITIES, NAMES, memorise
 
 from undial_peft import UndialConfig
@@ -96,8 +97,6 @@ def test_scores_separate_the_phrasing(town_model):
 
 
 def test_batched_reports_equal_one_row_at_a_time_with_full_logits(town_model):
-    import torch
-
     from undial_peft.data.encoding import prompt_ids
 
     model, tokenizer, facts = town_model
@@ -140,3 +139,39 @@ def test_forget_uses_auto_keys_unless_turned_off(town_model, tmp_path):
     config.auto_key = False
     out = api.forget(model, rows, tmp_path / "off", config=config, tokenizer=tokenizer)
     assert json.loads((out / MANIFEST).read_text(encoding="utf-8"))["keys"]["all_answer_tokens"] == 3
+
+
+def test_the_batched_prior_equals_replies_decoded_one_at_a_time(town_model):
+    """Reference: each neutral reply decoded alone (generate stops at an end-of-sequence token), scored alone.
+
+    The tiny model never says its end-of-sequence token, so two tokens of its replies stand in for it: the
+    first reply's fifth token and ".", making the replies end at different lengths inside one padded batch.
+    """
+    import math
+
+    from undial_peft.data.encoding import prompt_ids
+    from undial_peft.evals.scoring import greedy_new_ids
+
+    model, tokenizer, _ = town_model
+    tokens = 16
+    prompts = [prompt_ids(tokenizer, text) for text in NEUTRAL_PROMPTS]
+    first = greedy_new_ids(model, tokenizer, prompts[:1], max_new_tokens=tokens)[0]
+    kept = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [first[4], tokenizer.convert_tokens_to_ids(".")]
+    try:
+        logps, lengths = [], []
+        with torch.no_grad():
+            for prompt in prompts:
+                ids = torch.tensor([prompt])  # (1, T)
+                ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)  # (1, T + R)
+                lengths.append(ids.shape[1] - len(prompt))
+                logps.append(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1))  # (R, V)
+        logp = torch.cat(logps)  # (sum of R, V)
+        reference = logp.logsumexp(0) - math.log(logp.shape[0])  # (V,)
+        prior = neutral_prior(model, tokenizer, reply_tokens=tokens)
+    finally:
+        model.generation_config.eos_token_id = kept
+    assert len(set(lengths)) > 1 and max(lengths) < tokens, f"replies of {lengths} tokens do not exercise the cut"
+    assert torch.allclose(prior, reference, atol=1e-5)
+

@@ -39,6 +39,7 @@ from undial_peft.data.encoding import prompt_ids
 from undial_peft.data.prompt_format import AUTO, FormatSpec
 from undial_peft.data.readers import Example
 from undial_peft.errors import UndialDataError
+from undial_peft.evals.scoring import greedy_new_ids
 from undial_peft.models import pad_id
 from undial_peft.training.loss import IGNORE_INDEX
 from undial_peft.training.stopping import answer_logprobs
@@ -60,17 +61,32 @@ class KeyRule:
 
 @torch.no_grad()
 def neutral_prior(model: torch.nn.Module, tokenizer: Any, prompt_format: FormatSpec = AUTO, reply_tokens: int = 64) -> torch.Tensor:
-    """log p_bar: the mean next-token distribution over greedy replies to `NEUTRAL_PROMPTS`. Returns (V,)."""
-    device, logps = next(model.parameters()).device, []
-    pad = pad_id(tokenizer)
-    for text in NEUTRAL_PROMPTS:
-        prompt = prompt_ids(tokenizer, text, prompt_format)
-        ids = torch.tensor([prompt], device=device)  # (1, T)
-        ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=reply_tokens,
-                             do_sample=False, pad_token_id=pad)  # (1, T + R)
-        logps.append(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1))  # (R, V)
+    """log p_bar: the mean next-token distribution over greedy replies to `NEUTRAL_PROMPTS`. Returns (V,).
+
+    The replies are decoded as one batch, each cut after its first end-of-sequence token (where decoding it
+    alone stops), then scored alone, unpadded: the same prior as one reply at a time (equal to the last bit on
+    SmolLM2 and Gemma-3-270M), in 7.8 s against 9.4 s on SmolLM2 and 16.3 s against 18.7 s on Gemma-3 (2 CPU
+    threads; decoding three rows costs about twice one there, not once).
+    """
+    device = next(model.parameters()).device
+    prompts = [prompt_ids(tokenizer, text, prompt_format) for text in NEUTRAL_PROMPTS]
+    replies = greedy_new_ids(model, tokenizer, prompts, max_new_tokens=reply_tokens, batch_size=len(prompts))
+    ends = _eos_ids(model, tokenizer)
+    logps = []
+    with model_mode(model):  # eval mode, as the replies were decoded: no dropout in a prior
+        for prompt, reply in zip(prompts, replies):
+            cut = next((i + 1 for i, t in enumerate(reply) if t in ends), len(reply))
+            ids = torch.tensor([prompt + reply[:cut]], device=device)  # (1, T + R)
+            logps.append(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1))  # (R, V)
     logp = torch.cat(logps)  # (sum of R, V)
     return logp.logsumexp(0) - math.log(logp.shape[0])  # (V,)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """The token ids that end a greedy reply: the generation config's (one id or several), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
 
 
 @dataclass
