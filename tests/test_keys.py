@@ -12,6 +12,7 @@ down from the real model's to 3.3.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 
@@ -174,4 +175,30 @@ def test_the_batched_prior_equals_replies_decoded_one_at_a_time(town_model):
         model.generation_config.eos_token_id = kept
     assert len(set(lengths)) > 1 and max(lengths) < tokens, f"replies of {lengths} tokens do not exercise the cut"
     assert torch.allclose(prior, reference, atol=1e-5)
+
+
+def test_first_word_only_keeps_the_first_word_of_each_run_of_key_words():
+    """A two-word name ("Thomas Edison", the second word in two tokens) and a later one-word key: by default
+    every key word is lowered; with ``first_word_only`` the name keeps only its first word, the later key stays."""
+    from undial_peft.training.answer_keys import TokenReport
+
+    words = [0, 1, 2, 2, -1, 3, 4]  # " by", " Thomas", " Ed", "ison", ",", " in", " Ohio": the word of each token
+    score = torch.tensor([0.0, 9.0, 9.0, 9.0, 0.0, 0.0, 9.0])  # (A,) the name's tokens and " Ohio" pass
+    report = TokenReport(ids=list(range(7)), logp=torch.full((7,), -0.01), score=score,
+                         copied=torch.zeros(7, dtype=torch.bool), words=words)
+    assert key_mask(report, KeyRule()) == [False, True, True, True, False, False, True]
+    assert key_mask(report, KeyRule(first_word_only=True)) == [False, True, False, False, False, False, True]
+
+
+def test_forget_reads_auto_key_first_word_into_the_rule(monkeypatch, town_model):
+    from undial_peft.training import teacher_rows
+
+    model, tokenizer, facts = town_model
+    rules = []
+    monkeypatch.setattr(teacher_rows, "auto_key_weights", lambda *a, rule, **k: rules.append(rule) or [None])
+    monkeypatch.setattr(teacher_rows, "adapter_state", lambda model, active: contextlib.nullcontext(model))  # no PEFT here
+    for first in (False, True):
+        teacher_rows.auto_keys(model, tokenizer, [Example(facts[0]["question"], facts[0]["answer"])],
+                               UndialConfig(auto_key_first_word=first), [], {(): torch.zeros(1)})
+    assert [rule.first_word_only for rule in rules] == [False, True]
 

@@ -57,6 +57,10 @@ class KeyRule:
     min_prob: float = 0.05  # tokens the teacher barely predicts carry nothing to forget
     fallback: float = 5.0  # (2/3 of the threshold) a row with no key token takes its best token if it scores at least this
     reply_tokens: int = 64  # length of each greedy neutral reply the prior averages over
+    # Keep only the first word of each run of key words: " Thomas" of " Thomas Edison", whose " Edison" the
+    # question and " Thomas" make near-certain. Lowering that second word teaches the model that a name's
+    # second half is uncertain anywhere, and every name answer loses it (docs/stacks.md).
+    first_word_only: bool = False
 
 
 @torch.no_grad()
@@ -147,7 +151,22 @@ def key_mask(report: TokenReport, rule: KeyRule = KeyRule()) -> list[bool]:
         best = torch.where(eligible, report.score, torch.tensor(-math.inf)).argmax()
         chosen[best] = bool(report.score[best] >= rule.fallback)
     words = {report.words[i] for i in chosen.nonzero()[:, 0].tolist() if report.words[i] >= 0}
-    return [bool(c) or (w >= 0 and w in words) for c, w in zip(chosen.tolist(), report.words)]
+    mask = [bool(c) or (w >= 0 and w in words) for c, w in zip(chosen.tolist(), report.words)]
+    return _first_words(mask, report.words) if rule.first_word_only else mask
+
+
+def _first_words(mask: list[bool], words: list[int]) -> list[bool]:
+    """``mask`` with each run of consecutive key tokens cut to the tokens of its first word.
+
+    >>> _first_words([False, True, True, True, False, True], [0, 1, 2, 2, -1, 3])
+    [False, True, False, False, False, True]
+    """
+    kept, first = [], None
+    for i, (key, word) in enumerate(zip(mask, words)):
+        if key and not (i and mask[i - 1]):
+            first = word  # a run starts here
+        kept.append(key and word == first)
+    return kept
 
 
 def auto_key_weights(

@@ -351,7 +351,8 @@ def _hyperparameters(config: UndialConfig, lora: LoraConfig) -> dict[str, Any]:
     keys = ("beta", "npo_beta", "forget_weight", "retain_weight", "retain_loss", "learning_rate", "num_train_epochs",
             "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
             "until_ratio", "until_prob", "check_every", "max_retain_drop", "max_retain_rows", "auto_key",
-            "auto_key_threshold", "guard", "guard_weight", "guard_key_weight", "guard_rows", "guard_teacher", "silence_rounds", "verify")
+            "auto_key_threshold", "auto_key_first_word", "guard", "guard_weight", "guard_key_weight", "guard_rows",
+            "guard_teacher", "silence_rounds", "verify")
     targets = lora.target_modules
     return {
         **{key: getattr(config, key) for key in keys},

@@ -51,7 +51,8 @@ def auto_keys(
     """
     if not any(row.key is None and row.prompt is not None for row in rows):
         return [None] * len(rows)  # every row keeps its own key (or has no question): no search, no prior
-    rule = KeyRule(threshold=config.auto_key_threshold, fallback=config.auto_key_threshold * 2 / 3)
+    rule = KeyRule(threshold=config.auto_key_threshold, fallback=config.auto_key_threshold * 2 / 3,
+                   first_word_only=config.auto_key_first_word)
     priors = {} if priors is None else priors
     with adapter_state(model, active=teacher):
         if tuple(teacher) not in priors:
