@@ -190,7 +190,7 @@ def test_first_word_only_keeps_the_first_word_of_each_run_of_key_words():
     assert key_mask(report, KeyRule(first_word_only=True)) == [False, True, False, False, False, False, True]
 
 
-def test_forget_reads_auto_key_first_word_into_the_rule(monkeypatch, town_model):
+def test_auto_key_first_word_reaches_the_key_rule(monkeypatch, town_model):
     from undial_peft.training import teacher_rows
 
     model, tokenizer, facts = town_model
