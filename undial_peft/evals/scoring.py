@@ -179,3 +179,15 @@ def greedy_new_ids(
                 )  # (B, T + new)
                 out.extend(generated[:, width:].tolist())
     return out
+
+
+def end_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The token ids at which `greedy_new_ids` stops a row (it pads the row after it): the model's generation
+    config's end-of-sequence ids (one id, or several where a model lists its end of turn too), else the tokenizer's.
+
+    For callers that cut a reply where decoding it alone would have stopped.
+    >>> # end_ids(smollm2, tok)  -> {2}
+    """
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())

@@ -39,7 +39,7 @@ from undial_peft.data.encoding import prompt_ids
 from undial_peft.data.prompt_format import AUTO, FormatSpec
 from undial_peft.data.readers import Example
 from undial_peft.errors import UndialDataError
-from undial_peft.evals.scoring import greedy_new_ids
+from undial_peft.evals.scoring import end_ids, greedy_new_ids
 from undial_peft.models import pad_id
 from undial_peft.training.loss import IGNORE_INDEX
 from undial_peft.training.stopping import answer_logprobs
@@ -75,7 +75,7 @@ def neutral_prior(model: torch.nn.Module, tokenizer: Any, prompt_format: FormatS
     device = next(model.parameters()).device
     prompts = [prompt_ids(tokenizer, text, prompt_format) for text in NEUTRAL_PROMPTS]
     replies = greedy_new_ids(model, tokenizer, prompts, max_new_tokens=reply_tokens, batch_size=len(prompts))
-    ends = _eos_ids(model, tokenizer)
+    ends = end_ids(model, tokenizer)
     logps = []
     with model_mode(model):  # eval mode, as the replies were decoded: no dropout in a prior
         for prompt, reply in zip(prompts, replies):
@@ -84,13 +84,6 @@ def neutral_prior(model: torch.nn.Module, tokenizer: Any, prompt_format: FormatS
             logps.append(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1))  # (R, V)
     logp = torch.cat(logps)  # (sum of R, V)
     return logp.logsumexp(0) - math.log(logp.shape[0])  # (V,)
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
-    """The token ids that end a greedy reply: the generation config's (one id or several), else the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = tokenizer.eos_token_id if eos is None else eos
-    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
 
 
 @dataclass
